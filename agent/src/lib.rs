@@ -1,1 +1,13 @@
-//! placeholder
+//! ovl-agent: one per host. Finds its peers by gossip, replicates network
+//! state, and programs the kernel (see DESIGN.md for the architecture).
+
+pub mod api;
+pub mod cluster;
+pub mod config;
+pub mod identity;
+pub mod ids;
+pub mod membership;
+pub mod metrics;
+pub mod peer;
+pub mod persist;
+pub mod token;

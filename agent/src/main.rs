@@ -1,1 +1,111 @@
-fn main() {}
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use ovl_agent::api;
+use ovl_agent::cluster::Cluster;
+use ovl_agent::config::{Config, Options};
+use ovl_agent::identity::Identity;
+use ovl_agent::metrics::Counters;
+use ovl_agent::peer::PeerService;
+use ovl_proto::peer::peer_server::PeerServer;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info};
+
+fn main() -> ExitCode {
+    let config = match Config::load(Options::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ovl-agent: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ovl-agent: error: start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("ovl-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(level: &str) {
+    let filter = std::env::var("OVL_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::try_new(format!("warn,ovl_agent={level}"))
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ovl_agent=info"))
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let rng = ring::rand::SystemRandom::new();
+    let identity = Identity::load_or_create(&config.state_dir, &rng)?;
+    info!(node = %identity.node_id, name = %config.node_name, advertise = %config.advertise_addr,
+          data_path = %config.data_path_addr, state_dir = %config.state_dir.display(), "agent starting");
+
+    // Bind everything before joining, so a port or socket clash fails the
+    // start instead of leaving a half-running member.
+    let peer_addr = config.gossip_addr();
+    let peer_listener = tokio::net::TcpListener::bind(peer_addr)
+        .await
+        .with_context(|| format!("bind peer gRPC {peer_addr}/tcp"))?;
+    let api_listener = api::bind_socket(&config.socket)?;
+    let socket_path = config.socket.clone();
+
+    let counters = Arc::new(Counters::default());
+    let cluster = Cluster::start(config, identity, counters.clone()).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let peer_server = tonic::transport::Server::builder()
+        .add_service(PeerServer::new(PeerService::new(cluster.clone(), counters)))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(peer_listener),
+            stopped(stop_rx.clone()),
+        );
+    let api_server = api::serve(api_listener, cluster.clone(), stopped(stop_rx.clone()));
+    let peer_task = tokio::spawn(peer_server);
+    let api_task = tokio::spawn(api_server);
+    info!(socket = %socket_path.display(), peer = %peer_addr, "agent ready");
+
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    let _ = stop_tx.send(true);
+    cluster.shutdown().await;
+    let (p, a) = tokio::join!(peer_task, api_task);
+    if let Ok(Err(e)) = p {
+        error!(error = %e, "peer server stopped with an error");
+    }
+    if let Ok(Err(e)) = a {
+        error!(error = %e, "API server stopped with an error");
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    info!("agent stopped");
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! The membership view an operator sees, computed from chitchat's state
+//! (pure: chitchat types are converted to `Incarnation` first).
+//!
+//! Chitchat tracks incarnations `(node id, generation)`; a restarted node is a
+//! new generation while the old one lingers as dead until garbage-collected.
+//! Operators think in nodes, so the view keeps one row per node id: the
+//! newest generation.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+
+use crate::ids::NodeId;
+
+/// Keys a node publishes about itself in gossip. Values stay tiny: chitchat
+/// freezes a node whose value exceeds ~64 KB.
+pub mod keys {
+    pub const NAME: &str = "name";
+    pub const ADVERTISE_ADDR: &str = "advertise_addr";
+    pub const DATA_PATH_ADDR: &str = "data_path_addr";
+    pub const IDENTITY_PK: &str = "identity_pk";
+    /// Set by a node that leaves cleanly, just before it stops gossiping.
+    pub const LEFT: &str = "left";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NodeStatus {
+    Alive,
+    Dead,
+    Left,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alive => "alive",
+            Self::Dead => "dead",
+            Self::Left => "left",
+        }
+    }
+}
+
+/// One chitchat incarnation as seen by this node.
+#[derive(Debug, Clone)]
+pub struct Incarnation {
+    /// Chitchat's node id string; not trusted to be a valid `NodeId`.
+    pub node_id: String,
+    pub generation: u64,
+    pub gossip_addr: SocketAddr,
+    pub live: bool,
+    pub kv: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub name: String,
+    pub generation: u64,
+    pub gossip_addr: SocketAddr,
+    pub advertise_addr: String,
+    pub data_path_addr: String,
+    pub status: NodeStatus,
+    pub is_self: bool,
+}
+
+/// One row per valid node id, newest generation, sorted by name then id.
+/// Incarnations whose id does not parse are skipped: gossip is authenticated,
+/// so such a row can only come from a buggy member, and it must not break
+/// the listing of everyone else.
+pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView> {
+    let mut newest: HashMap<NodeId, &Incarnation> = HashMap::new();
+    for inc in incarnations {
+        let Ok(id) = inc.node_id.parse::<NodeId>() else {
+            continue;
+        };
+        let slot = newest.entry(id).or_insert(inc);
+        if inc.generation > slot.generation {
+            *slot = inc;
+        }
+    }
+    let mut views: Vec<NodeView> = newest
+        .into_iter()
+        .map(|(id, inc)| {
+            let get = |k: &str| inc.kv.get(k).cloned().unwrap_or_default();
+            let status = if inc.kv.contains_key(keys::LEFT) {
+                NodeStatus::Left
+            } else if inc.live || id == self_id {
+                NodeStatus::Alive
+            } else {
+                NodeStatus::Dead
+            };
+            NodeView {
+                id,
+                name: get(keys::NAME),
+                generation: inc.generation,
+                gossip_addr: inc.gossip_addr,
+                advertise_addr: get(keys::ADVERTISE_ADDR),
+                data_path_addr: get(keys::DATA_PATH_ADDR),
+                status,
+                is_self: id == self_id,
+            }
+        })
+        .collect();
+    views.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
+    views
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inc(id: NodeId, generation: u64, live: bool, extra: &[(&str, &str)]) -> Incarnation {
+        let mut kv = BTreeMap::new();
+        kv.insert(keys::NAME.to_string(), format!("n{}", id.as_bytes()[0]));
+        for (k, v) in extra {
+            kv.insert(k.to_string(), v.to_string());
+        }
+        Incarnation {
+            node_id: id.to_string(),
+            generation,
+            gossip_addr: "198.18.0.1:7946".parse().unwrap(),
+            live,
+            kv,
+        }
+    }
+
+    fn id(b: u8) -> NodeId {
+        NodeId::from_bytes([b; 16])
+    }
+
+    #[test]
+    fn restarted_node_is_listed_once_with_newest_generation() {
+        let v = node_views(
+            &[
+                inc(id(1), 5, false, &[]),
+                inc(id(1), 9, true, &[]),
+                inc(id(2), 1, true, &[]),
+            ],
+            id(2),
+        );
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (v[0].id, v[0].generation, v[0].status),
+            (id(1), 9, NodeStatus::Alive)
+        );
+        assert!(v[1].is_self);
+    }
+
+    #[test]
+    fn newest_generation_decides_even_when_dead() {
+        let v = node_views(
+            &[inc(id(1), 9, false, &[]), inc(id(1), 5, true, &[])],
+            id(2),
+        );
+        assert_eq!(v[0].status, NodeStatus::Dead);
+    }
+
+    #[test]
+    fn left_wins_over_liveness_and_bad_ids_are_skipped() {
+        let mut bad = inc(id(3), 1, true, &[]);
+        bad.node_id = "not-an-id".into();
+        let v = node_views(
+            &[
+                inc(id(1), 1, true, &[(keys::LEFT, "1")]),
+                inc(id(1), 1, false, &[]),
+                bad,
+            ],
+            id(9),
+        );
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].status, NodeStatus::Left);
+    }
+}

@@ -1,0 +1,113 @@
+//! Counters: one per drop reason and per event an operator may need to see.
+//! Exposed through `ovlctl cluster status`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use std::sync::Mutex;
+
+macro_rules! counters {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Counter { $($variant),* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant),*];
+            pub fn name(self) -> &'static str {
+                match self { $(Counter::$variant => $name),* }
+            }
+        }
+    };
+}
+
+counters! {
+    GossipRx => "gossip_rx",
+    GossipTx => "gossip_tx",
+    GossipDropShort => "gossip_drop_short",
+    GossipDropBadMagic => "gossip_drop_bad_magic",
+    GossipDropStale => "gossip_drop_stale",
+    GossipDropBadTag => "gossip_drop_bad_tag",
+    GossipDropUndecodable => "gossip_drop_undecodable",
+    GossipDropOversize => "gossip_drop_oversize",
+    HelloServed => "peer_hello_served",
+    HelloRefused => "peer_hello_refused",
+}
+
+#[derive(Default)]
+pub struct Counters {
+    values: [AtomicU64; Counter::ALL.len()],
+}
+
+impl Counters {
+    pub fn inc(&self, c: Counter) {
+        self.values[c as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, c: Counter) -> u64 {
+        self.values[c as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| (c.name(), self.get(*c)))
+            .collect()
+    }
+}
+
+/// Lets a log line that a remote peer can trigger through at most once per
+/// period, reporting how many were suppressed in between.
+pub struct RateLimit {
+    period: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimit {
+    pub const fn new(period: Duration) -> Self {
+        Self {
+            period,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed)` when the caller may log now.
+    pub fn check(&self, now: Instant) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match st.0 {
+            Some(last) if now.duration_since(last) < self.period => {
+                st.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = st.1;
+                *st = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_and_counted() {
+        let c = Counters::default();
+        c.inc(Counter::GossipDropBadTag);
+        c.inc(Counter::GossipDropBadTag);
+        let snap = c.snapshot();
+        assert!(snap.contains(&("gossip_drop_bad_tag", 2)));
+        assert!(snap.contains(&("gossip_rx", 0)));
+    }
+
+    #[test]
+    fn rate_limit_suppresses_within_period() {
+        let rl = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(rl.check(t0), Some(0));
+        assert_eq!(rl.check(t0 + Duration::from_secs(1)), None);
+        assert_eq!(rl.check(t0 + Duration::from_secs(2)), None);
+        assert_eq!(rl.check(t0 + Duration::from_secs(11)), Some(2));
+    }
+}

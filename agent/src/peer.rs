@@ -1,0 +1,162 @@
+//! Peer gRPC (7946/tcp): what agents ask each other directly.
+//!
+//! For now one call, `Hello`: before joining, the joiner asks a seed to prove
+//! it holds the same cluster key (HMAC over the joiner's fresh nonce), so a
+//! wrong token fails at once with a reason, and nothing changes locally.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ovl_proto::peer::peer_client::PeerClient;
+use ovl_proto::peer::peer_server::Peer;
+use ovl_proto::peer::{HelloRequest, HelloResponse};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
+use tonic::{Code, Request, Response, Status};
+use tracing::debug;
+
+use crate::ids::{ClusterId, NodeId};
+use crate::metrics::{Counter, Counters};
+use crate::token::ClusterKeys;
+
+const HELLO_LABEL: &[u8] = b"ovl hello v1";
+const NONCE_LEN: usize = 32;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn proof_input(cluster: ClusterId, nonce: &[u8], server: NodeId) -> Vec<u8> {
+    [HELLO_LABEL, cluster.as_bytes(), nonce, server.as_bytes()].concat()
+}
+
+/// What the peer server needs to know about the local node.
+pub trait PeerState: Send + Sync + 'static {
+    fn node_id(&self) -> NodeId;
+    /// The cluster keys while the node is in a cluster.
+    fn cluster_keys(&self) -> Option<Arc<ClusterKeys>>;
+}
+
+pub struct PeerService<S> {
+    state: Arc<S>,
+    counters: Arc<Counters>,
+}
+
+impl<S> PeerService<S> {
+    pub fn new(state: Arc<S>, counters: Arc<Counters>) -> Self {
+        Self { state, counters }
+    }
+}
+
+#[tonic::async_trait]
+impl<S: PeerState> Peer for PeerService<S> {
+    async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        let remote = req.remote_addr();
+        let req = req.into_inner();
+        let refuse = |s: Status| {
+            self.counters.inc(Counter::HelloRefused);
+            debug!(peer = ?remote, reason = s.message(), "hello refused");
+            Err(s)
+        };
+        let Some(keys) = self.state.cluster_keys() else {
+            return refuse(Status::failed_precondition(
+                "this agent is not in a cluster",
+            ));
+        };
+        if req.cluster_id.as_slice() != keys.cluster_id.as_bytes() {
+            return refuse(Status::permission_denied(
+                "this agent is in a different cluster",
+            ));
+        }
+        if req.client_nonce.len() != NONCE_LEN {
+            return refuse(Status::invalid_argument("client nonce must be 32 bytes"));
+        }
+        let me = self.state.node_id();
+        let tag = hmac::sign(
+            &keys.peer_auth,
+            &proof_input(keys.cluster_id, &req.client_nonce, me),
+        );
+        self.counters.inc(Counter::HelloServed);
+        Ok(Response::new(HelloResponse {
+            server_node_id: me.as_bytes().to_vec(),
+            proof: tag.as_ref().to_vec(),
+        }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HelloError {
+    #[error("seed {0} unreachable: {1}")]
+    Unreachable(SocketAddr, String),
+    #[error("seed {0} is not in a cluster")]
+    NotClustered(SocketAddr),
+    #[error("seed {0} is in a different cluster: the join token does not match")]
+    WrongCluster(SocketAddr),
+    #[error("seed {0} refused: the join token does not match the cluster's key")]
+    BadProof(SocketAddr),
+    #[error("seed {0} answered out of protocol: {1}")]
+    Protocol(SocketAddr, String),
+}
+
+impl HelloError {
+    /// True when the token, not the network, is the problem.
+    pub fn is_token_mismatch(&self) -> bool {
+        matches!(self, Self::WrongCluster(_) | Self::BadProof(_))
+    }
+}
+
+/// Asks `seed` to prove it holds `keys`; returns the seed's node id.
+pub async fn hello(
+    seed: SocketAddr,
+    keys: &ClusterKeys,
+    rng: &SystemRandom,
+) -> Result<NodeId, HelloError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill(&mut nonce)
+        .map_err(|_| HelloError::Protocol(seed, "local random source failed".into()))?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{seed}"))
+        .map_err(|e| HelloError::Protocol(seed, e.to_string()))?
+        .connect_timeout(HELLO_TIMEOUT)
+        .timeout(HELLO_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| HelloError::Unreachable(seed, source_chain(&e)))?;
+    let resp = PeerClient::new(channel)
+        .hello(HelloRequest {
+            cluster_id: keys.cluster_id.as_bytes().to_vec(),
+            client_nonce: nonce.to_vec(),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            Code::FailedPrecondition => HelloError::NotClustered(seed),
+            Code::PermissionDenied => HelloError::WrongCluster(seed),
+            Code::Unavailable | Code::DeadlineExceeded => {
+                HelloError::Unreachable(seed, s.message().to_string())
+            }
+            _ => HelloError::Protocol(seed, s.message().to_string()),
+        })?
+        .into_inner();
+    let server: [u8; 16] = resp
+        .server_node_id
+        .as_slice()
+        .try_into()
+        .map_err(|_| HelloError::Protocol(seed, "node id is not 16 bytes".into()))?;
+    let server = NodeId::from_bytes(server);
+    hmac::verify(
+        &keys.peer_auth,
+        &proof_input(keys.cluster_id, &nonce, server),
+        &resp.proof,
+    )
+    .map_err(|_| HelloError::BadProof(seed))?;
+    Ok(server)
+}
+
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

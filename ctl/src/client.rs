@@ -1,0 +1,46 @@
+//! Connection to the agent's Unix socket.
+
+use std::path::Path;
+
+use hyper_util::rt::TokioIo;
+use ovl_proto::api::cluster_client::ClusterClient;
+use tonic::transport::{Channel, Endpoint};
+
+pub async fn connect(socket: &Path) -> Result<ClusterClient<Channel>, String> {
+    let path = socket.to_owned();
+    let shown = socket.display().to_string();
+    // The URI is required by the API but unused: the connector dials the socket.
+    let endpoint = Endpoint::from_static("http://agent.local");
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(TokioIo::new)
+            }
+        }))
+        .await
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string());
+            format!(
+                "cannot reach the agent at {shown}: {cause} (is ovl-agent running? see --socket)"
+            )
+        })?;
+    Ok(ClusterClient::new(channel))
+}
+
+/// Awaits a call and turns a gRPC status into the agent's own message.
+pub async fn call<T>(
+    fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    fut.await.map(|r| r.into_inner()).map_err(|s| {
+        if s.message().is_empty() {
+            format!("agent answered {:?}", s.code())
+        } else {
+            s.message().to_string()
+        }
+    })
+}
