@@ -20,7 +20,9 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::ids::{ClusterId, NodeId};
-use crate::membership::{self, Membership, MembershipConfig, NodeStatus, NodeView, Tuning, keys};
+use crate::membership::{
+    self, Membership, MembershipConfig, NodeStatus, NodeView, Tuning, keys, view,
+};
 use crate::metrics::Counters;
 use crate::peer::{self, HelloError, PeerState};
 use crate::persist::{self, PersistError};
@@ -447,7 +449,7 @@ impl Cluster {
             }
         };
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
-        let remember = tokio::spawn(remember_peers(membership.clone(), file, token.clone()));
+        let remember = tokio::spawn(watch_members(membership.clone(), file, token.clone()));
         Ok(Phase::Active {
             token,
             membership,
@@ -502,29 +504,54 @@ fn write_cluster_file(
     persist::write_atomic(path, &json)
 }
 
-/// Keeps the persisted peer list current so a restart finds the cluster even
-/// when the original seeds are gone.
-async fn remember_peers(membership: Arc<Membership>, path: PathBuf, token: JoinToken) {
+/// Follows membership: logs every node state change, and keeps the
+/// persisted peer list current so a restart finds the cluster even when the
+/// original seeds are gone.
+async fn watch_members(membership: Arc<Membership>, path: PathBuf, token: JoinToken) {
     let mut changes = membership.watch().await;
-    let mut last: BTreeSet<SocketAddr> = BTreeSet::new();
+    let mut persisted: BTreeSet<SocketAddr> = BTreeSet::new();
+    let mut seen = view::Seen::new();
     loop {
-        let peers: BTreeSet<SocketAddr> = membership
-            .nodes()
-            .await
-            .into_iter()
+        let nodes = membership.nodes().await;
+        for change in view::changes(&mut seen, &nodes) {
+            log_change(&nodes, change);
+        }
+        let peers: BTreeSet<SocketAddr> = nodes
+            .iter()
             .filter(|n| !n.is_self && n.status != NodeStatus::Left)
             .map(|n| n.gossip_addr)
             .take(MAX_REMEMBERED_PEERS)
             .collect();
-        if !peers.is_empty() && peers != last {
+        if !peers.is_empty() && peers != persisted {
             let list: Vec<SocketAddr> = peers.iter().copied().collect();
             match write_cluster_file(&path, &token, &list) {
-                Ok(()) => last = peers,
+                Ok(()) => persisted = peers,
                 Err(e) => warn!(error = %e, "could not persist known peers"),
             }
         }
         if changes.changed().await.is_err() {
             return;
         }
+    }
+}
+
+fn log_change(nodes: &[NodeView], change: view::Change) {
+    let name = |id: &NodeId| {
+        nodes
+            .iter()
+            .find(|n| n.id == *id)
+            .map(|n| n.name.clone())
+            .unwrap_or_default()
+    };
+    match change {
+        view::Change::Appeared(id, status) => {
+            info!(peer = %id, name = %name(&id), status = status.as_str(), "node discovered")
+        }
+        view::Change::Status(id, from, to) => info!(peer = %id, name = %name(&id),
+            from = from.as_str(), to = to.as_str(), "node status changed"),
+        view::Change::Restarted(id, generation) => {
+            info!(peer = %id, name = %name(&id), generation, "node restarted")
+        }
+        view::Change::Forgotten(id) => info!(peer = %id, "node forgotten after grace period"),
     }
 }

@@ -6,6 +6,7 @@
 //! peer gRPC.
 
 pub mod seal;
+pub mod sim;
 pub mod transport;
 pub mod view;
 

@@ -104,6 +104,46 @@ pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView
     views
 }
 
+/// What an operator wants in the log when the view moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Appeared(NodeId, NodeStatus),
+    Status(NodeId, NodeStatus, NodeStatus),
+    Restarted(NodeId, u64),
+    Forgotten(NodeId),
+}
+
+/// Last seen (status, generation) per node.
+pub type Seen = HashMap<NodeId, (NodeStatus, u64)>;
+
+/// Diffs `views` against `seen`, updating `seen` to match.
+pub fn changes(seen: &mut Seen, views: &[NodeView]) -> Vec<Change> {
+    let mut out = Vec::new();
+    for v in views {
+        match seen.insert(v.id, (v.status, v.generation)) {
+            None => out.push(Change::Appeared(v.id, v.status)),
+            Some((old, old_gen)) => {
+                if v.generation != old_gen {
+                    out.push(Change::Restarted(v.id, v.generation));
+                }
+                if old != v.status {
+                    out.push(Change::Status(v.id, old, v.status));
+                }
+            }
+        }
+    }
+    let gone: Vec<NodeId> = seen
+        .keys()
+        .filter(|id| !views.iter().any(|v| v.id == **id))
+        .copied()
+        .collect();
+    for id in gone {
+        seen.remove(&id);
+        out.push(Change::Forgotten(id));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +192,31 @@ mod tests {
             id(2),
         );
         assert_eq!(v[0].status, NodeStatus::Dead);
+    }
+
+    #[test]
+    fn changes_report_each_transition_once() {
+        let mut seen = Seen::new();
+        let a = node_views(&[inc(id(1), 1, true, &[])], id(9));
+        assert_eq!(
+            changes(&mut seen, &a),
+            vec![Change::Appeared(id(1), NodeStatus::Alive)]
+        );
+        assert!(changes(&mut seen, &a).is_empty());
+        let b = node_views(&[inc(id(1), 1, false, &[])], id(9));
+        assert_eq!(
+            changes(&mut seen, &b),
+            vec![Change::Status(id(1), NodeStatus::Alive, NodeStatus::Dead)]
+        );
+        let c = node_views(&[inc(id(1), 2, true, &[])], id(9));
+        assert_eq!(
+            changes(&mut seen, &c),
+            vec![
+                Change::Restarted(id(1), 2),
+                Change::Status(id(1), NodeStatus::Dead, NodeStatus::Alive)
+            ]
+        );
+        assert_eq!(changes(&mut seen, &[]), vec![Change::Forgotten(id(1))]);
     }
 
     #[test]
