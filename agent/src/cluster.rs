@@ -147,6 +147,13 @@ impl Cluster {
             *phase = this
                 .activate(token, seeds.into_iter().collect(), false)
                 .await?;
+        } else if this.config.join_token.is_none() && !this.config.seeds.is_empty() {
+            warn!(
+                "--seed given without --join-token: not joining; give the token or run `ovlctl cluster join`"
+            );
+            *phase = Phase::Unclustered {
+                reason: "not in a cluster: --seed was given without --join-token; run `ovlctl cluster join --token T SEED` or restart with --join-token".into(),
+            };
         } else if let Some(token) = this.config.join_token.clone() {
             if this.config.seeds.is_empty() {
                 *phase = Phase::Unclustered {

@@ -1,0 +1,160 @@
+//! Running external commands (`ip`, `ovlctl`, `ping`, ...) with a time bound
+//! and errors that say exactly what ran and what it printed.
+
+use std::fmt;
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a plain `ip` command may take before it counts as hung.
+pub const IP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What a finished command returned.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    /// The command line, for messages.
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `ovlctl`'s output has the same shape as any other command's.
+pub type CtlOutput = CmdOutput;
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// The exit code, `None` when a signal ended the process.
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+
+    /// `Ok(self)` when the command exited 0, otherwise an error carrying
+    /// the command line and everything it printed.
+    pub fn ok(self) -> Result<Self> {
+        if self.success() {
+            Ok(self)
+        } else {
+            bail!("command failed: {self}")
+        }
+    }
+}
+
+impl fmt::Display for CmdOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` ended with {}", self.command, self.status)?;
+        if !self.stdout.trim().is_empty() {
+            write!(f, "\n--- stdout ---\n{}", self.stdout.trim_end())?;
+        }
+        if !self.stderr.trim().is_empty() {
+            write!(f, "\n--- stderr ---\n{}", self.stderr.trim_end())?;
+        }
+        Ok(())
+    }
+}
+
+/// The command line of `cmd`, quoted where a shell would need it.
+pub fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| quote(&a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs `cmd` with stdin closed, collecting stdout and stderr. A command that
+/// has not ended after `timeout` is killed and reported as an error; a
+/// non-zero exit is *not* an error here (see [`run_ok`]).
+pub fn run(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
+    let command = command_line(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{command}`"))?;
+    let stdout = reader(&mut child, true);
+    let stderr = reader(&mut child, false);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let (out, err) = (join(stdout), join(stderr));
+                bail!(
+                    "`{command}` did not finish within {timeout:?} and was killed\n\
+                     --- stdout ---\n{out}\n--- stderr ---\n{err}"
+                );
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e).with_context(|| format!("waiting for `{command}`"));
+            }
+        }
+    };
+    Ok(CmdOutput {
+        command,
+        status,
+        stdout: join(stdout),
+        stderr: join(stderr),
+    })
+}
+
+/// Like [`run`], but a non-zero exit is an error carrying the command line
+/// and its output.
+pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
+    run(cmd, timeout)?.ok()
+}
+
+/// Runs `ip ARGS...` and fails unless it exits 0.
+pub fn ip(args: &[&str]) -> Result<CmdOutput> {
+    run_ok(Command::new("ip").args(args), IP_TIMEOUT)
+}
+
+type Reader = Option<thread::JoinHandle<String>>;
+
+fn reader(child: &mut Child, stdout: bool) -> Reader {
+    let mut pipe: Box<dyn Read + Send> = if stdout {
+        Box::new(child.stdout.take()?)
+    } else {
+        Box::new(child.stderr.take()?)
+    };
+    Some(thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }))
+}
+
+fn join(r: Reader) -> String {
+    r.and_then(|h| h.join().ok()).unwrap_or_default()
+}
