@@ -179,7 +179,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -226,7 +230,14 @@ mod more_tests {
         let m = MacAddr::from_ipv4("198.18.1.5".parse().unwrap());
         assert_eq!(m.to_string(), "02:42:c6:12:01:05");
         assert_eq!(m.to_string().parse::<MacAddr>().unwrap(), m);
-        for bad in ["", "02:42:c6:12:01", "01:00:5e:00:00:01", "00:00:00:00:00:00", "02:42:c6:12:01:05:07", "2:42:c6:12:01:05"] {
+        for bad in [
+            "",
+            "02:42:c6:12:01",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "02:42:c6:12:01:05:07",
+            "2:42:c6:12:01:05",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }
