@@ -1,5 +1,5 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["ovl/api.proto", "ovl/peer.proto"];
+    let files = ["ovl/api.proto", "ovl/peer.proto", "ovl/records.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

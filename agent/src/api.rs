@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ovl_proto::api::cluster_server::{Cluster as ClusterApi, ClusterServer};
+use ovl_proto::api::endpoints_server::{Endpoints as EndpointsApi, EndpointsServer};
+use ovl_proto::api::networks_server::{Networks as NetworksApi, NetworksServer};
 use ovl_proto::api::*;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, ClusterError};
+use crate::core::{AttachSpec, Core, CoreError, CreateSpec, EndpointInfo, NetnsRef, NetworkInfo};
 use crate::membership::NodeView;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +55,23 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ApiError> {
 
 pub async fn serve(
     listener: UnixListener,
-    cluster: Arc<Cluster>,
+    core: Arc<Core>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
+    let cluster = core.cluster.clone();
     tonic::transport::Server::builder()
-        .add_service(ClusterServer::new(Api { cluster }))
+        .add_service(ClusterServer::new(Api {
+            cluster,
+            core: core.clone(),
+        }))
+        .add_service(NetworksServer::new(Api {
+            cluster: core.cluster.clone(),
+            core: core.clone(),
+        }))
+        .add_service(EndpointsServer::new(Api {
+            cluster: core.cluster.clone(),
+            core,
+        }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
@@ -64,6 +79,7 @@ pub async fn serve(
 
 struct Api {
     cluster: Arc<Cluster>,
+    core: Arc<Core>,
 }
 
 fn status(e: ClusterError) -> Status {
@@ -75,6 +91,71 @@ fn status(e: ClusterError) -> Status {
         Refused(_) => Status::permission_denied(msg),
         Unreachable(_) => Status::unavailable(msg),
         Persist(_) | Membership(_) | Random => Status::internal(msg),
+    }
+}
+
+fn core_status(e: CoreError) -> Status {
+    use CoreError::*;
+    let msg = e.to_string();
+    match e {
+        NotClustered | Conflict(..) | InUse { .. } | NotLocal(..) => {
+            Status::failed_precondition(msg)
+        }
+        Invalid(_) | NetnsArgs | BadIp(..) | BadMac(_) | BadIfname(_) | BadEndpointName(_) => {
+            Status::invalid_argument(msg)
+        }
+        NameTaken(_) | VniTaken(..) | EndpointExists(..) | IpInUse(..) => {
+            Status::already_exists(msg)
+        }
+        NoNetwork(_) | NoEndpoint(..) | Netns(..) | NoPid(_) => Status::not_found(msg),
+        NoVni | PoolExhausted(_) | IpamExhausted(_) => Status::resource_exhausted(msg),
+        IpamUnreachable(..) => Status::unavailable(msg),
+        Ipam(..) | Dataplane(_) | Store(_) => Status::internal(msg),
+    }
+}
+
+fn network(n: &NetworkInfo) -> Network {
+    let r = &n.view.record;
+    Network {
+        id: n.view.id.to_string(),
+        name: r.name.clone(),
+        vni: n.view.vni.get(),
+        subnet: r.subnet.clone(),
+        gateway: r.gateway.clone(),
+        ip_range: r.ip_range.clone(),
+        mtu: n.mtu,
+        encrypted: r.encrypted,
+        attachable: r.attachable,
+        internal: r.internal,
+        labels: r.labels.clone(),
+        created_by: n.view.creator.map(|c| c.to_string()).unwrap_or_default(),
+        created_at_ms: r.created_at_ms,
+        state: if n.view.is_active() {
+            "active"
+        } else {
+            "conflict"
+        }
+        .into(),
+        reason: n.view.conflict.clone().unwrap_or_default(),
+        endpoints: n.endpoints as u32,
+    }
+}
+
+fn endpoint(e: &EndpointInfo) -> Endpoint {
+    let v = &e.view;
+    Endpoint {
+        network: e.network_name.clone(),
+        network_id: v.network.to_string(),
+        name: v.name.clone(),
+        id: v.id.to_string(),
+        ip: v.ip.to_string(),
+        mac: v.mac.to_string(),
+        node: v.owner.to_string(),
+        node_name: e.node_name.clone(),
+        vtep: v.vtep.to_string(),
+        aliases: v.record.aliases.clone(),
+        status: e.status.to_string(),
+        ifname: v.record.ifname.clone(),
     }
 }
 
@@ -125,6 +206,7 @@ impl ClusterApi for Api {
     }
 
     async fn leave(&self, _: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        self.core.leave().await.map_err(core_status)?;
         self.cluster.leave().await.map_err(status)?;
         Ok(Response::new(LeaveResponse {}))
     }
@@ -166,6 +248,163 @@ impl ClusterApi for Api {
         let nodes = self.cluster.nodes().await.map_err(status)?;
         Ok(Response::new(NodesResponse {
             nodes: nodes.into_iter().map(node).collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl NetworksApi for Api {
+    async fn create(
+        &self,
+        req: Request<CreateNetworkRequest>,
+    ) -> Result<Response<Network>, Status> {
+        let r = req.into_inner();
+        let info = self
+            .core
+            .network_create(CreateSpec {
+                name: r.name,
+                subnet: r.subnet,
+                gateway: r.gateway,
+                ip_range: r.ip_range,
+                vni: r.vni,
+                mtu: r.mtu,
+                encrypted: r.encrypted,
+                attachable: r.attachable,
+                internal: r.internal,
+                labels: r.labels,
+            })
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(network(&info)))
+    }
+
+    async fn list(
+        &self,
+        _: Request<ListNetworksRequest>,
+    ) -> Result<Response<ListNetworksResponse>, Status> {
+        let networks = self.core.network_list().iter().map(network).collect();
+        Ok(Response::new(ListNetworksResponse { networks }))
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<InspectNetworkRequest>,
+    ) -> Result<Response<NetworkDetail>, Status> {
+        let name = req.into_inner().name;
+        let info = self.core.network_info(&name).map_err(core_status)?;
+        let peers = self
+            .core
+            .network_peers(&info.view)
+            .await
+            .into_iter()
+            .map(|p| NetworkPeer {
+                node_id: p.node.to_string(),
+                node_name: p.name,
+                vtep: p.vtep,
+                status: p.status.to_string(),
+                endpoints: p.endpoints as u32,
+                ranges: p.ranges,
+            })
+            .collect();
+        let endpoints = self
+            .core
+            .endpoints(&info.view.id.to_string())
+            .await
+            .map_err(core_status)?
+            .iter()
+            .map(endpoint)
+            .collect();
+        Ok(Response::new(NetworkDetail {
+            network: Some(network(&info)),
+            peers,
+            endpoints,
+        }))
+    }
+
+    async fn remove(
+        &self,
+        req: Request<RemoveNetworkRequest>,
+    ) -> Result<Response<RemoveNetworkResponse>, Status> {
+        let r = req.into_inner();
+        let id = self
+            .core
+            .network_remove(&r.name, r.force)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(RemoveNetworkResponse { id: id.to_string() }))
+    }
+
+    async fn fdb(&self, req: Request<FdbRequest>) -> Result<Response<FdbResponse>, Status> {
+        let (local, rows) = self
+            .core
+            .fdb(&req.into_inner().name)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(FdbResponse {
+            local,
+            entries: rows
+                .into_iter()
+                .map(|r| FdbEntry {
+                    kind: r.kind.into(),
+                    mac: r.mac,
+                    ip: r.ip,
+                    vtep: r.vtep,
+                    state: r.state.into(),
+                })
+                .collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl EndpointsApi for Api {
+    async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<Endpoint>, Status> {
+        let r = req.into_inner();
+        let netns = match (r.netns.is_empty(), r.pid) {
+            (false, 0) => NetnsRef::Path(r.netns),
+            (true, pid) if pid != 0 => NetnsRef::Pid(pid),
+            _ => return Err(core_status(CoreError::NetnsArgs)),
+        };
+        let info = self
+            .core
+            .attach(AttachSpec {
+                network: r.network,
+                netns,
+                name: r.name,
+                ip: r.ip,
+                mac: r.mac,
+                aliases: r.aliases,
+                ifname: r.ifname,
+            })
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(endpoint(&info)))
+    }
+
+    async fn detach(
+        &self,
+        req: Request<DetachRequest>,
+    ) -> Result<Response<DetachResponse>, Status> {
+        let r = req.into_inner();
+        let id = self
+            .core
+            .detach(&r.network, &r.name)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(DetachResponse { id: id.to_string() }))
+    }
+
+    async fn list(
+        &self,
+        req: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let eps = self
+            .core
+            .endpoints(&req.into_inner().network)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(ListEndpointsResponse {
+            endpoints: eps.iter().map(endpoint).collect(),
         }))
     }
 }

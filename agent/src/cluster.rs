@@ -245,6 +245,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// The cluster keys, while the node is in a cluster.
+    pub fn keys(&self) -> Option<Arc<ClusterKeys>> {
+        self.cluster_keys()
+    }
+
+    /// The running membership, while the node is in a cluster.
+    pub async fn membership(&self) -> Option<Arc<Membership>> {
+        match &*self.phase.lock().await {
+            Phase::Active { membership, .. } => Some(membership.clone()),
+            _ => None,
+        }
+    }
+
     pub async fn join_token(&self) -> Result<String, ClusterError> {
         match &*self.phase.lock().await {
             Phase::Active { token, .. } => Ok(token.reveal()),

@@ -67,6 +67,9 @@ pub struct Options {
     /// Log level (error, warn, info, debug, trace); OVL_LOG takes a full filter.
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Pool that networks created without --subnet take a /24 from [default: 10.0.0.0/8].
+    #[arg(long, value_name = "CIDR")]
+    pub default_address_pool: Option<String>,
     /// Gossip round interval; death is detected after ~10-15 rounds [default: 200ms].
     #[arg(long, value_name = "DURATION", hide = true)]
     pub gossip_interval: Option<String>,
@@ -96,6 +99,8 @@ pub enum ConfigError {
     Token(#[from] TokenError),
     #[error("--{0} {1:?}: {2}")]
     Duration(&'static str, String, String),
+    #[error("--default-address-pool {0:?}: expected an IPv4 CIDR with prefix /8 to /24")]
+    BadPool(String),
     #[error("--node-name must be 1-63 printable characters")]
     BadName,
 }
@@ -116,6 +121,7 @@ pub struct Config {
     pub node_name: String,
     pub log_level: String,
     pub gossip_interval: Duration,
+    pub default_address_pool: ipnetwork::Ipv4Network,
 }
 
 impl Config {
@@ -169,6 +175,9 @@ impl Config {
             )?,
             node_name,
             log_level: o.log_level.unwrap_or_else(|| "info".into()),
+            default_address_pool: parse_pool(
+                o.default_address_pool.as_deref().unwrap_or("10.0.0.0/8"),
+            )?,
             gossip_interval: duration(
                 "gossip-interval",
                 o.gossip_interval,
@@ -201,6 +210,7 @@ impl Options {
             node_name: self.node_name.or(file.node_name),
             log_level: self.log_level.or(file.log_level),
             gossip_interval: self.gossip_interval.or(file.gossip_interval),
+            default_address_pool: self.default_address_pool.or(file.default_address_pool),
         }
     }
 }
@@ -214,6 +224,15 @@ fn read_file(path: &Path) -> Result<Options, ConfigError> {
         path: path.to_owned(),
         source: Box::new(source),
     })
+}
+
+fn parse_pool(s: &str) -> Result<ipnetwork::Ipv4Network, ConfigError> {
+    let bad = || ConfigError::BadPool(s.to_string());
+    let n: ipnetwork::Ipv4Network = s.parse().map_err(|_| bad())?;
+    if !(8..=24).contains(&n.prefix()) || n.ip() != n.network() {
+        return Err(bad());
+    }
+    Ok(n)
 }
 
 fn check_addr(flag: &'static str, ip: IpAddr) -> Result<(), ConfigError> {

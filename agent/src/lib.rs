@@ -4,10 +4,16 @@
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod core;
+pub mod dataplane;
 pub mod identity;
 pub mod ids;
+pub mod ipam;
 pub mod membership;
 pub mod metrics;
 pub mod peer;
 pub mod persist;
+pub mod reconcile;
+pub mod store;
+pub mod sync;
 pub mod token;

@@ -7,9 +7,12 @@ use clap::Parser;
 use ovl_agent::api;
 use ovl_agent::cluster::Cluster;
 use ovl_agent::config::{Config, Options};
+use ovl_agent::core::{Core, Ipam};
+use ovl_agent::dataplane::Dataplane;
 use ovl_agent::identity::Identity;
 use ovl_agent::metrics::Counters;
 use ovl_agent::peer::PeerService;
+use ovl_agent::store::Store;
 use ovl_proto::peer::peer_server::PeerServer;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -73,19 +76,37 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let socket_path = config.socket.clone();
 
     let counters = Arc::new(Counters::default());
+    let state_dir = config.state_dir.clone();
+    let default_pool = config.default_address_pool;
+    let node_id = identity.node_id;
+    let store = Store::load(&state_dir, node_id)?;
+    let ipam = Ipam::load(&state_dir, node_id)?;
+    let dataplane = Dataplane::new().await.context("open netlink")?;
     let cluster = Cluster::start(config, identity, counters.clone()).await?;
+    let core = Core::new(
+        cluster.clone(),
+        store,
+        counters.clone(),
+        dataplane,
+        ipam,
+        default_pool,
+    );
+    let channels = Arc::new(ovl_agent::sync::Channels::default());
+    core.set_channels(channels.clone());
+    tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
+    tokio::spawn(ovl_agent::reconcile::run(core.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
     let peer_server = tonic::transport::Server::builder()
-        .add_service(PeerServer::new(PeerService::new(cluster.clone(), counters)))
+        .add_service(PeerServer::new(PeerService::new(core.clone(), counters)))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(peer_listener),
             stopped(stop_rx.clone()),
         );
-    let api_server = api::serve(api_listener, cluster.clone(), stopped(stop_rx.clone()));
+    let api_server = api::serve(api_listener, core.clone(), stopped(stop_rx.clone()));
     let peer_task = tokio::spawn(peer_server);
     let api_task = tokio::spawn(api_server);
     info!(socket = %socket_path.display(), peer = %peer_addr, "agent ready");

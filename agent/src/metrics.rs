@@ -30,7 +30,10 @@ counters! {
     GossipDropUndecodable => "gossip_drop_undecodable",
     GossipDropOversize => "gossip_drop_oversize",
     HelloServed => "peer_hello_served",
-    HelloRefused => "peer_hello_refused",
+    PeerRefused => "peer_call_refused",
+    PullServed => "peer_pull_served",
+    RecordsInvalid => "records_invalid",
+    ReconcileErrors => "reconcile_errors",
 }
 
 #[derive(Default)]

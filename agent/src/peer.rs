@@ -1,8 +1,10 @@
 //! Peer gRPC (7946/tcp): what agents ask each other directly.
 //!
-//! For now one call, `Hello`: before joining, the joiner asks a seed to prove
-//! it holds the same cluster key (HMAC over the joiner's fresh nonce), so a
-//! wrong token fails at once with a reason, and nothing changes locally.
+//! `Hello`: before joining, the joiner asks a seed to prove it holds the same
+//! cluster key (HMAC over the joiner's fresh nonce), so a wrong token fails at
+//! once with a reason, and nothing changes locally. `Pull` serves deltas of
+//! our own table; `RequestSpace` donates address space. Both need the
+//! caller's credentials (see `sync::auth`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +12,19 @@ use std::time::Duration;
 
 use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::peer::peer_server::Peer;
-use ovl_proto::peer::{HelloRequest, HelloResponse};
+use ovl_proto::peer::{
+    HelloRequest, HelloResponse, NotifyRequest, NotifyResponse, PullRequest, PullResponse,
+    SpaceGrant, SpaceRequest,
+};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::{Code, Request, Response, Status};
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::core::{Core, CoreError};
 use crate::ids::{ClusterId, NodeId};
-use crate::metrics::{Counter, Counters};
+use crate::metrics::{Counter, Counters, RateLimit};
+use crate::sync::{self, auth};
 use crate::token::ClusterKeys;
 
 const HELLO_LABEL: &[u8] = b"ovl hello v1";
@@ -35,50 +42,122 @@ pub trait PeerState: Send + Sync + 'static {
     fn cluster_keys(&self) -> Option<Arc<ClusterKeys>>;
 }
 
-pub struct PeerService<S> {
-    state: Arc<S>,
+pub struct PeerService {
+    core: Arc<Core>,
     counters: Arc<Counters>,
 }
 
-impl<S> PeerService<S> {
-    pub fn new(state: Arc<S>, counters: Arc<Counters>) -> Self {
-        Self { state, counters }
+impl PeerService {
+    pub fn new(core: Arc<Core>, counters: Arc<Counters>) -> Self {
+        Self { core, counters }
+    }
+
+    fn refuse<T>(&self, remote: Option<std::net::SocketAddr>, s: Status) -> Result<T, Status> {
+        self.counters.inc(Counter::PeerRefused);
+        if let Some(n) = REFUSE_LOG.check(std::time::Instant::now()) {
+            warn!(peer = ?remote, reason = s.message(), suppressed = n, "peer call refused");
+        }
+        Err(s)
+    }
+
+    /// Checks the caller's credentials; returns the keys and its node id.
+    fn authenticate<T>(
+        &self,
+        req: &Request<T>,
+        method: &str,
+    ) -> Result<(Arc<ClusterKeys>, NodeId), Status> {
+        let Some(keys) = self.core.cluster.cluster_keys() else {
+            return self.refuse(
+                req.remote_addr(),
+                Status::failed_precondition("this agent is not in a cluster"),
+            );
+        };
+        match auth::verify(req.metadata(), &keys, method) {
+            Ok(node) => Ok((keys, node)),
+            Err(e) => self.refuse(req.remote_addr(), Status::unauthenticated(e.to_string())),
+        }
     }
 }
 
+static REFUSE_LOG: RateLimit = RateLimit::new(std::time::Duration::from_secs(10));
+
 #[tonic::async_trait]
-impl<S: PeerState> Peer for PeerService<S> {
+impl Peer for PeerService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let remote = req.remote_addr();
         let req = req.into_inner();
-        let refuse = |s: Status| {
-            self.counters.inc(Counter::HelloRefused);
-            debug!(peer = ?remote, reason = s.message(), "hello refused");
-            Err(s)
-        };
-        let Some(keys) = self.state.cluster_keys() else {
-            return refuse(Status::failed_precondition(
-                "this agent is not in a cluster",
-            ));
+        let Some(keys) = self.core.cluster.cluster_keys() else {
+            return self.refuse(
+                remote,
+                Status::failed_precondition("this agent is not in a cluster"),
+            );
         };
         if req.cluster_id.as_slice() != keys.cluster_id.as_bytes() {
-            return refuse(Status::permission_denied(
-                "this agent is in a different cluster",
-            ));
+            return self.refuse(
+                remote,
+                Status::permission_denied("this agent is in a different cluster"),
+            );
         }
         if req.client_nonce.len() != NONCE_LEN {
-            return refuse(Status::invalid_argument("client nonce must be 32 bytes"));
+            return self.refuse(
+                remote,
+                Status::invalid_argument("client nonce must be 32 bytes"),
+            );
         }
-        let me = self.state.node_id();
+        let me = self.core.cluster.node_id();
         let tag = hmac::sign(
             &keys.peer_auth,
             &proof_input(keys.cluster_id, &req.client_nonce, me),
         );
         self.counters.inc(Counter::HelloServed);
+        debug!(peer = ?remote, "hello answered");
         Ok(Response::new(HelloResponse {
             server_node_id: me.as_bytes().to_vec(),
             proof: tag.as_ref().to_vec(),
         }))
+    }
+
+    async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
+        self.authenticate(&req, sync::PULL)?;
+        let since = req.into_inner().since;
+        let (version, full, entries) = self.core.store().delta_since(since);
+        self.counters.inc(Counter::PullServed);
+        Ok(Response::new(PullResponse {
+            owner: self.core.cluster.node_id().as_bytes().to_vec(),
+            version,
+            full,
+            entries,
+        }))
+    }
+
+    async fn notify(
+        &self,
+        req: Request<NotifyRequest>,
+    ) -> Result<Response<NotifyResponse>, Status> {
+        let (_, caller) = self.authenticate(&req, sync::NOTIFY)?;
+        self.core.hint(caller, req.into_inner().version);
+        Ok(Response::new(NotifyResponse {}))
+    }
+
+    async fn request_space(
+        &self,
+        req: Request<SpaceRequest>,
+    ) -> Result<Response<SpaceGrant>, Status> {
+        let (_, caller) = self.authenticate(&req, sync::REQUEST_SPACE)?;
+        let req = req.into_inner();
+        let grant = self
+            .core
+            .donate_space(caller, &req.network_id, &req.exact_ip)
+            .await
+            .map_err(|e| match e {
+                CoreError::NoNetwork(_) => Status::not_found(e.to_string()),
+                CoreError::IpamExhausted(_) => Status::resource_exhausted(e.to_string()),
+                CoreError::BadIp(..) | CoreError::IpInUse(..) => {
+                    Status::invalid_argument(e.to_string())
+                }
+                _ => Status::internal(e.to_string()),
+            })?;
+        Ok(Response::new(SpaceGrant { grant_json: grant }))
     }
 }
 

@@ -3,10 +3,9 @@
 use std::path::Path;
 
 use hyper_util::rt::TokioIo;
-use ovl_proto::api::cluster_client::ClusterClient;
 use tonic::transport::{Channel, Endpoint};
 
-pub async fn connect(socket: &Path) -> Result<ClusterClient<Channel>, String> {
+pub async fn connect(socket: &Path) -> Result<Channel, String> {
     let path = socket.to_owned();
     let shown = socket.display().to_string();
     // The URI is required by the API but unused: the connector dials the socket.
@@ -29,7 +28,7 @@ pub async fn connect(socket: &Path) -> Result<ClusterClient<Channel>, String> {
                 "cannot reach the agent at {shown}: {cause} (is ovl-agent running? see --socket)"
             )
         })?;
-    Ok(ClusterClient::new(channel))
+    Ok(channel)
 }
 
 /// Awaits a call and turns a gRPC status into the agent's own message.

@@ -41,6 +41,93 @@ enum Command {
     /// Cluster membership.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Endpoints: network namespaces attached to networks.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// Diagnostic: a network's desired FDB/neighbour entries next to the kernel's.
+    Fdb { network: String },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create an overlay network, replicated to every agent.
+    Create {
+        name: String,
+        /// IPv4 subnet (CIDR) [default: a free /24 of the agent's default pool].
+        #[arg(long)]
+        subnet: Option<String>,
+        /// Gateway address (reserved, never given to an endpoint) [default: first host].
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Allocate endpoint addresses only from this part of the subnet.
+        #[arg(long)]
+        ip_range: Option<String>,
+        /// VXLAN network id, 1-16777215 [default: allocated].
+        #[arg(long)]
+        vni: Option<u64>,
+        /// Endpoint MTU [default: data-path interface MTU - 50].
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// Encrypt traffic between hosts (not available yet).
+        #[arg(long)]
+        encrypted: bool,
+        /// Allow standalone attaches (recorded for runtimes).
+        #[arg(long)]
+        attachable: bool,
+        /// No external access (recorded for runtimes).
+        #[arg(long)]
+        internal: bool,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+    },
+    /// List networks.
+    Ls,
+    /// Show a network, its hosts and endpoints.
+    Inspect { name: String },
+    /// Remove a network (refused while it has endpoints, unless --force).
+    Rm {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointCmd {
+    /// Attach a network namespace to a network.
+    Attach {
+        network: String,
+        /// Namespace file, e.g. /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long, conflicts_with = "pid", required_unless_present = "pid")]
+        netns: Option<String>,
+        /// Process whose network namespace to attach.
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Address to use [default: allocated].
+        #[arg(long)]
+        ip: Option<String>,
+        /// MAC address [default: derived from the IP].
+        #[arg(long)]
+        mac: Option<String>,
+        #[arg(long = "alias")]
+        aliases: Vec<String>,
+        /// Interface name inside the namespace.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+    },
+    /// Detach an endpoint (on the host it lives on).
+    Detach { network: String, name: String },
+    /// List endpoints cluster-wide.
+    Ls {
+        #[arg(long)]
+        network: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,8 +179,102 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), String> {
-    let mut c = client::connect(&socket).await?;
+    let channel = client::connect(&socket).await?;
+    let mut c = ovl_proto::api::cluster_client::ClusterClient::new(channel.clone());
+    let mut n = ovl_proto::api::networks_client::NetworksClient::new(channel.clone());
+    let mut e = ovl_proto::api::endpoints_client::EndpointsClient::new(channel);
     match command {
+        Command::Network(cmd) => match cmd {
+            NetworkCmd::Create {
+                name,
+                subnet,
+                gateway,
+                ip_range,
+                vni,
+                mtu,
+                encrypted,
+                attachable,
+                internal,
+                labels,
+            } => {
+                if vni == Some(0) {
+                    return Err("--vni must be between 1 and 16777215, got 0".into());
+                }
+                let labels = labels
+                    .iter()
+                    .map(|l| match l.split_once('=') {
+                        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                        _ => Err(format!("--label {l:?}: expected KEY=VALUE")),
+                    })
+                    .collect::<Result<_, _>>()?;
+                let r = client::call(n.create(CreateNetworkRequest {
+                    name,
+                    subnet: subnet.unwrap_or_default(),
+                    gateway: gateway.unwrap_or_default(),
+                    ip_range: ip_range.unwrap_or_default(),
+                    vni: vni.unwrap_or(0),
+                    mtu: mtu.unwrap_or(0),
+                    encrypted,
+                    attachable,
+                    internal,
+                    labels,
+                }))
+                .await?;
+                output::network(format, &r);
+            }
+            NetworkCmd::Ls => {
+                let r = client::call(n.list(ListNetworksRequest {})).await?;
+                output::networks(format, &r.networks);
+            }
+            NetworkCmd::Inspect { name } => {
+                let r = client::call(n.inspect(InspectNetworkRequest { name })).await?;
+                output::network_detail(format, &r);
+            }
+            NetworkCmd::Rm { name, force } => {
+                let r = client::call(n.remove(RemoveNetworkRequest { name, force })).await?;
+                output::message(format, &format!("removed network {}", r.id));
+            }
+        },
+        Command::Endpoint(cmd) => match cmd {
+            EndpointCmd::Attach {
+                network,
+                netns,
+                pid,
+                name,
+                ip,
+                mac,
+                aliases,
+                ifname,
+            } => {
+                let r = client::call(e.attach(AttachRequest {
+                    network,
+                    netns: netns.unwrap_or_default(),
+                    pid: pid.unwrap_or(0),
+                    name: name.unwrap_or_default(),
+                    ip: ip.unwrap_or_default(),
+                    mac: mac.unwrap_or_default(),
+                    aliases,
+                    ifname,
+                }))
+                .await?;
+                output::endpoint(format, &r);
+            }
+            EndpointCmd::Detach { network, name } => {
+                let r = client::call(e.detach(DetachRequest { network, name })).await?;
+                output::message(format, &format!("detached endpoint {}", r.id));
+            }
+            EndpointCmd::Ls { network } => {
+                let r = client::call(e.list(ListEndpointsRequest {
+                    network: network.unwrap_or_default(),
+                }))
+                .await?;
+                output::endpoints(format, &r.endpoints);
+            }
+        },
+        Command::Fdb { network } => {
+            let r = client::call(n.fdb(FdbRequest { name: network })).await?;
+            output::fdb(format, &r);
+        }
         Command::Cluster(cmd) => match cmd {
             ClusterCmd::Init => {
                 let r = client::call(c.init(InitRequest {})).await?;

@@ -177,3 +177,170 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
         line(r.iter().map(String::as_str).collect());
     }
 }
+
+fn network_json(n: &Network) -> Value {
+    json!({
+        "name": n.name, "id": n.id, "vni": n.vni, "subnet": n.subnet, "gateway": n.gateway,
+        "ip_range": n.ip_range, "mtu": n.mtu, "encrypted": n.encrypted, "attachable": n.attachable,
+        "internal": n.internal, "labels": n.labels, "state": n.state, "reason": n.reason,
+        "created_by": n.created_by, "created_at_ms": n.created_at_ms, "endpoints": n.endpoints,
+    })
+}
+
+fn endpoint_json(e: &Endpoint) -> Value {
+    json!({
+        "network": e.network, "network_id": e.network_id, "name": e.name, "id": e.id, "ip": e.ip,
+        "mac": e.mac, "node": e.node, "node_name": e.node_name, "vtep": e.vtep,
+        "aliases": e.aliases, "status": e.status, "ifname": e.ifname,
+    })
+}
+
+pub fn network(f: Format, n: &Network) {
+    match f {
+        Format::Table => networks(f, std::slice::from_ref(n)),
+        Format::Json => print_json(network_json(n)),
+    }
+}
+
+pub fn networks(f: Format, nets: &[Network]) {
+    match f {
+        Format::Table => {
+            let rows: Vec<[String; 7]> = nets
+                .iter()
+                .map(|n| {
+                    [
+                        n.name.clone(),
+                        short(&n.id).to_string(),
+                        n.vni.to_string(),
+                        n.subnet.clone(),
+                        n.mtu.to_string(),
+                        n.endpoints.to_string(),
+                        if n.state == "active" {
+                            n.state.clone()
+                        } else {
+                            format!("{}: {}", n.state, n.reason)
+                        },
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "ID", "VNI", "SUBNET", "MTU", "ENDPOINTS", "STATE"],
+                &rows,
+            );
+        }
+        Format::Json => print_json(Value::Array(nets.iter().map(network_json).collect())),
+    }
+}
+
+pub fn network_detail(f: Format, d: &NetworkDetail) {
+    let Some(n) = &d.network else { return };
+    match f {
+        Format::Table => {
+            networks(f, std::slice::from_ref(n));
+            println!();
+            let rows: Vec<[String; 5]> = d
+                .peers
+                .iter()
+                .map(|p| {
+                    [
+                        format!("{} ({})", p.node_name, short(&p.node_id)),
+                        p.vtep.clone(),
+                        p.status.clone(),
+                        p.endpoints.to_string(),
+                        p.ranges.join(" "),
+                    ]
+                })
+                .collect();
+            table(
+                &["HOST", "VTEP", "STATUS", "ENDPOINTS", "ADDRESS RANGES"],
+                &rows,
+            );
+            println!();
+            endpoints(f, &d.endpoints);
+        }
+        Format::Json => {
+            let mut v = network_json(n);
+            let peers: Vec<Value> = d
+                .peers
+                .iter()
+                .map(|p| {
+                    json!({
+                        "node_id": p.node_id, "node_name": p.node_name, "vtep": p.vtep,
+                        "status": p.status, "endpoints": p.endpoints, "ranges": p.ranges,
+                    })
+                })
+                .collect();
+            if let Value::Object(m) = &mut v {
+                m.insert("peers".into(), Value::Array(peers));
+                m.insert(
+                    "endpoints".into(),
+                    Value::Array(d.endpoints.iter().map(endpoint_json).collect()),
+                );
+            }
+            print_json(v)
+        }
+    }
+}
+
+pub fn endpoint(f: Format, e: &Endpoint) {
+    match f {
+        Format::Table => endpoints(f, std::slice::from_ref(e)),
+        Format::Json => print_json(endpoint_json(e)),
+    }
+}
+
+pub fn endpoints(f: Format, eps: &[Endpoint]) {
+    match f {
+        Format::Table => {
+            let rows: Vec<[String; 7]> = eps
+                .iter()
+                .map(|e| {
+                    [
+                        e.network.clone(),
+                        e.name.clone(),
+                        e.ip.clone(),
+                        e.mac.clone(),
+                        e.node_name.clone(),
+                        e.vtep.clone(),
+                        e.status.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &["NETWORK", "NAME", "IP", "MAC", "NODE", "VTEP", "STATUS"],
+                &rows,
+            );
+        }
+        Format::Json => print_json(Value::Array(eps.iter().map(endpoint_json).collect())),
+    }
+}
+
+pub fn fdb(f: Format, r: &FdbResponse) {
+    match f {
+        Format::Table => {
+            if !r.local {
+                println!("(no local endpoint: this host keeps no devices for the network)");
+            }
+            let rows: Vec<[String; 5]> = r
+                .entries
+                .iter()
+                .map(|e| {
+                    [
+                        e.kind.clone(),
+                        e.mac.clone(),
+                        e.ip.clone(),
+                        e.vtep.clone(),
+                        e.state.clone(),
+                    ]
+                })
+                .collect();
+            table(&["KIND", "MAC", "IP", "VTEP", "STATE"], &rows);
+        }
+        Format::Json => print_json(json!({
+            "local": r.local,
+            "entries": r.entries.iter().map(|e| json!({
+                "kind": e.kind, "mac": e.mac, "ip": e.ip, "vtep": e.vtep, "state": e.state,
+            })).collect::<Vec<_>>(),
+        })),
+    }
+}

@@ -168,6 +168,17 @@ impl Membership {
         rx
     }
 
+    /// Publishes (or updates) one of this node's facts; unchanged values
+    /// cost nothing.
+    pub async fn set_fact(&self, key: &str, value: &str) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        let state = guard.self_node_state();
+        if state.get(key) != Some(value) {
+            state.set(key, value);
+        }
+    }
+
     /// Announces a clean leave, lingers so peers hear it, then stops.
     pub async fn leave(&self) {
         {

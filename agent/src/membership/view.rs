@@ -6,7 +6,7 @@
 //! Operators think in nodes, so the view keeps one row per node id: the
 //! newest generation.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use crate::ids::NodeId;
@@ -20,6 +20,8 @@ pub mod keys {
     pub const IDENTITY_PK: &str = "identity_pk";
     /// Set by a node that leaves cleanly, just before it stops gossiping.
     pub const LEFT: &str = "left";
+    /// Version of the node's own table: peers pull when it moves.
+    pub const TABLE_VERSION: &str = "tv";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,6 +62,8 @@ pub struct NodeView {
     pub data_path_addr: String,
     pub status: NodeStatus,
     pub is_self: bool,
+    /// The node's own table version as gossiped (0 when not published).
+    pub table_version: u64,
 }
 
 /// One row per valid node id, newest generation, sorted by name then id.
@@ -68,10 +72,18 @@ pub struct NodeView {
 /// the listing of everyone else.
 pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView> {
     let mut newest: HashMap<NodeId, &Incarnation> = HashMap::new();
+    // A restarted node's new generation needs a few heartbeats before the
+    // failure detector calls it live, while the old one is still live for a
+    // second or two: the node is alive if any of its generations is, so a
+    // restart never flaps it through "dead" (and its data path with it).
+    let mut any_live: HashSet<NodeId> = HashSet::new();
     for inc in incarnations {
         let Ok(id) = inc.node_id.parse::<NodeId>() else {
             continue;
         };
+        if inc.live {
+            any_live.insert(id);
+        }
         let slot = newest.entry(id).or_insert(inc);
         if inc.generation > slot.generation {
             *slot = inc;
@@ -83,7 +95,7 @@ pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView
             let get = |k: &str| inc.kv.get(k).cloned().unwrap_or_default();
             let status = if inc.kv.contains_key(keys::LEFT) {
                 NodeStatus::Left
-            } else if inc.live || id == self_id {
+            } else if any_live.contains(&id) || id == self_id {
                 NodeStatus::Alive
             } else {
                 NodeStatus::Dead
@@ -97,6 +109,11 @@ pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView
                 data_path_addr: get(keys::DATA_PATH_ADDR),
                 status,
                 is_self: id == self_id,
+                table_version: inc
+                    .kv
+                    .get(keys::TABLE_VERSION)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
             }
         })
         .collect();
@@ -186,9 +203,14 @@ mod tests {
     }
 
     #[test]
-    fn newest_generation_decides_even_when_dead() {
+    fn restart_handover_stays_alive_and_shows_the_new_generation() {
         let v = node_views(
             &[inc(id(1), 9, false, &[]), inc(id(1), 5, true, &[])],
+            id(2),
+        );
+        assert_eq!((v[0].generation, v[0].status), (9, NodeStatus::Alive));
+        let v = node_views(
+            &[inc(id(1), 9, false, &[]), inc(id(1), 5, false, &[])],
             id(2),
         );
         assert_eq!(v[0].status, NodeStatus::Dead);

@@ -1,0 +1,360 @@
+//! Endpoint commands: attach a namespace to a network, detach it, list the
+//! cluster-wide MAC/IP/VTEP table, and withdraw endpoints whose namespace
+//! vanished.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use ipnetwork::{IpNetwork, Ipv4Network};
+use ovl_proto::records::{EndpointRecord, table_entry::Value};
+use tracing::{info, warn};
+
+use super::{Core, CoreError, now_ms};
+use crate::dataplane::LocalEndpoint;
+use crate::ids::{EndpointId, MacAddr, NetworkId};
+use crate::membership::NodeStatus;
+use crate::store::{EndpointView, key};
+
+pub enum NetnsRef {
+    Path(String),
+    Pid(u32),
+}
+
+pub struct AttachSpec {
+    pub network: String,
+    pub netns: NetnsRef,
+    pub name: String,
+    pub ip: String,
+    pub mac: String,
+    pub aliases: Vec<String>,
+    pub ifname: String,
+}
+
+/// Proof that the endpoint lock is held.
+pub type EndpointGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+
+pub struct EndpointInfo {
+    pub view: EndpointView,
+    pub network_name: String,
+    pub node_name: String,
+    pub status: &'static str,
+}
+
+fn valid_ifname(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 15 && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+fn valid_name(s: &str) -> bool {
+    crate::store::networks::validate_name(s).is_ok()
+}
+
+fn netns_path(r: &NetnsRef) -> Result<PathBuf, CoreError> {
+    let path = match r {
+        NetnsRef::Path(p) if p.is_empty() => return Err(CoreError::NetnsArgs),
+        NetnsRef::Path(p) => PathBuf::from(p),
+        NetnsRef::Pid(0) => return Err(CoreError::NetnsArgs),
+        NetnsRef::Pid(pid) => {
+            let p = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(CoreError::NoPid(*pid));
+            }
+            p
+        }
+    };
+    if !path.exists() {
+        return Err(CoreError::Netns(
+            path.display().to_string(),
+            "no such namespace file".into(),
+        ));
+    }
+    Ok(path)
+}
+
+impl Core {
+    pub async fn attach(&self, spec: AttachSpec) -> Result<EndpointInfo, CoreError> {
+        self.require_cluster().await?;
+        let net = self.find_network(&spec.network)?;
+        if let Some(reason) = &net.conflict {
+            return Err(CoreError::Conflict(spec.network, reason.clone()));
+        }
+        let netns = netns_path(&spec.netns)?;
+        let ifname = if spec.ifname.is_empty() {
+            "eth0".to_string()
+        } else {
+            spec.ifname.clone()
+        };
+        if !valid_ifname(&ifname) {
+            return Err(CoreError::BadIfname(ifname));
+        }
+        for a in spec
+            .aliases
+            .iter()
+            .chain((!spec.name.is_empty()).then_some(&spec.name))
+        {
+            if !valid_name(a) {
+                return Err(CoreError::BadEndpointName(a.clone()));
+            }
+        }
+        let mac_given: Option<MacAddr> = match spec.mac.as_str() {
+            "" => None,
+            m => Some(m.parse()?),
+        };
+        let exact: Option<Ipv4Addr> = match spec.ip.as_str() {
+            "" => None,
+            ip => Some(self.check_exact_ip(&net, ip)?),
+        };
+
+        let _guard = self.endpoint_lock.lock().await;
+        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::NoVni)?;
+        let name = if spec.name.is_empty() {
+            id.short()
+        } else {
+            spec.name.clone()
+        };
+        if self
+            .store()
+            .endpoints()
+            .iter()
+            .any(|e| e.network == net.id && e.name == name)
+        {
+            return Err(CoreError::EndpointExists(name, net.name().to_string()));
+        }
+        if let Some(ip) = exact
+            && let Some(e) = self
+                .store()
+                .endpoints()
+                .iter()
+                .find(|e| e.network == net.id && e.ip == ip)
+        {
+            return Err(CoreError::IpInUse(
+                ip.to_string(),
+                e.name.clone(),
+                net.name().to_string(),
+            ));
+        }
+        // Persist before effect: the address is ours on disk before anything
+        // in the kernel or the cluster refers to it.
+        let ip = self.allocate(&net, id, exact).await?;
+        let mac = mac_given.unwrap_or_else(|| MacAddr::from_ipv4(ip));
+        let prefix = net.pool.subnet.prefix();
+        let mtu = self.network_mtu(&net);
+        let local = LocalEndpoint {
+            id,
+            netns: netns.clone(),
+            ifname: ifname.clone(),
+            mac,
+            addr: IpNetwork::V4(
+                Ipv4Network::new(ip, prefix)
+                    .map_err(|e| CoreError::BadIp(ip.to_string(), e.to_string()))?,
+            ),
+            mtu,
+        };
+        if let Err(e) = self.program_attach(&net, &local).await {
+            self.ipam.release(net.id, ip, true).await;
+            return Err(e);
+        }
+        let record = EndpointRecord {
+            id: id.as_bytes().to_vec(),
+            network_id: net.id.as_bytes().to_vec(),
+            name: name.clone(),
+            aliases: spec.aliases.clone(),
+            ip: ip.to_string(),
+            prefix_len: u32::from(prefix),
+            mac: mac.to_string(),
+            vtep: self.cluster.config().data_path_addr.to_string(),
+            ifname,
+            netns: netns.display().to_string(),
+            created_at_ms: now_ms(),
+        };
+        let stored = self
+            .store()
+            .put(&key::endpoint(id), Value::Endpoint(record.clone()));
+        if let Err(e) = stored {
+            let _ = self.dataplane.detach(id).await;
+            self.ipam.release(net.id, ip, true).await;
+            return Err(e.into());
+        }
+        self.notify();
+        info!(network = %net.id, endpoint = %id, name = %name, ip = %ip, mac = %mac, netns = %netns.display(), "endpoint attached");
+        let view = EndpointView::parse(self.cluster.node_id(), &record)
+            .ok_or_else(|| CoreError::BadIp(ip.to_string(), "record did not round-trip".into()))?;
+        Ok(EndpointInfo {
+            view,
+            network_name: net.name().to_string(),
+            node_name: self.cluster.config().node_name.clone(),
+            status: "alive",
+        })
+    }
+
+    async fn program_attach(
+        &self,
+        net: &crate::store::NetworkView,
+        ep: &LocalEndpoint,
+    ) -> Result<(), CoreError> {
+        let nodes = match self.cluster.membership().await {
+            Some(m) => m.nodes().await,
+            None => Vec::new(),
+        };
+        // The VXLAN device binds to the data-path interface: know it before
+        // creating the device, or the next pass would see a mismatch.
+        self.refresh_underlay().await?;
+        let plan = self.plan(net, &nodes);
+        self.dataplane.ensure_network(&plan).await?;
+        self.dataplane.attach(net.vni, ep).await?;
+        Ok(())
+    }
+
+    fn check_exact_ip(
+        &self,
+        net: &crate::store::NetworkView,
+        ip: &str,
+    ) -> Result<Ipv4Addr, CoreError> {
+        let addr: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| CoreError::BadIp(ip.to_string(), "not an IPv4 address".into()))?;
+        let pool = &net.pool;
+        if !pool.subnet.contains(addr) {
+            return Err(CoreError::BadIp(
+                ip.to_string(),
+                format!("outside the subnet {}", pool.subnet),
+            ));
+        }
+        if addr == pool.gateway || addr == pool.subnet.network() || addr == pool.subnet.broadcast()
+        {
+            return Err(CoreError::BadIp(
+                ip.to_string(),
+                "reserved (gateway, network or broadcast address)".into(),
+            ));
+        }
+        Ok(addr)
+    }
+
+    pub async fn detach(&self, network: &str, name: &str) -> Result<EndpointId, CoreError> {
+        let net = self.find_network(network)?;
+        let me = self.cluster.node_id();
+        let _guard = self.endpoint_lock.lock().await;
+        let found = self
+            .store()
+            .endpoints()
+            .into_iter()
+            .find(|e| e.network == net.id && (e.name == name || e.id.to_string() == name));
+        let Some(ep) = found else {
+            return Err(CoreError::NoEndpoint(name.to_string(), network.to_string()));
+        };
+        if ep.owner != me {
+            return Err(CoreError::NotLocal(name.to_string(), ep.owner.short()));
+        }
+        self.withdraw(&ep, "detached").await?;
+        Ok(ep.id)
+    }
+
+    /// Removes a local endpoint everywhere: record first (peers drop their
+    /// entries), then the veth, then the address goes to quarantine.
+    async fn withdraw(&self, ep: &EndpointView, why: &str) -> Result<(), CoreError> {
+        self.store().delete(&key::endpoint(ep.id))?;
+        self.notify();
+        if let Err(e) = self.dataplane.detach(ep.id).await {
+            warn!(endpoint = %ep.id, error = %e, "removing the veth failed; the reconciler retries");
+        }
+        self.ipam.release(ep.network, ep.ip, false).await;
+        info!(network = %ep.network, endpoint = %ep.id, name = %ep.name, ip = %ep.ip, reason = why, "endpoint withdrawn");
+        Ok(())
+    }
+
+    /// Withdraws local endpoints whose namespace is gone (the kernel deleted
+    /// the veth pair with it) or whose network was removed.
+    /// The caller holds the endpoint lock (see `lock_endpoints`).
+    pub async fn withdraw_orphans(&self, _held: &EndpointGuard<'_>) -> Result<usize, CoreError> {
+        let me = self.cluster.node_id();
+        let (mine, networks): (Vec<EndpointView>, Vec<NetworkId>) = {
+            let s = self.store();
+            (
+                s.endpoints()
+                    .into_iter()
+                    .filter(|e| e.owner == me)
+                    .collect(),
+                s.networks()
+                    .iter()
+                    .filter(|n| n.is_active())
+                    .map(|n| n.id)
+                    .collect(),
+            )
+        };
+        let mut n = 0;
+        for ep in mine {
+            let reason = if !networks.contains(&ep.network) {
+                "network removed"
+            } else if !self.dataplane.endpoint_present(ep.id).await? {
+                "namespace or interface disappeared"
+            } else {
+                continue;
+            };
+            self.withdraw(&ep, reason).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Withdraws every local endpoint (clean leave).
+    pub async fn withdraw_all(&self) -> Result<(), CoreError> {
+        let me = self.cluster.node_id();
+        let _guard = self.endpoint_lock.lock().await;
+        let mine: Vec<EndpointView> = self
+            .store()
+            .endpoints()
+            .into_iter()
+            .filter(|e| e.owner == me)
+            .collect();
+        for ep in mine {
+            self.withdraw(&ep, "node leaving").await?;
+        }
+        Ok(())
+    }
+
+    /// Holds off attach/detach while the reconciler changes devices.
+    pub async fn lock_endpoints(&self) -> EndpointGuard<'_> {
+        self.endpoint_lock.lock().await
+    }
+
+    pub async fn endpoints(&self, network: &str) -> Result<Vec<EndpointInfo>, CoreError> {
+        let filter = match network {
+            "" => None,
+            n => Some(self.find_network(n)?.id),
+        };
+        let nodes = match self.cluster.membership().await {
+            Some(m) => m.nodes().await,
+            None => Vec::new(),
+        };
+        let (eps, nets) = {
+            let s = self.store();
+            (s.endpoints(), s.networks())
+        };
+        let mut out: Vec<EndpointInfo> = eps
+            .into_iter()
+            .filter(|e| filter.is_none_or(|f| e.network == f))
+            .map(|view| {
+                let node = nodes.iter().find(|n| n.id == view.owner);
+                EndpointInfo {
+                    network_name: nets
+                        .iter()
+                        .find(|n| n.id == view.network)
+                        .map(|n| n.name().to_string())
+                        .unwrap_or_default(),
+                    node_name: node.map(|n| n.name.clone()).unwrap_or_default(),
+                    status: match node.map(|n| n.status) {
+                        Some(NodeStatus::Alive) => "alive",
+                        Some(NodeStatus::Left) => "left",
+                        _ => "dead",
+                    },
+                    view,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.network_name, &a.view.name).cmp(&(&b.network_name, &b.view.name)));
+        Ok(out)
+    }
+
+    pub fn local_ip(&self) -> IpAddr {
+        self.cluster.config().data_path_addr
+    }
+}

@@ -1,0 +1,433 @@
+//! Address allocation wired to persistence, replication and peers.
+//!
+//! The `ipam` module is pure; here its state meets the disk (one file per
+//! network, ring and allocations in one atomic write, before any effect),
+//! the store (each node publishes its view of every network's ring; views
+//! merge by version) and peers (asking an owner with free space to donate).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ovl_proto::peer::SpaceRequest;
+use ovl_proto::peer::peer_client::PeerClient;
+use ovl_proto::records::{IpamRing, table_entry::Value};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::{Core, CoreError};
+use crate::ids::{EndpointId, NetworkId, NodeId};
+use crate::ipam::{AllocError, Allocator, DonateError, DonationRequest, Grant, Pool, Ring, Want};
+use crate::membership::NodeStatus;
+use crate::persist::{self, PersistError};
+use crate::store::networks::PoolSpec;
+use crate::store::{NetworkView, key};
+use crate::sync::{self, auth};
+
+/// Freed addresses wait this long before reuse, so every host has pulled
+/// the withdrawal and dropped the old FDB/neighbour entries (sync converges
+/// in about a second; the margin covers a slow peer).
+const QUARANTINE: Duration = Duration::from_secs(30);
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub struct Ipam {
+    dir: PathBuf,
+    me: NodeId,
+    nets: Mutex<HashMap<NetworkId, Allocator>>,
+}
+
+impl Ipam {
+    pub fn load(state_dir: &Path, me: NodeId) -> Result<Self, PersistError> {
+        let dir = state_dir.join("ipam");
+        persist::ensure_private_dir(&dir)?;
+        let mut nets = HashMap::new();
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for entry in rd.flatten() {
+                let path = entry.path();
+                let Some(id) = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.parse::<NetworkId>().ok())
+                else {
+                    continue;
+                };
+                if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                    continue;
+                }
+                match persist::read_optional(&path)?
+                    .map(|b| serde_json::from_slice::<Allocator>(&b))
+                {
+                    Some(Ok(a)) => {
+                        nets.insert(id, a);
+                    }
+                    Some(Err(e)) => {
+                        warn!(file = %path.display(), error = %e, "corrupt IPAM state ignored")
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(Self {
+            dir,
+            me,
+            nets: Mutex::new(nets),
+        })
+    }
+
+    fn path(&self, id: NetworkId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn persist(&self, id: NetworkId, a: &Allocator) -> Result<(), CoreError> {
+        let json = serde_json::to_vec(a).map_err(|e| CoreError::Ipam(id.short(), e.to_string()))?;
+        persist::write_atomic(&self.path(id), &json).map_err(|e| CoreError::Store(e.into()))
+    }
+
+    pub async fn create(&self, id: NetworkId, pool: &PoolSpec) -> Result<(), CoreError> {
+        let pool = Pool::new(pool.subnet, pool.ip_range, Some(pool.gateway))
+            .map_err(|e| CoreError::Ipam(id.short(), e.to_string()))?;
+        let a = Allocator::create(self.me, pool);
+        self.persist(id, &a)?;
+        self.nets.lock().await.insert(id, a);
+        Ok(())
+    }
+
+    /// Frees an address of a local endpoint (quarantined before reuse).
+    pub async fn release(&self, id: NetworkId, ip: Ipv4Addr, _never_published: bool) {
+        let mut nets = self.nets.lock().await;
+        if let Some(a) = nets.get_mut(&id) {
+            if let Err(e) = a.free(ip, now_s()) {
+                warn!(network = %id, ip = %ip, error = %e, "free of an unknown address ignored");
+                return;
+            }
+            if let Err(e) = self.persist(id, a) {
+                warn!(network = %id, ip = %ip, error = %e, "could not persist a freed address");
+            }
+        }
+    }
+
+    pub async fn ring_json(&self, id: NetworkId) -> Option<Vec<u8>> {
+        let nets = self.nets.lock().await;
+        nets.get(&id)
+            .and_then(|a| serde_json::to_vec(a.ring()).ok())
+    }
+
+    pub async fn ranges_by_owner(&self, id: NetworkId) -> BTreeMap<NodeId, Vec<String>> {
+        let nets = self.nets.lock().await;
+        let mut out: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
+        if let Some(a) = nets.get(&id) {
+            for e in a.ring().entries() {
+                out.entry(e.owner).or_default().push(e.block.to_string());
+            }
+        }
+        out
+    }
+
+    pub async fn clear(&self) {
+        let mut nets = self.nets.lock().await;
+        for id in nets.keys() {
+            let _ = persist::remove_durable(&self.path(*id));
+        }
+        nets.clear();
+    }
+}
+
+impl Core {
+    /// Publishes our view of a network's ring in our table.
+    pub(super) async fn publish_ring(&self, id: NetworkId) -> Result<(), CoreError> {
+        let Some(json) = self.ipam.ring_json(id).await else {
+            return Ok(());
+        };
+        let value = Value::Ipam(IpamRing {
+            network_id: id.as_bytes().to_vec(),
+            ring_json: json,
+        });
+        if self.store().put(&key::ipam(id), value)? {
+            self.notify();
+        }
+        Ok(())
+    }
+
+    /// Merges every ring view peers published into ours; a network's merge
+    /// that finds corruption is refused whole and reported.
+    pub async fn merge_rings(&self) {
+        let networks = self.store().networks();
+        let mut touched = Vec::new();
+        {
+            let mut nets = self.ipam.nets.lock().await;
+            for net in &networks {
+                let views = self.store().ipam_rings(net.id);
+                let a = nets
+                    .entry(net.id)
+                    .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
+                let before = serde_json::to_vec(a.ring()).ok();
+                for (publisher, json) in views {
+                    if publisher == self.ipam.me {
+                        continue;
+                    }
+                    let Ok(ring) = serde_json::from_slice::<Ring>(&json) else {
+                        warn!(network = %net.id, peer = %publisher, "undecodable IPAM ring ignored");
+                        continue;
+                    };
+                    if let Err(e) = a.merge(&ring) {
+                        warn!(network = %net.id, peer = %publisher, error = %e, "IPAM ring merge refused: replicas disagree; investigate before allocating");
+                    }
+                }
+                if serde_json::to_vec(a.ring()).ok() != before {
+                    if let Err(e) = self.ipam.persist(net.id, a) {
+                        warn!(network = %net.id, error = %e, "could not persist merged IPAM ring");
+                        continue;
+                    }
+                    touched.push(net.id);
+                }
+            }
+        }
+        for id in touched {
+            if let Err(e) = self.publish_ring(id).await {
+                warn!(network = %id, error = %e, "could not publish IPAM ring");
+            }
+        }
+    }
+
+    /// An address for endpoint `ep`: from our own ranges, else after a
+    /// donation from a reachable owner with free space.
+    pub(super) async fn allocate(
+        &self,
+        net: &NetworkView,
+        ep: EndpointId,
+        exact: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, CoreError> {
+        let name = net.name().to_string();
+        let mut asked: Vec<String> = Vec::new();
+        // A host that never held space in this network learns the ring
+        // (and so the owners to ask) from the replicas first.
+        let known = self
+            .ipam
+            .nets
+            .lock()
+            .await
+            .get(&net.id)
+            .is_some_and(|a| !a.ring().is_empty());
+        if !known {
+            self.merge_rings().await;
+        }
+        for _ in 0..4 {
+            let attempt = {
+                let mut nets = self.ipam.nets.lock().await;
+                let a = nets
+                    .entry(net.id)
+                    .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
+                a.release_quarantine(now_s().saturating_sub(QUARANTINE.as_secs()));
+                let r = match exact {
+                    Some(ip) => a.allocate_exact(ip, ep).map(|()| ip),
+                    None => a.allocate(ep),
+                };
+                if r.is_ok() {
+                    self.ipam.persist(net.id, a)?;
+                }
+                r
+            };
+            let donors: Vec<NodeId> = match attempt {
+                Ok(ip) => {
+                    self.publish_ring(net.id).await?;
+                    return Ok(ip);
+                }
+                Err(AllocError::Exhausted) => return Err(CoreError::IpamExhausted(name)),
+                Err(AllocError::InUse(other)) => {
+                    return Err(CoreError::IpInUse(
+                        exact.map(|i| i.to_string()).unwrap_or_default(),
+                        other.short(),
+                        name,
+                    ));
+                }
+                Err(
+                    e @ (AllocError::NotInPool | AllocError::Reserved | AllocError::Quarantined),
+                ) => {
+                    return Err(CoreError::BadIp(
+                        exact.map(|i| i.to_string()).unwrap_or_default(),
+                        e.to_string(),
+                    ));
+                }
+                Err(AllocError::EndpointHasAddress(ip)) => return Ok(ip),
+                Err(AllocError::OwnedBy(owner)) => vec![owner],
+                Err(AllocError::NeedDonation { candidates }) => {
+                    let mut c = candidates;
+                    c.sort_by_key(|d| std::cmp::Reverse(d.1));
+                    c.into_iter().map(|(n, _)| n).collect()
+                }
+                Err(AllocError::NoRangeOwned) => {
+                    self.merge_rings().await;
+                    let nets = self.ipam.nets.lock().await;
+                    nets.get(&net.id).map(|a| a.owners()).unwrap_or_default()
+                }
+            };
+            if donors.is_empty() {
+                return Err(CoreError::IpamUnreachable(
+                    name,
+                    "no ring yet: no host owns address space of this network".into(),
+                ));
+            }
+            if !self.ask_donors(net.id, &donors, exact, &mut asked).await? {
+                return Err(CoreError::IpamUnreachable(name, asked.join("; ")));
+            }
+        }
+        Err(CoreError::IpamUnreachable(name, asked.join("; ")))
+    }
+
+    /// Asks each donor in turn; true once one granted space (already merged
+    /// and persisted).
+    async fn ask_donors(
+        &self,
+        id: NetworkId,
+        donors: &[NodeId],
+        exact: Option<Ipv4Addr>,
+        asked: &mut Vec<String>,
+    ) -> Result<bool, CoreError> {
+        let (Some(membership), Some(keys), Some(channels)) = (
+            self.cluster.membership().await,
+            self.cluster.keys(),
+            self.channels.get(),
+        ) else {
+            return Err(CoreError::NotClustered);
+        };
+        let nodes = membership.nodes().await;
+        for donor in donors {
+            let Some(node) = nodes.iter().find(|n| n.id == *donor) else {
+                asked.push(format!("{}: unknown host", donor.short()));
+                continue;
+            };
+            if node.status != NodeStatus::Alive {
+                asked.push(format!(
+                    "{} ({}): {}",
+                    node.name,
+                    donor.short(),
+                    node.status.as_str()
+                ));
+                continue;
+            }
+            let channel = channels
+                .get(node.gossip_addr)
+                .map_err(|e| CoreError::Ipam(id.short(), e))?;
+            let mut req = tonic::Request::new(SpaceRequest {
+                network_id: id.as_bytes().to_vec(),
+                exact_ip: exact.map(|i| i.to_string()).unwrap_or_default(),
+            });
+            auth::stamp(
+                req.metadata_mut(),
+                &keys,
+                self.cluster.node_id(),
+                sync::REQUEST_SPACE,
+            );
+            let grant = match PeerClient::new(channel).request_space(req).await {
+                Ok(r) => r.into_inner().grant_json,
+                Err(s) => {
+                    asked.push(format!(
+                        "{} ({}): {}",
+                        node.name,
+                        donor.short(),
+                        s.message()
+                    ));
+                    continue;
+                }
+            };
+            let Ok(grant) = serde_json::from_slice::<Grant>(&grant) else {
+                asked.push(format!("{}: undecodable grant", node.name));
+                continue;
+            };
+            {
+                let mut nets = self.ipam.nets.lock().await;
+                let a = nets
+                    .entry(id)
+                    .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
+                if let Err(e) = a.accept(&grant) {
+                    asked.push(format!("{}: grant refused: {e}", node.name));
+                    continue;
+                }
+                self.ipam.persist(id, a)?;
+            }
+            info!(network = %id, donor = %donor, "address space received");
+            self.publish_ring(id).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Peer asked us for space: donate, persist, publish, then answer.
+    pub async fn donate_space(
+        &self,
+        to: NodeId,
+        network_id: &[u8],
+        exact_ip: &str,
+    ) -> Result<Vec<u8>, CoreError> {
+        let id = <[u8; 16]>::try_from(network_id)
+            .map(NetworkId::from_bytes)
+            .map_err(|_| CoreError::NoNetwork("(malformed id)".into()))?;
+        let want = match exact_ip {
+            "" => Want::Half,
+            ip => Want::Exact(
+                ip.parse()
+                    .map_err(|_| CoreError::BadIp(ip.into(), "not an IPv4 address".into()))?,
+            ),
+        };
+        let grant = {
+            let mut nets = self.ipam.nets.lock().await;
+            let a = nets
+                .get_mut(&id)
+                .ok_or_else(|| CoreError::NoNetwork(id.short()))?;
+            let g = a
+                .donate(DonationRequest { to, want })
+                .map_err(|e| match e {
+                    DonateError::NoSpace => CoreError::IpamExhausted(id.short()),
+                    other => CoreError::Ipam(id.short(), other.to_string()),
+                })?;
+            // Persist before the grant leaves: the space is gone from our
+            // free space on disk before anyone can use it.
+            self.ipam.persist(id, a)?;
+            g
+        };
+        self.publish_ring(id).await?;
+        info!(network = %id, to = %to, "address space donated");
+        serde_json::to_vec(&grant).map_err(|e| CoreError::Ipam(id.short(), e.to_string()))
+    }
+
+    /// Clean leave: hand every owned range to a live peer through the ring
+    /// (the recipient adopts entries naming it when it merges our view).
+    pub(super) async fn hand_off_space(&self) {
+        let Some(m) = self.cluster.membership().await else {
+            return;
+        };
+        let nodes = m.nodes().await;
+        let Some(to) = nodes
+            .iter()
+            .find(|n| !n.is_self && n.status == NodeStatus::Alive)
+            .map(|n| n.id)
+        else {
+            return;
+        };
+        let ids: Vec<NetworkId> = {
+            let mut nets = self.ipam.nets.lock().await;
+            let mut ids = Vec::new();
+            for (id, a) in nets.iter_mut() {
+                if a.hand_off_all(to).is_ok() && self.ipam.persist(*id, a).is_ok() {
+                    ids.push(*id);
+                }
+            }
+            ids
+        };
+        for id in &ids {
+            let _ = self.publish_ring(*id).await;
+        }
+        if !ids.is_empty() {
+            info!(to = %to, networks = ids.len(), "address space handed off");
+            // Let peers pull the hand-off before our table is withdrawn.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+}

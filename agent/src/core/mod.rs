@@ -1,0 +1,166 @@
+//! The agent's core: the commands the local API and peers may give, carried
+//! out against the store (desired state), IPAM and the data plane. The gRPC
+//! layers translate requests into calls here and never see the kernel; the
+//! reconciler and sync loops run beside it.
+
+mod endpoints;
+mod error;
+mod ipam_glue;
+mod networks;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ipnetwork::Ipv4Network;
+use ring::rand::SystemRandom;
+use tokio::sync::watch;
+
+use crate::cluster::Cluster;
+use crate::dataplane::Dataplane;
+use crate::ids::NodeId;
+use crate::metrics::Counters;
+use crate::store::Store;
+use crate::sync::Channels;
+pub use endpoints::{AttachSpec, EndpointGuard, EndpointInfo, NetnsRef};
+pub use error::CoreError;
+pub use ipam_glue::Ipam;
+pub use networks::{CreateSpec, FdbRow, NetworkInfo, PeerInfo};
+
+pub struct Core {
+    pub cluster: Arc<Cluster>,
+    store: Mutex<Store>,
+    changes: watch::Sender<u64>,
+    pub counters: Arc<Counters>,
+    pub dataplane: Dataplane,
+    pub ipam: Ipam,
+    /// Serialises endpoint mutations (attach, detach, withdraw) on this node.
+    endpoint_lock: tokio::sync::Mutex<()>,
+    default_pool: Ipv4Network,
+    rng: SystemRandom,
+    pub started: Instant,
+    /// MTU and ifindex of the data-path interface, refreshed by the
+    /// reconciler (it can change under us).
+    underlay: AtomicU32,
+    underlay_index: AtomicU32,
+    /// Versions peers told us about (push path), ahead of gossip.
+    hints: Mutex<std::collections::HashMap<NodeId, u64>>,
+    hinted: tokio::sync::Notify,
+    /// Connections to peers, shared with the sync loop.
+    channels: std::sync::OnceLock<Arc<Channels>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Core {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        store: Store,
+        counters: Arc<Counters>,
+        dataplane: Dataplane,
+        ipam: Ipam,
+        default_pool: Ipv4Network,
+    ) -> Arc<Self> {
+        let (changes, _) = watch::channel(store.own().version());
+        Arc::new(Self {
+            cluster,
+            store: Mutex::new(store),
+            changes,
+            counters,
+            dataplane,
+            ipam,
+            endpoint_lock: tokio::sync::Mutex::new(()),
+            default_pool,
+            rng: SystemRandom::new(),
+            started: Instant::now(),
+            underlay: AtomicU32::new(1500),
+            underlay_index: AtomicU32::new(0),
+            channels: std::sync::OnceLock::new(),
+            hints: Mutex::new(std::collections::HashMap::new()),
+            hinted: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// A peer says its table reached `version`.
+    pub fn hint(&self, peer: NodeId, version: u64) {
+        let mut h = self.hints.lock().unwrap_or_else(|e| e.into_inner());
+        let v = h.entry(peer).or_default();
+        *v = (*v).max(version);
+        drop(h);
+        self.hinted.notify_one();
+    }
+
+    /// The highest version a peer told us about directly.
+    pub fn hinted_version(&self, peer: NodeId) -> u64 {
+        self.hints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub async fn wait_hint(&self) {
+        self.hinted.notified().await
+    }
+
+    pub fn set_channels(&self, channels: Arc<Channels>) {
+        let _ = self.channels.set(channels);
+    }
+
+    /// Clean leave: withdraw local endpoints, hand address space over to a
+    /// live peer, forget the cluster's records.
+    pub async fn leave(&self) -> Result<(), CoreError> {
+        if self.cluster.membership().await.is_none() {
+            return Ok(());
+        }
+        self.withdraw_all().await?;
+        self.hand_off_space().await;
+        self.ipam.clear().await;
+        self.store().clear()?;
+        self.notify();
+        Ok(())
+    }
+
+    /// Re-reads the data-path interface (MTU, ifindex) from the kernel.
+    pub async fn refresh_underlay(&self) -> Result<(), CoreError> {
+        let addr = self.cluster.config().data_path_addr;
+        let (mtu, index) = self.dataplane.underlay_mtu(addr).await?;
+        self.underlay.store(mtu, Ordering::Relaxed);
+        self.underlay_index.store(index, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn underlay_ifindex(&self) -> Option<u32> {
+        match self.underlay_index.load(Ordering::Relaxed) {
+            0 => None,
+            i => Some(i),
+        }
+    }
+
+    /// The store, for short, non-async critical sections.
+    pub fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the reconciler and the sync publisher.
+    pub fn notify(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    async fn require_cluster(&self) -> Result<Arc<crate::membership::Membership>, CoreError> {
+        self.cluster
+            .membership()
+            .await
+            .ok_or(CoreError::NotClustered)
+    }
+}

@@ -1,0 +1,398 @@
+//! Network commands: create, list, inspect, remove, and the desired kernel
+//! plan of a network (shared by the reconciler and `ovlctl fdb`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use ovl_proto::records::{NetworkRecord, NetworkRemoval, table_entry::Value};
+use ring::rand::SecureRandom;
+use tracing::info;
+
+use super::{Core, CoreError, now_ms};
+use crate::dataplane::{NetworkPlan, RemoteEndpoint};
+use crate::ids::{NetworkId, NodeId, Vni};
+use crate::membership::{NodeStatus, NodeView};
+use crate::store::networks::{self, NetworkError, NetworkView, PoolSpec};
+use crate::store::{EndpointView, key};
+
+/// VXLAN overhead on an IPv4 underlay: 20 IP + 8 UDP + 8 VXLAN + 14 inner
+/// Ethernet (RFC 7348 §5).
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// Auto-assigned VNIs start above the range operators tend to pick by hand.
+const AUTO_VNI_MIN: u32 = 4096;
+
+#[derive(Debug, Default, Clone)]
+pub struct CreateSpec {
+    pub name: String,
+    pub subnet: String,
+    pub gateway: String,
+    pub ip_range: String,
+    pub vni: u64,
+    pub mtu: u32,
+    pub encrypted: bool,
+    pub attachable: bool,
+    pub internal: bool,
+    pub labels: HashMap<String, String>,
+}
+
+pub struct NetworkInfo {
+    pub view: NetworkView,
+    pub mtu: u32,
+    pub endpoints: usize,
+}
+
+pub struct PeerInfo {
+    pub node: NodeId,
+    pub name: String,
+    pub vtep: String,
+    pub status: &'static str,
+    pub endpoints: usize,
+    pub ranges: Vec<String>,
+}
+
+/// `ovlctl fdb` rows keyed by (kind, identity) for the desired/kernel diff.
+type FdbKey<'a> = (&'a str, (String, String));
+type FdbCells = (String, String, String);
+
+pub struct FdbRow {
+    pub kind: &'static str,
+    pub mac: String,
+    pub ip: String,
+    pub vtep: String,
+    pub state: &'static str,
+}
+
+impl Core {
+    pub async fn network_create(&self, spec: CreateSpec) -> Result<NetworkInfo, CoreError> {
+        self.require_cluster().await?;
+        networks::validate_name(&spec.name)?;
+        networks::validate_mtu(spec.mtu)?;
+        networks::validate_labels(&spec.labels)?;
+        if spec.encrypted {
+            return Err(NetworkError::EncryptedUnsupported.into());
+        }
+        let requested_vni = match spec.vni {
+            0 => None,
+            v => Some(Vni::new(v).map_err(|e| NetworkError::BadVni(e.to_string()))?),
+        };
+        let existing = self.store().networks();
+        let active: Vec<&NetworkView> = existing.iter().filter(|n| n.is_active()).collect();
+        if active.iter().any(|n| n.name() == spec.name) {
+            return Err(CoreError::NameTaken(spec.name));
+        }
+        let pool = self.choose_pool(&spec, &active)?;
+        let vni = match requested_vni {
+            Some(v) => {
+                if let Some(n) = active.iter().find(|n| n.vni == v) {
+                    return Err(CoreError::VniTaken(v, n.name().to_string()));
+                }
+                v
+            }
+            None => self.pick_vni(&active)?,
+        };
+        let id = NetworkId::random(&self.rng).map_err(|_| CoreError::NoVni)?;
+        let record = NetworkRecord {
+            id: id.as_bytes().to_vec(),
+            name: spec.name.clone(),
+            vni: vni.get(),
+            subnet: pool.subnet.to_string(),
+            gateway: pool.gateway.to_string(),
+            ip_range: pool.ip_range.map(|r| r.to_string()).unwrap_or_default(),
+            mtu: spec.mtu,
+            encrypted: false,
+            attachable: spec.attachable,
+            internal: spec.internal,
+            labels: spec.labels,
+            created_at_ms: now_ms(),
+            creator: self.cluster.node_id().as_bytes().to_vec(),
+        };
+        // The creating host owns the whole pool: persisted before the
+        // network becomes visible, so no one can allocate from it first.
+        self.ipam.create(id, &pool).await?;
+        self.publish_ring(id).await?;
+        self.store()
+            .put(&key::network(id), Value::Network(record))?;
+        self.notify();
+        info!(network = %id, name = %spec.name, vni = %vni, subnet = %pool.subnet, "network created");
+        self.network_info(&spec.name)
+    }
+
+    fn choose_pool(
+        &self,
+        spec: &CreateSpec,
+        active: &[&NetworkView],
+    ) -> Result<PoolSpec, CoreError> {
+        if !spec.subnet.is_empty() {
+            return Ok(networks::validate_pool(
+                &spec.subnet,
+                &spec.gateway,
+                &spec.ip_range,
+            )?);
+        }
+        if !spec.gateway.is_empty() || !spec.ip_range.is_empty() {
+            return Err(NetworkError::NeedsSubnet.into());
+        }
+        let used: Vec<_> = active.iter().map(|n| n.pool.subnet).collect();
+        let subnet = networks::pick_subnet(self.default_pool, &used, 24)
+            .ok_or_else(|| CoreError::PoolExhausted(self.default_pool.to_string()))?;
+        Ok(networks::validate_pool(&subnet.to_string(), "", "")?)
+    }
+
+    /// A random free VNI: random rather than "next", so two hosts creating
+    /// concurrently on both sides of a partition rarely clash.
+    fn pick_vni(&self, active: &[&NetworkView]) -> Result<Vni, CoreError> {
+        let used: HashSet<u32> = active.iter().map(|n| n.vni.get()).collect();
+        for _ in 0..64 {
+            let mut b = [0u8; 4];
+            self.rng.fill(&mut b).map_err(|_| CoreError::NoVni)?;
+            let v = AUTO_VNI_MIN + u32::from_be_bytes(b) % (Vni::MAX - AUTO_VNI_MIN + 1);
+            if !used.contains(&v) {
+                return Vni::new(u64::from(v)).map_err(|_| CoreError::NoVni);
+            }
+        }
+        Err(CoreError::NoVni)
+    }
+
+    /// Looks a network up by name, or by id (full or unambiguous prefix).
+    pub fn find_network(&self, name: &str) -> Result<NetworkView, CoreError> {
+        let all = self.store().networks();
+        if let Some(n) = all.iter().find(|n| n.name() == name && n.is_active()) {
+            return Ok(n.clone());
+        }
+        let by_id: Vec<&NetworkView> = all
+            .iter()
+            .filter(|n| name.len() >= 6 && n.id.to_string().starts_with(name))
+            .collect();
+        match by_id.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => match all.iter().find(|n| n.name() == name) {
+                Some(n) => Ok(n.clone()),
+                None => Err(CoreError::NoNetwork(name.to_string())),
+            },
+        }
+    }
+
+    pub fn network_info(&self, name: &str) -> Result<NetworkInfo, CoreError> {
+        let view = self.find_network(name)?;
+        let endpoints = self
+            .store()
+            .endpoints()
+            .iter()
+            .filter(|e| e.network == view.id)
+            .count();
+        let mtu = self.network_mtu(&view);
+        Ok(NetworkInfo {
+            view,
+            mtu,
+            endpoints,
+        })
+    }
+
+    pub fn network_list(&self) -> Vec<NetworkInfo> {
+        let (nets, eps) = {
+            let s = self.store();
+            (s.networks(), s.endpoints())
+        };
+        nets.into_iter()
+            .map(|view| NetworkInfo {
+                endpoints: eps.iter().filter(|e| e.network == view.id).count(),
+                mtu: self.network_mtu(&view),
+                view,
+            })
+            .collect()
+    }
+
+    /// Per-host view of a network: who has endpoints in it and which
+    /// address ranges each host owns.
+    pub async fn network_peers(&self, view: &NetworkView) -> Vec<PeerInfo> {
+        let nodes = match self.cluster.membership().await {
+            Some(m) => m.nodes().await,
+            None => Vec::new(),
+        };
+        let eps = self.store().endpoints();
+        let ranges = self.ipam.ranges_by_owner(view.id).await;
+        let mut ids: BTreeSet<NodeId> = eps
+            .iter()
+            .filter(|e| e.network == view.id)
+            .map(|e| e.owner)
+            .collect();
+        ids.extend(ranges.keys().copied());
+        ids.into_iter()
+            .map(|id| {
+                let node = nodes.iter().find(|n| n.id == id);
+                PeerInfo {
+                    node: id,
+                    name: node.map(|n| n.name.clone()).unwrap_or_default(),
+                    vtep: node.map(|n| n.data_path_addr.clone()).unwrap_or_default(),
+                    status: node.map_or("unknown", |n| n.status.as_str()),
+                    endpoints: eps
+                        .iter()
+                        .filter(|e| e.network == view.id && e.owner == id)
+                        .count(),
+                    ranges: ranges.get(&id).cloned().unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    pub async fn network_remove(&self, name: &str, force: bool) -> Result<NetworkId, CoreError> {
+        self.require_cluster().await?;
+        let view = self.find_network(name)?;
+        let eps: Vec<EndpointView> = self
+            .store()
+            .endpoints()
+            .into_iter()
+            .filter(|e| e.network == view.id)
+            .collect();
+        if !eps.is_empty() && !force {
+            let nodes: BTreeSet<String> = eps.iter().map(|e| e.owner.short()).collect();
+            return Err(CoreError::InUse {
+                name: name.to_string(),
+                count: eps.len(),
+                nodes: nodes.into_iter().collect::<Vec<_>>().join(", "),
+            });
+        }
+        {
+            let mut s = self.store();
+            s.put(
+                &key::removal(view.id),
+                Value::Removal(NetworkRemoval {
+                    network_id: view.id.as_bytes().to_vec(),
+                    removed_at_ms: now_ms(),
+                }),
+            )?;
+            s.delete(&key::network(view.id))?;
+        }
+        self.notify();
+        info!(network = %view.id, name = %view.name(), force, endpoints = eps.len(), "network removed");
+        Ok(view.id)
+    }
+
+    /// The configured MTU, or the data-path interface's minus VXLAN overhead.
+    pub fn network_mtu(&self, view: &NetworkView) -> u32 {
+        if view.record.mtu != 0 {
+            return view.record.mtu;
+        }
+        self.underlay_mtu()
+            .saturating_sub(VXLAN_OVERHEAD)
+            .max(networks::MIN_MTU)
+    }
+
+    fn underlay_mtu(&self) -> u32 {
+        self.underlay.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What the kernel should hold for `view` on this host: every endpoint
+    /// of the network on a live peer, and one flood entry per such peer.
+    pub fn plan(&self, view: &NetworkView, nodes: &[NodeView]) -> NetworkPlan {
+        let me = self.cluster.node_id();
+        let live: HashSet<NodeId> = nodes
+            .iter()
+            .filter(|n| n.status == NodeStatus::Alive)
+            .map(|n| n.id)
+            .collect();
+        let remotes: Vec<RemoteEndpoint> = self
+            .store()
+            .endpoints()
+            .into_iter()
+            .filter(|e| e.network == view.id && e.owner != me && live.contains(&e.owner))
+            .map(|e| RemoteEndpoint {
+                mac: e.mac,
+                ip: IpAddr::V4(e.ip),
+                vtep: e.vtep,
+            })
+            .collect();
+        let flood_vteps = remotes.iter().map(|r| r.vtep).collect();
+        let cfg = self.cluster.config();
+        NetworkPlan {
+            vni: view.vni,
+            mtu: self.network_mtu(view),
+            local_vtep: cfg.data_path_addr,
+            vxlan_port: cfg.data_path_port,
+            underlay_ifindex: self.underlay_ifindex(),
+            remotes,
+            flood_vteps,
+        }
+    }
+
+    /// Desired entries next to the kernel's, for `ovlctl fdb`.
+    pub async fn fdb(&self, name: &str) -> Result<(bool, Vec<FdbRow>), CoreError> {
+        let view = self.find_network(name)?;
+        let nodes = match self.cluster.membership().await {
+            Some(m) => m.nodes().await,
+            None => Vec::new(),
+        };
+        let me = self.cluster.node_id();
+        let local = self
+            .store()
+            .endpoints()
+            .iter()
+            .any(|e| e.network == view.id && e.owner == me);
+        let plan = self.plan(&view, &nodes);
+        let kernel = self.dataplane.kernel_view(view.vni).await?;
+        let mut rows = Vec::new();
+        let key = |a: &dyn ToString, b: &dyn ToString| (a.to_string(), b.to_string());
+        let mut want: BTreeMap<FdbKey, FdbCells> = BTreeMap::new();
+        for r in &plan.remotes {
+            want.insert(
+                ("fdb", key(&r.mac, &r.vtep)),
+                (r.mac.to_string(), String::new(), r.vtep.to_string()),
+            );
+            want.insert(
+                ("neigh", key(&r.ip, &r.mac)),
+                (r.mac.to_string(), r.ip.to_string(), String::new()),
+            );
+        }
+        for v in &plan.flood_vteps {
+            want.insert(
+                ("flood", key(v, &"")),
+                ("00:00:00:00:00:00".into(), String::new(), v.to_string()),
+            );
+        }
+        let mut have: BTreeMap<FdbKey, FdbCells> = BTreeMap::new();
+        for (mac, vtep) in &kernel.fdb {
+            have.insert(
+                ("fdb", key(mac, vtep)),
+                (mac.to_string(), String::new(), vtep.to_string()),
+            );
+        }
+        for (ip, mac) in &kernel.neigh {
+            have.insert(
+                ("neigh", key(ip, mac)),
+                (mac.to_string(), ip.to_string(), String::new()),
+            );
+        }
+        for v in &kernel.flood {
+            have.insert(
+                ("flood", key(v, &"")),
+                ("00:00:00:00:00:00".into(), String::new(), v.to_string()),
+            );
+        }
+        for (k, (mac, ip, vtep)) in &want {
+            let state = if have.contains_key(k) {
+                "ok"
+            } else {
+                "missing"
+            };
+            rows.push(FdbRow {
+                kind: k.0,
+                mac: mac.clone(),
+                ip: ip.clone(),
+                vtep: vtep.clone(),
+                state,
+            });
+        }
+        for (k, (mac, ip, vtep)) in &have {
+            if !want.contains_key(k) {
+                rows.push(FdbRow {
+                    kind: k.0,
+                    mac: mac.clone(),
+                    ip: ip.clone(),
+                    vtep: vtep.clone(),
+                    state: "extra",
+                });
+            }
+        }
+        Ok((local, rows))
+    }
+}

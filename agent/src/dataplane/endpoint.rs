@@ -1,0 +1,223 @@
+//! Local endpoints: a veth pair per endpoint, host end on the network's
+//! bridge, far end created directly inside the container's namespace.
+
+use std::os::fd::AsRawFd;
+
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use tracing::{info, warn};
+
+use super::netlink::{self as nl, Ctx, Link};
+use super::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, netns, plan};
+use crate::ids::{EndpointId, Vni};
+
+impl Dataplane {
+    /// Connects `ep` to the network's bridge. Idempotent: an existing,
+    /// correct pair is left alone (settings that drifted are corrected); a
+    /// failure midway removes the pair it created.
+    pub async fn attach(&self, vni: Vni, ep: &LocalEndpoint) -> Result<(), DataplaneError> {
+        if !plan::valid_ifname(&ep.ifname) {
+            return Err(DataplaneError::BadIfname(ep.ifname.clone()));
+        }
+        let _g = self.lock.lock().await;
+        let host = Self::host_ifname(ep.id);
+        let bridge = nl::link_by_name(&self.handle, &Self::bridge_name(vni))
+            .await?
+            .filter(|l| l.kind == Some(InfoKind::Bridge))
+            .ok_or(DataplaneError::NetworkMissing(vni))?;
+        let ns_file = netns::open(&ep.netns)?;
+        let (ns, _conn) = netns::connect_in(&ep.netns).await?;
+
+        if let Some(h) = nl::link_by_name(&self.handle, &host).await? {
+            match nl::link_by_name(&ns, &ep.ifname).await? {
+                Some(c) if h.peer == Some(c.index) && c.peer == Some(h.index) => {
+                    self.converge_host(vni, ep, &h, bridge.index).await?;
+                    return converge_inside(&ns, vni, ep, &c).await;
+                }
+                _ => {
+                    // Our name, but its peer is not `ifname` in that
+                    // namespace: a leftover of an earlier attach.
+                    warn!(vni = %vni, endpoint = %ep.id, device = %host, netns = %ep.netns.display(),
+                          "host end exists without the expected peer: recreating the pair");
+                    if nl::delete_link(&self.handle, h.index, &host).await? {
+                        info!(vni = %vni, endpoint = %ep.id, device = %host, "stale veth pair removed");
+                    }
+                }
+            }
+        }
+        if nl::link_by_name(&ns, &ep.ifname).await?.is_some() {
+            return Err(DataplaneError::IfnameTaken {
+                netns: ep.netns.clone(),
+                ifname: ep.ifname.clone(),
+            });
+        }
+
+        let peer = LinkUnspec::new_with_name(&ep.ifname)
+            .address(ep.mac.0.to_vec())
+            .mtu(ep.mtu)
+            .setns_by_fd(ns_file.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(&host, &ep.ifname)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .mtu(ep.mtu)
+            .controller(bridge.index)
+            .build();
+        nl::add_link(
+            &self.handle,
+            msg,
+            &format!("veth {host} (peer {} in {})", ep.ifname, ep.netns.display()),
+        )
+        .await?;
+        drop(ns_file);
+        info!(vni = %vni, endpoint = %ep.id, device = %host, peer = %ep.ifname, netns = %ep.netns.display(), "veth pair created");
+
+        let configured = async {
+            let h = self.must_find(&host).await?;
+            self.converge_host(vni, ep, &h, bridge.index).await?;
+            let c = nl::link_by_name(&ns, &ep.ifname).await?.ok_or_else(|| {
+                DataplaneError::KernelReply(format!(
+                    "{} missing in {}",
+                    ep.ifname,
+                    ep.netns.display()
+                ))
+            })?;
+            converge_inside(&ns, vni, ep, &c).await
+        }
+        .await;
+        if let Err(e) = configured {
+            warn!(vni = %vni, endpoint = %ep.id, device = %host, error = %e, "attach failed: removing the veth pair");
+            if let Some(h) = nl::link_by_name(&self.handle, &host).await.ok().flatten()
+                && let Err(del) = nl::delete_link(&self.handle, h.index, &host).await
+            {
+                warn!(endpoint = %ep.id, device = %host, error = %del, "cleanup failed");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Host end: on the bridge, MTU, up, alias naming the network.
+    async fn converge_host(
+        &self,
+        vni: Vni,
+        ep: &LocalEndpoint,
+        h: &Link,
+        bridge: u32,
+    ) -> Result<(), DataplaneError> {
+        let alias = plan::host_alias(vni, ep.id);
+        let mut fix = nl::set_msg(h.index);
+        let mut changed = Vec::new();
+        if h.master != Some(bridge) {
+            fix = fix.controller(bridge);
+            changed.push("master");
+        }
+        if h.mtu != Some(ep.mtu) {
+            fix = fix.mtu(ep.mtu);
+            changed.push("mtu");
+        }
+        if h.alias.as_deref() != Some(alias.as_str()) {
+            fix = fix.alias(alias);
+            changed.push("alias");
+        }
+        if !changed.is_empty() {
+            nl::set_link(&self.handle, fix.build(), &h.name).await?;
+        }
+        if !h.up {
+            nl::quiet_up(&self.handle, h.index, &h.name).await?;
+            changed.push("up");
+        }
+        if !changed.is_empty() {
+            info!(vni = %vni, endpoint = %ep.id, device = %h.name, ?changed, "host end configured");
+        }
+        Ok(())
+    }
+
+    /// Removes the endpoint's veth pair (deleting the host end removes
+    /// both). Idempotent.
+    pub async fn detach(&self, id: EndpointId) -> Result<(), DataplaneError> {
+        let _g = self.lock.lock().await;
+        let host = Self::host_ifname(id);
+        if let Some(h) = nl::link_by_name(&self.handle, &host).await?
+            && nl::delete_link(&self.handle, h.index, &host).await?
+        {
+            info!(endpoint = %id, device = %host, "veth pair removed");
+        }
+        Ok(())
+    }
+
+    /// Whether the host end exists (a destroyed namespace takes the pair
+    /// with it).
+    pub async fn endpoint_present(&self, id: EndpointId) -> Result<bool, DataplaneError> {
+        Ok(nl::link_by_name(&self.handle, &Self::host_ifname(id))
+            .await?
+            .is_some())
+    }
+
+    /// Host ends (`ovl` + 8 hex veths) and the network whose bridge each is
+    /// enslaved to.
+    pub async fn local_endpoints(&self) -> Result<Vec<(String, Option<Vni>)>, DataplaneError> {
+        let links = nl::links(&self.handle).await?;
+        let vni_of_master = |m: u32| {
+            let master = links.iter().find(|l| l.index == m)?;
+            plan::vni_of_device(&master.name, BRIDGE_PREFIX)
+        };
+        Ok(links
+            .iter()
+            .filter(|l| plan::is_host_ifname(&l.name) && l.kind == Some(InfoKind::Veth))
+            .map(|l| (l.name.clone(), l.master.and_then(vni_of_master)))
+            .collect())
+    }
+}
+
+/// Container end: MAC, MTU, address, up; `lo` up.
+async fn converge_inside(
+    ns: &Handle,
+    vni: Vni,
+    ep: &LocalEndpoint,
+    c: &Link,
+) -> Result<(), DataplaneError> {
+    let where_ = || format!("{} in {}", ep.ifname, ep.netns.display());
+    let mut fix = nl::set_msg(c.index);
+    let mut changed = Vec::new();
+    if c.mac != Some(ep.mac) {
+        fix = fix.address(ep.mac.0.to_vec());
+        changed.push("mac");
+    }
+    if c.mtu != Some(ep.mtu) {
+        fix = fix.mtu(ep.mtu);
+        changed.push("mtu");
+    }
+    if !changed.is_empty() {
+        nl::set_link(ns, fix.build(), &where_()).await?;
+    }
+    let (ip, prefix) = (ep.addr.ip(), ep.addr.prefix());
+    if !nl::addresses(ns, c.index).await?.contains(&(ip, prefix)) {
+        ns.address()
+            .add(c.index, ip, prefix)
+            .execute()
+            .await
+            .ctx(|| format!("add address {} to {}", ep.addr, where_()))?;
+        changed.push("address");
+    }
+    if !c.up {
+        nl::set_link(ns, nl::set_msg(c.index).up().build(), &where_()).await?;
+        changed.push("up");
+    }
+    match nl::link_by_name(ns, "lo").await? {
+        Some(lo) if !lo.up => {
+            nl::set_link(
+                ns,
+                nl::set_msg(lo.index).up().build(),
+                &format!("lo in {}", ep.netns.display()),
+            )
+            .await?;
+            changed.push("lo up");
+        }
+        _ => {}
+    }
+    if !changed.is_empty() {
+        info!(vni = %vni, endpoint = %ep.id, device = %ep.ifname, netns = %ep.netns.display(), addr = %ep.addr,
+              mac = %ep.mac, ?changed, "container end configured");
+    }
+    Ok(())
+}

@@ -1,0 +1,611 @@
+//! The ring: one network's address space partitioned into aligned CIDR
+//! blocks, each with exactly one owner and a version (DESIGN.md "Address
+//! ownership").
+//!
+//! Semantics are pointwise: every address has the `(owner, version)` of the
+//! entry covering it, and a merge takes, per address, the higher version.
+//! That is a join-semilattice (commutative, associative, idempotent), so
+//! replicas converge whatever order, loss or duplication gossip suffers.
+//! Writes (`assign`) give the written block and every leftover piece of a
+//! split entry `version + 1`, so each address's history is a chain of
+//! strictly increasing versions, each written by the previous owner. Two
+//! different owners at the same version of one address therefore means
+//! corruption (or the operator reclaiming on two hosts): the merge is
+//! refused whole.
+//!
+//! The representation is canonical (maximal aligned blocks of equal owner
+//! and version, sorted), so equal meanings are equal values and `==` on
+//! rings is the convergence check.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use serde::{Deserialize, Serialize};
+
+use super::pool::Pool;
+use super::wire::text;
+use crate::ids::NodeId;
+
+/// One block of the ring. Fields are public for reading; a `Ring` only ever
+/// holds validated entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RangeEntry {
+    #[serde(with = "text")]
+    pub block: Ipv4Network,
+    #[serde(with = "text")]
+    pub owner: NodeId,
+    pub version: u64,
+}
+
+impl fmt::Display for RangeEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} v{} owner {}", self.block, self.version, self.owner)
+    }
+}
+
+/// An owner's own count of its free addresses, single-writer like a range:
+/// only `node` writes it, bumping `seq`. Merges keep the larger `(seq, free)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FreeReport {
+    pub seq: u64,
+    pub free: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    #[error("ring has entries but no pool")]
+    EntriesWithoutPool,
+    #[error("block {0} has host bits set")]
+    Misaligned(Ipv4Network),
+    #[error("block {block} lies outside the pool's space {space}")]
+    OutsidePool {
+        block: Ipv4Network,
+        space: Ipv4Network,
+    },
+    #[error("blocks {0} and {1} overlap")]
+    Overlap(Ipv4Network, Ipv4Network),
+    #[error("addresses {from} to {to} have no owner")]
+    Gap { from: Ipv4Addr, to: Ipv4Addr },
+    #[error("ring is not in canonical form")]
+    NotCanonical,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MergeError {
+    #[error("rings are for different pools ({ours} here, {theirs} remote)")]
+    PoolMismatch { ours: Box<Pool>, theirs: Box<Pool> },
+    #[error(
+        "replicas disagree ({ours} here, {theirs} remote): same version, different owner; ring corrupt or reclaimed twice, merge refused"
+    )]
+    Conflict {
+        ours: RangeEntry,
+        theirs: RangeEntry,
+    },
+    #[error(
+        "a peer's ring moves our range away ({ours} here, {theirs} remote) but only we may change it (reclaimed while alive?); merge refused"
+    )]
+    Revoked {
+        ours: RangeEntry,
+        theirs: RangeEntry,
+    },
+}
+
+/// One network's ring. `Ring::default()` is the empty ring of a node that
+/// has not heard of the network's pool yet.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "RingRepr", into = "RingRepr")]
+pub struct Ring {
+    pool: Option<Pool>,
+    /// Sorted, disjoint, covering exactly `pool.space()`, canonical.
+    entries: Vec<RangeEntry>,
+    reports: BTreeMap<NodeId, FreeReport>,
+}
+
+/// First address of a block, as an integer.
+pub(crate) fn first(block: Ipv4Network) -> u64 {
+    u64::from(u32::from(block.network()))
+}
+
+/// One past the last address of a block (2^32 for the top block).
+pub(crate) fn end(block: Ipv4Network) -> u64 {
+    first(block) + (1u64 << (32 - u32::from(block.prefix().min(32))))
+}
+
+fn addr(n: u64) -> Ipv4Addr {
+    Ipv4Addr::from(n.min(u64::from(u32::MAX)) as u32)
+}
+
+fn block_at(start: u64, prefix: u8) -> Ipv4Network {
+    Ipv4Network::new(addr(start), prefix).unwrap_or_else(|_| Ipv4Network::from(addr(start)))
+}
+
+/// Calls `out` with the maximal aligned blocks that exactly cover
+/// `[start, end)`.
+pub(crate) fn decompose(mut start: u64, end: u64, mut out: impl FnMut(Ipv4Network)) {
+    while start < end {
+        let mut size: u64 = 1 << start.trailing_zeros().min(32);
+        while start + size > end {
+            size >>= 1;
+        }
+        out(block_at(start, 32 - size.trailing_zeros() as u8));
+        start += size;
+    }
+}
+
+/// The two halves of a block (callers ensure its prefix is below 32).
+pub(crate) fn halves(block: Ipv4Network) -> (Ipv4Network, Ipv4Network) {
+    let p = block.prefix().saturating_add(1).min(32);
+    let half = (end(block) - first(block)) / 2;
+    (block_at(first(block), p), block_at(first(block) + half, p))
+}
+
+/// Whether two aligned blocks share an address.
+pub(crate) fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    first(a) < end(b) && first(b) < end(a)
+}
+
+/// Sorts untrusted partial entries and checks they are aligned, inside the
+/// pool's space and disjoint (a grant's entries).
+pub(crate) fn validate_partial(pool: &Pool, entries: &mut [RangeEntry]) -> Result<(), RingError> {
+    let space = pool.space();
+    entries.sort_by_key(|e| first(e.block));
+    let mut prev: Option<Ipv4Network> = None;
+    for e in entries.iter() {
+        if e.block.ip() != e.block.network() {
+            return Err(RingError::Misaligned(e.block));
+        }
+        if !e.block.is_subnet_of(space) {
+            return Err(RingError::OutsidePool {
+                block: e.block,
+                space,
+            });
+        }
+        if let Some(p) = prev.filter(|p| end(*p) > first(e.block)) {
+            return Err(RingError::Overlap(p, e.block));
+        }
+        prev = Some(e.block);
+    }
+    Ok(())
+}
+
+/// A half-open run of addresses with one owner and version.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    start: u64,
+    end: u64,
+    owner: NodeId,
+    version: u64,
+}
+
+impl Seg {
+    fn of(e: &RangeEntry) -> Self {
+        Self {
+            start: first(e.block),
+            end: end(e.block),
+            owner: e.owner,
+            version: e.version,
+        }
+    }
+}
+
+/// Canonical entries from sorted, disjoint segments: adjacent runs with the
+/// same owner and version are joined, then cut into maximal aligned blocks.
+fn canonical(segs: impl IntoIterator<Item = Seg>) -> Vec<RangeEntry> {
+    let mut out = Vec::new();
+    let mut emit = |r: Seg| {
+        decompose(r.start, r.end, |block| {
+            out.push(RangeEntry {
+                block,
+                owner: r.owner,
+                version: r.version,
+            })
+        })
+    };
+    let mut run: Option<Seg> = None;
+    for s in segs {
+        match &mut run {
+            Some(r) if r.end == s.start && r.owner == s.owner && r.version == s.version => {
+                r.end = s.end
+            }
+            _ => {
+                if let Some(r) = run.replace(s) {
+                    emit(r);
+                }
+            }
+        }
+    }
+    if let Some(r) = run {
+        emit(r);
+    }
+    out
+}
+
+/// Pointwise merge of a complete `local` partition with sorted, disjoint
+/// (possibly partial) `remote` entries. `guard`: a node whose ranges no
+/// remote entry may take away (the local node: only it writes its ranges).
+fn merge_entries(
+    local: &[RangeEntry],
+    remote: &[RangeEntry],
+    guard: Option<NodeId>,
+) -> Result<Vec<RangeEntry>, MergeError> {
+    let mut segs = Vec::with_capacity(local.len() + remote.len());
+    let mut j = 0;
+    for l in local {
+        let (mut p, lend) = (first(l.block), end(l.block));
+        while p < lend {
+            while j < remote.len() && end(remote[j].block) <= p {
+                j += 1;
+            }
+            let (stop, winner) = match remote.get(j) {
+                Some(r) if first(r.block) <= p => (lend.min(end(r.block)), pick(l, r, guard)?),
+                Some(r) => (lend.min(first(r.block)), l),
+                None => (lend, l),
+            };
+            segs.push(Seg {
+                start: p,
+                end: stop,
+                owner: winner.owner,
+                version: winner.version,
+            });
+            p = stop;
+        }
+    }
+    Ok(canonical(segs))
+}
+
+fn pick<'a>(
+    l: &'a RangeEntry,
+    r: &'a RangeEntry,
+    guard: Option<NodeId>,
+) -> Result<&'a RangeEntry, MergeError> {
+    match r.version.cmp(&l.version) {
+        Ordering::Less => Ok(l),
+        Ordering::Equal if r.owner == l.owner => Ok(l),
+        Ordering::Equal => Err(MergeError::Conflict {
+            ours: *l,
+            theirs: *r,
+        }),
+        Ordering::Greater => {
+            if guard.is_some_and(|me| l.owner == me && r.owner != me) {
+                return Err(MergeError::Revoked {
+                    ours: *l,
+                    theirs: *r,
+                });
+            }
+            Ok(r)
+        }
+    }
+}
+
+impl Ring {
+    /// The creator's ring: it owns the whole space at version 1.
+    pub fn new(pool: Pool, creator: NodeId) -> Self {
+        let space = pool.space();
+        let entries = canonical([Seg {
+            start: first(space),
+            end: end(space),
+            owner: creator,
+            version: 1,
+        }]);
+        Self {
+            pool: Some(pool),
+            entries,
+            reports: BTreeMap::new(),
+        }
+    }
+
+    /// Builds a ring from untrusted parts: entries must be aligned, inside
+    /// the space, disjoint and cover it exactly; they are canonicalised.
+    pub fn from_parts(
+        pool: Option<Pool>,
+        mut entries: Vec<RangeEntry>,
+        reports: BTreeMap<NodeId, FreeReport>,
+    ) -> Result<Self, RingError> {
+        let Some(pool) = pool else {
+            if entries.is_empty() && reports.is_empty() {
+                return Ok(Self::default());
+            }
+            return Err(RingError::EntriesWithoutPool);
+        };
+        let space = pool.space();
+        entries.sort_by_key(|e| first(e.block));
+        let mut expect = first(space);
+        let mut prev: Option<Ipv4Network> = None;
+        for e in &entries {
+            if e.block.ip() != e.block.network() {
+                return Err(RingError::Misaligned(e.block));
+            }
+            if !e.block.is_subnet_of(space) {
+                return Err(RingError::OutsidePool {
+                    block: e.block,
+                    space,
+                });
+            }
+            match first(e.block).cmp(&expect) {
+                Ordering::Less => {
+                    return Err(RingError::Overlap(prev.unwrap_or(e.block), e.block));
+                }
+                Ordering::Greater => {
+                    return Err(RingError::Gap {
+                        from: addr(expect),
+                        to: addr(first(e.block) - 1),
+                    });
+                }
+                Ordering::Equal => {}
+            }
+            expect = end(e.block);
+            prev = Some(e.block);
+        }
+        if expect != end(space) {
+            return Err(RingError::Gap {
+                from: addr(expect),
+                to: addr(end(space) - 1),
+            });
+        }
+        Ok(Self {
+            pool: Some(pool),
+            entries: canonical(entries.iter().map(Seg::of)),
+            reports,
+        })
+    }
+
+    /// Re-checks every representation invariant (for tests and debugging).
+    pub fn check(&self) -> Result<(), RingError> {
+        let rebuilt = Self::from_parts(
+            self.pool.clone(),
+            self.entries.clone(),
+            self.reports.clone(),
+        )?;
+        if rebuilt.entries != self.entries {
+            return Err(RingError::NotCanonical);
+        }
+        Ok(())
+    }
+
+    /// True until the pool is known.
+    pub fn is_empty(&self) -> bool {
+        self.pool.is_none()
+    }
+
+    pub fn pool(&self) -> Option<&Pool> {
+        self.pool.as_ref()
+    }
+
+    pub fn entries(&self) -> &[RangeEntry] {
+        &self.entries
+    }
+
+    pub fn reports(&self) -> &BTreeMap<NodeId, FreeReport> {
+        &self.reports
+    }
+
+    /// The entry covering `ip`, if `ip` is in the space.
+    pub fn entry_for(&self, ip: Ipv4Addr) -> Option<&RangeEntry> {
+        let n = u64::from(u32::from(ip));
+        let i = self.entries.partition_point(|e| end(e.block) <= n);
+        self.entries.get(i).filter(|e| e.block.contains(ip))
+    }
+
+    pub fn owner_of(&self, ip: Ipv4Addr) -> Option<NodeId> {
+        self.entry_for(ip).map(|e| e.owner)
+    }
+
+    /// Blocks owned by `node`, in address order.
+    pub fn ranges_of(&self, node: NodeId) -> Vec<Ipv4Network> {
+        self.entries
+            .iter()
+            .filter(|e| e.owner == node)
+            .map(|e| e.block)
+            .collect()
+    }
+
+    /// Every node owning at least one block, sorted.
+    pub fn owners(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self.entries.iter().map(|e| e.owner).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Usable addresses in the blocks of `node`.
+    pub fn capacity_of(&self, node: NodeId) -> u32 {
+        let Some(pool) = &self.pool else { return 0 };
+        self.entries
+            .iter()
+            .filter(|e| e.owner == node)
+            .map(|e| pool.usable_in(e.block))
+            .sum()
+    }
+
+    /// Free addresses of `node` as this replica knows it: its last report,
+    /// bounded by what it owns here; its capacity when it never reported.
+    pub fn free_estimate(&self, node: NodeId) -> u32 {
+        let cap = self.capacity_of(node);
+        self.reports.get(&node).map_or(cap, |r| r.free.min(cap))
+    }
+
+    /// A number that grows with every change a merge or a write makes and
+    /// never shrinks: per-address versions only grow, reports only grow.
+    /// Cheap to gossip as the ring's digest ("has it moved?").
+    pub fn progress(&self) -> u128 {
+        let ranges: u128 = self
+            .entries
+            .iter()
+            .map(|e| u128::from(e.version) * u128::from(end(e.block) - first(e.block)))
+            .sum();
+        let reports: u128 = self
+            .reports
+            .values()
+            .map(|r| (u128::from(r.seq) << 32) | u128::from(r.free))
+            .sum();
+        ranges.saturating_add(reports)
+    }
+
+    /// Merges a replica received from a peer. Refused whole (ring
+    /// unchanged) on a pool mismatch or a same-version conflict. Returns
+    /// whether anything changed.
+    pub fn merge(&mut self, remote: &Ring) -> Result<bool, MergeError> {
+        self.merge_guarded(remote, None)
+    }
+
+    pub(crate) fn merge_guarded(
+        &mut self,
+        remote: &Ring,
+        guard: Option<NodeId>,
+    ) -> Result<bool, MergeError> {
+        let Some(theirs) = &remote.pool else {
+            return Ok(false);
+        };
+        let Some(ours) = &self.pool else {
+            *self = remote.clone();
+            return Ok(true);
+        };
+        if ours != theirs {
+            return Err(MergeError::PoolMismatch {
+                ours: Box::new(ours.clone()),
+                theirs: Box::new(theirs.clone()),
+            });
+        }
+        let entries = merge_entries(&self.entries, &remote.entries, guard)?;
+        let mut reports = self.reports.clone();
+        for (node, r) in &remote.reports {
+            let mine = reports.entry(*node).or_insert(*r);
+            *mine = (*mine).max(*r);
+        }
+        let changed = entries != self.entries || reports != self.reports;
+        self.entries = entries;
+        self.reports = reports;
+        Ok(changed)
+    }
+
+    /// Merges granted entries (validated by the caller: aligned, inside the
+    /// space, sorted, disjoint).
+    pub(crate) fn merge_granted(
+        &mut self,
+        granted: &[RangeEntry],
+        guard: NodeId,
+    ) -> Result<bool, MergeError> {
+        let entries = merge_entries(&self.entries, granted, Some(guard))?;
+        let changed = entries != self.entries;
+        self.entries = entries;
+        Ok(changed)
+    }
+
+    /// The one write: `block` (aligned, inside the space) now belongs to
+    /// `owner` at one more than the highest version it covers; entries it
+    /// splits keep their owner for the rest, at their version + 1.
+    /// Only the owner of every covered entry may call this (or the operator
+    /// acting for a dead owner).
+    pub(crate) fn assign(&mut self, block: Ipv4Network, owner: NodeId) {
+        let (bs, be) = (first(block), end(block));
+        let mut segs = Vec::with_capacity(self.entries.len() + 2);
+        let mut top = 0u64;
+        for e in &self.entries {
+            let (es, ee) = (first(e.block), end(e.block));
+            if ee <= bs || es >= be {
+                segs.push(Seg::of(e));
+                continue;
+            }
+            top = top.max(e.version);
+            let bumped = e.version.saturating_add(1);
+            if es < bs {
+                segs.push(Seg {
+                    start: es,
+                    end: bs,
+                    owner: e.owner,
+                    version: bumped,
+                });
+            }
+            if ee > be {
+                segs.push(Seg {
+                    start: be,
+                    end: ee,
+                    owner: e.owner,
+                    version: bumped,
+                });
+            }
+        }
+        segs.push(Seg {
+            start: bs,
+            end: be,
+            owner,
+            version: top.saturating_add(1),
+        });
+        segs.sort_by_key(|s| s.start);
+        self.entries = canonical(segs);
+    }
+
+    /// Records `node`'s own free count (only `node` calls this for itself).
+    /// Returns whether the report changed.
+    pub(crate) fn report(&mut self, node: NodeId, free: u32) -> bool {
+        match self.reports.get_mut(&node) {
+            Some(r) if r.free == free => false,
+            Some(r) => {
+                *r = FreeReport {
+                    seq: r.seq.saturating_add(1),
+                    free,
+                };
+                true
+            }
+            None => {
+                self.reports.insert(node, FreeReport { seq: 1, free });
+                true
+            }
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReportRepr {
+    #[serde(with = "text")]
+    node: NodeId,
+    seq: u64,
+    free: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RingRepr {
+    pool: Option<Pool>,
+    #[serde(default)]
+    entries: Vec<RangeEntry>,
+    #[serde(default)]
+    reports: Vec<ReportRepr>,
+}
+
+impl TryFrom<RingRepr> for Ring {
+    type Error = RingError;
+    fn try_from(r: RingRepr) -> Result<Self, RingError> {
+        // A node listed twice keeps its larger report, as a merge would.
+        let mut reports: BTreeMap<NodeId, FreeReport> = BTreeMap::new();
+        for r in r.reports {
+            let report = FreeReport {
+                seq: r.seq,
+                free: r.free,
+            };
+            let kept = reports.entry(r.node).or_insert(report);
+            *kept = (*kept).max(report);
+        }
+        Ring::from_parts(r.pool, r.entries, reports)
+    }
+}
+
+impl From<Ring> for RingRepr {
+    fn from(r: Ring) -> Self {
+        Self {
+            pool: r.pool,
+            entries: r.entries,
+            reports: r
+                .reports
+                .into_iter()
+                .map(|(node, r)| ReportRepr {
+                    node,
+                    seq: r.seq,
+                    free: r.free,
+                })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The reconciler: makes the kernel match the store. Idempotent passes,
+//! each reading the kernel back, run on every store or membership change
+//! and on a repair tick, so anything lost or changed underneath (a crash
+//! mid-way, an operator's `ip link del`) is put back.
+//!
+//! Warm-up: right after a start, replicas are still empty, and programming
+//! from them would delete every remote entry the previous run left in the
+//! kernel, cutting traffic. Until every live peer's table has been pulled
+//! (or a deadline passes), the reconciler leaves the kernel alone.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::core::{Core, CoreError};
+use crate::membership::{NodeStatus, NodeView};
+use crate::metrics::Counter;
+
+const REPAIR_TICK: Duration = Duration::from_secs(2);
+/// Membership needs this long to list live peers after a start.
+const WARMUP_MIN: Duration = Duration::from_secs(2);
+const WARMUP_MAX: Duration = Duration::from_secs(15);
+
+pub async fn run(core: Arc<Core>) {
+    let mut changes = core.subscribe();
+    let mut tick = tokio::time::interval(REPAIR_TICK);
+    let mut warm = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = changes.changed() => {}
+        }
+        let nodes = match core.cluster.membership().await {
+            Some(m) => m.nodes().await,
+            None => Vec::new(),
+        };
+        if !warm {
+            warm = warmed_up(&core, &nodes);
+            if !warm {
+                continue;
+            }
+            info!(after = ?core.started.elapsed(), "replicas caught up: reconciling the kernel");
+        }
+        if let Err(e) = pass(&core, &nodes).await {
+            core.counters.inc(Counter::ReconcileErrors);
+            warn!(error = %e, "reconcile pass failed; retrying");
+        }
+    }
+}
+
+fn warmed_up(core: &Core, nodes: &[NodeView]) -> bool {
+    let age = core.started.elapsed();
+    if age >= WARMUP_MAX {
+        return true;
+    }
+    if age < WARMUP_MIN {
+        return false;
+    }
+    let store = core.store();
+    nodes
+        .iter()
+        .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
+        .all(|n| store.replica_version(n.id) >= n.table_version)
+}
+
+async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<(), CoreError> {
+    core.refresh_underlay().await?;
+    core.merge_rings().await;
+    // Attach creates devices before it stores the endpoint: without the
+    // lock this pass could remove a network's devices mid-attach.
+    let held = core.lock_endpoints().await;
+    let withdrawn = core.withdraw_orphans(&held).await?;
+    if withdrawn > 0 {
+        debug!(withdrawn, "orphaned endpoints withdrawn");
+    }
+    let me = core.cluster.node_id();
+    let (networks, endpoints) = {
+        let s = core.store();
+        (s.networks(), s.endpoints())
+    };
+    let wanted: Vec<_> = networks
+        .iter()
+        .filter(|n| n.is_active() && endpoints.iter().any(|e| e.network == n.id && e.owner == me))
+        .collect();
+    for net in &wanted {
+        let plan = core.plan(net, nodes);
+        let report = core.dataplane.ensure_network(&plan).await?;
+        if report.added + report.removed + report.created_devices > 0 {
+            info!(network = %net.id, vni = %net.vni, added = report.added, removed = report.removed,
+                  devices = report.created_devices, "kernel reconciled");
+        }
+    }
+    let keep: HashSet<_> = wanted.iter().map(|n| n.vni).collect();
+    for vni in core.dataplane.networks_present().await? {
+        if !keep.contains(&vni) {
+            core.dataplane.remove_network(vni).await?;
+            info!(vni = %vni, "network devices removed (no local endpoint left)");
+        }
+    }
+    Ok(())
+}

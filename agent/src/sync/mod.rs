@@ -1,0 +1,249 @@
+//! Table replication. Each node gossips its own table's version (`tv`);
+//! when a peer's version moves past our replica, we pull the delta from it
+//! over peer gRPC. The pull path converges whatever was lost: it runs on
+//! every membership change and on a repair tick. Network records and
+//! removals learned from peers are republished in our own table, so a
+//! network outlives the node that created it.
+
+pub mod auth;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ovl_proto::peer::PullRequest;
+use ovl_proto::peer::peer_client::PeerClient;
+use ovl_proto::records::table_entry::Value;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::core::Core;
+use crate::ids::NodeId;
+use crate::membership::{NodeStatus, NodeView, keys};
+use crate::store::key;
+
+const REPAIR_TICK: Duration = Duration::from_secs(1);
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub const PULL: &str = "/ovl.peer.v1.Peer/Pull";
+pub const REQUEST_SPACE: &str = "/ovl.peer.v1.Peer/RequestSpace";
+pub const NOTIFY: &str = "/ovl.peer.v1.Peer/Notify";
+
+/// Reused connections to peers' gRPC servers.
+#[derive(Default)]
+pub struct Channels {
+    map: std::sync::Mutex<HashMap<SocketAddr, Channel>>,
+}
+
+impl Channels {
+    pub fn get(&self, addr: SocketAddr) -> Result<Channel, String> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&addr) {
+            return Ok(c.clone());
+        }
+        let ch = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        map.insert(addr, ch.clone());
+        Ok(ch)
+    }
+
+    pub fn forget(&self, addr: SocketAddr) {
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+    }
+}
+
+/// Runs until the process ends.
+pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
+    let mut local = core.subscribe();
+    let mut tick = tokio::time::interval(REPAIR_TICK);
+    loop {
+        let Some(membership) = core.cluster.membership().await else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = local.changed() => {}
+            }
+            continue;
+        };
+        let mut members = membership.watch().await;
+        let mut pushed = 0;
+        loop {
+            let version = core.store().own().version();
+            membership
+                .set_fact(keys::TABLE_VERSION, &version.to_string())
+                .await;
+            let nodes = membership.nodes().await;
+            if version != pushed {
+                push(&core, &channels, &nodes, version);
+                pushed = version;
+            }
+            round(&core, &channels, &nodes).await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                r = members.changed() => if r.is_err() { break },
+                _ = local.changed() => {}
+                _ = core.wait_hint() => {}
+            }
+            if core.cluster.membership().await.is_none() {
+                break;
+            }
+        }
+    }
+}
+
+/// One pass: drop replicas of nodes that left, pull from peers ahead of us.
+async fn round(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView]) {
+    let me = core.cluster.node_id();
+    let mut changed = false;
+    {
+        let mut store = core.store();
+        for owner in store.replica_owners() {
+            let gone = match nodes.iter().find(|n| n.id == owner) {
+                None => true,
+                Some(n) => n.status == NodeStatus::Left,
+            };
+            if gone && store.drop_replica(owner) {
+                info!(peer = %owner, "peer left or was forgotten: its records are withdrawn");
+                changed = true;
+            }
+        }
+    }
+    let behind: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|n| n.id != me && n.status == NodeStatus::Alive)
+        .filter(|n| {
+            n.table_version.max(core.hinted_version(n.id)) > core.store().replica_version(n.id)
+        })
+        .collect();
+    let pulls = behind.iter().map(|n| pull(core, channels, n));
+    for r in futures::future::join_all(pulls).await {
+        changed |= r;
+    }
+    if changed {
+        republish_networks(core);
+        core.notify();
+    }
+}
+
+/// Tells every live peer our table moved, so they pull now (fire and
+/// forget: a lost notify only costs latency, gossip still carries `tv`).
+fn push(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView], version: u64) {
+    let Some(keys) = core.cluster.keys() else {
+        return;
+    };
+    let me = core.cluster.node_id();
+    for n in nodes
+        .iter()
+        .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
+    {
+        let Ok(channel) = channels.get(n.gossip_addr) else {
+            continue;
+        };
+        let mut req = tonic::Request::new(ovl_proto::peer::NotifyRequest { version });
+        auth::stamp(req.metadata_mut(), &keys, me, NOTIFY);
+        let peer = n.id;
+        tokio::spawn(async move {
+            if let Err(s) = PeerClient::new(channel).notify(req).await {
+                debug!(peer = %peer, error = s.message(), "notify failed; gossip will carry the version");
+            }
+        });
+    }
+}
+
+/// Pulls `peer`'s table delta; true when the replica changed.
+async fn pull(core: &Arc<Core>, channels: &Channels, peer: &NodeView) -> bool {
+    let Some(keys) = core.cluster.keys() else {
+        return false;
+    };
+    let since = core.store().replica_version(peer.id);
+    let channel = match channels.get(peer.gossip_addr) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(peer = %peer.id, error = %e, "bad peer address");
+            return false;
+        }
+    };
+    let mut req = tonic::Request::new(PullRequest { since });
+    auth::stamp(req.metadata_mut(), &keys, core.cluster.node_id(), PULL);
+    let resp = match PeerClient::new(channel).pull(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            debug!(peer = %peer.id, code = ?s.code(), error = s.message(), "pull failed; retrying next round");
+            if s.code() == tonic::Code::Unavailable {
+                channels.forget(peer.gossip_addr);
+            }
+            return false;
+        }
+    };
+    if resp.owner.as_slice() != peer.id.as_bytes() {
+        warn!(peer = %peer.id, "pull answered by another node (address reused?); ignored");
+        return false;
+    }
+    let count = resp.entries.len();
+    let mut store = core.store();
+    match store.apply_replica(peer.id, since, resp.version, resp.full, resp.entries) {
+        Ok(changed) => {
+            debug!(peer = %peer.id, since, version = resp.version, entries = count, full = resp.full, "pulled");
+            changed
+        }
+        Err(e) => {
+            warn!(peer = %peer.id, error = %e, "delta refused; pulling the whole table next round");
+            store.drop_replica(peer.id);
+            false
+        }
+    }
+}
+
+/// Copies network records and removals known from replicas into our own
+/// table (two-phase set: a removal, once seen, is kept and the record goes).
+fn republish_networks(core: &Core) {
+    let mut store = core.store();
+    let (records, removed) = store.network_records();
+    let mut writes: Vec<(String, Option<Value>)> = Vec::new();
+    for r in records {
+        let Ok(id) = <[u8; 16]>::try_from(r.id.as_slice()) else {
+            continue;
+        };
+        let id = crate::ids::NetworkId::from_bytes(id);
+        if !removed.contains(&id) && store.own().get(&key::network(id)).is_none() {
+            writes.push((key::network(id), Some(Value::Network(r))));
+        }
+    }
+    for id in removed {
+        if store.own().get(&key::removal(id)).is_none() {
+            writes.push((
+                key::removal(id),
+                Some(Value::Removal(ovl_proto::records::NetworkRemoval {
+                    network_id: id.as_bytes().to_vec(),
+                    removed_at_ms: crate::core::now_ms(),
+                })),
+            ));
+        }
+        if store.own().get(&key::network(id)).is_some() {
+            writes.push((key::network(id), None));
+        }
+    }
+    for (k, v) in writes {
+        let r = match v {
+            Some(v) => store.put(&k, v),
+            None => store.delete(&k),
+        };
+        if let Err(e) = r {
+            warn!(key = %k, error = %e, "could not republish network record");
+        }
+    }
+}
+
+/// Peers by id from the membership view (for RPCs other than pull).
+pub fn peer_addr(nodes: &[NodeView], id: NodeId) -> Option<SocketAddr> {
+    nodes
+        .iter()
+        .find(|n| n.id == id && n.status == NodeStatus::Alive)
+        .map(|n| n.gossip_addr)
+}
