@@ -27,10 +27,25 @@ pub async fn run(core: Arc<Core>) {
     let mut changes = core.subscribe();
     let mut tick = tokio::time::interval(REPAIR_TICK);
     let mut warm = false;
+    // Liveness moves (a peer dying, returning) change what the kernel must
+    // hold without touching the store: follow membership too.
+    let mut members: Option<tokio::sync::watch::Receiver<()>> = None;
     loop {
+        if members.is_none()
+            && let Some(m) = core.cluster.membership().await
+        {
+            members = Some(m.watch().await);
+        }
+        let member_change = async {
+            match members.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
             _ = changes.changed() => {}
+            alive = member_change => if !alive { members = None },
         }
         let nodes = match core.cluster.membership().await {
             Some(m) => m.nodes().await,

@@ -242,7 +242,19 @@ impl Core {
             return Err(CoreError::NoEndpoint(name.to_string(), network.to_string()));
         };
         if ep.owner != me {
-            return Err(CoreError::NotLocal(name.to_string(), ep.owner.short()));
+            let owner = match self.cluster.membership().await {
+                Some(m) => m
+                    .nodes()
+                    .await
+                    .into_iter()
+                    .find(|n| n.id == ep.owner)
+                    .map(|n| n.name),
+                None => None,
+            };
+            return Err(CoreError::NotLocal(
+                name.to_string(),
+                owner.unwrap_or_else(|| ep.owner.short()),
+            ));
         }
         self.withdraw(&ep, "detached").await?;
         Ok(ep.id)

@@ -245,7 +245,17 @@ impl Core {
             .filter(|e| e.network == view.id)
             .collect();
         if !eps.is_empty() && !force {
-            let nodes: BTreeSet<String> = eps.iter().map(|e| e.owner.short()).collect();
+            let members = match self.cluster.membership().await {
+                Some(m) => m.nodes().await,
+                None => Vec::new(),
+            };
+            let nodes: BTreeSet<String> = eps
+                .iter()
+                .map(|e| match members.iter().find(|n| n.id == e.owner) {
+                    Some(n) => n.name.clone(),
+                    None => e.owner.short(),
+                })
+                .collect();
             return Err(CoreError::InUse {
                 name: name.to_string(),
                 count: eps.len(),
