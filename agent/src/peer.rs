@@ -118,9 +118,10 @@ impl Peer for PeerService {
     }
 
     async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
-        self.authenticate(&req, sync::PULL)?;
+        let (_, caller) = self.authenticate(&req, sync::PULL)?;
         let since = req.into_inner().since;
         let (version, full, entries) = self.core.store().delta_since(since);
+        self.core.served(caller, version);
         self.counters.inc(Counter::PullServed);
         Ok(Response::new(PullResponse {
             owner: self.core.cluster.node_id().as_bytes().to_vec(),

@@ -27,6 +27,7 @@ pub async fn run(core: Arc<Core>) {
     let mut changes = core.subscribe();
     let mut tick = tokio::time::interval(REPAIR_TICK);
     let mut warm = false;
+    let mut reported: HashSet<crate::ids::NetworkId> = HashSet::new();
     // Liveness moves (a peer dying, returning) change what the kernel must
     // hold without touching the store: follow membership too.
     let mut members: Option<tokio::sync::watch::Receiver<()>> = None;
@@ -58,9 +59,23 @@ pub async fn run(core: Arc<Core>) {
             }
             info!(after = ?core.started.elapsed(), "replicas caught up: reconciling the kernel");
         }
+        report_conflicts(&core, &mut reported);
         if let Err(e) = pass(&core, &nodes).await {
             core.counters.inc(Counter::ReconcileErrors);
             warn!(error = %e, "reconcile pass failed; retrying");
+        }
+    }
+}
+
+/// Logs each network that lost a name or VNI clash, once: operators must
+/// hear about it, and the loser is never programmed.
+fn report_conflicts(core: &Core, reported: &mut HashSet<crate::ids::NetworkId>) {
+    for n in core.store().networks() {
+        if let Some(reason) = &n.conflict
+            && reported.insert(n.id)
+        {
+            warn!(network = %n.id, name = %n.name(), vni = %n.vni, %reason,
+                  "network in conflict: not usable; remove it (`ovlctl network rm {}`) or the winner", n.id);
         }
     }
 }

@@ -79,26 +79,35 @@ enum Status {
 struct Host {
     id: NodeId,
     state: Allocator,
-    snapshot: Vec<u8>,
+    /// What is on disk: a crash restores it through JSON.
+    disk: Allocator,
     status: Status,
     group: u8,
 }
 
 impl Host {
     fn persist(&mut self) {
-        self.snapshot = serde_json::to_vec(&self.state).expect("allocator serialises");
+        self.disk = self.state.clone();
     }
 }
 
+/// Through the wire format and back, as a peer would receive it.
+fn wire<T: serde::Serialize + serde::de::DeserializeOwned>(t: &T) -> T {
+    let bytes = serde_json::to_vec(t).expect("serialises");
+    serde_json::from_slice(&bytes).expect("deserialises")
+}
+
+#[derive(Clone)]
 enum Body {
-    Request(Vec<u8>),
-    Grant(Vec<u8>),
-    Gossip(Vec<u8>),
+    Request(DonationRequest),
+    Grant(Grant),
+    Gossip(Ring),
     /// The leaving host's whole ring (carries every hand-off it wrote).
-    HandOff(Vec<u8>, u32),
+    HandOff(Ring, u32),
     HandOffAck(u32),
 }
 
+#[derive(Clone)]
 struct Msg {
     from: NodeId,
     to: NodeId,
@@ -224,15 +233,13 @@ impl Sim {
     }
 
     fn add_host(&mut self, state: Allocator, group: u8) {
-        let mut h = Host {
+        self.hosts.push(Host {
             id: state.me(),
+            disk: state.clone(),
             state,
-            snapshot: Vec::new(),
             status: Status::Up,
             group,
-        };
-        h.persist();
-        self.hosts.push(h);
+        });
     }
 
     fn idx(&self, id: NodeId) -> Option<usize> {
@@ -260,6 +267,15 @@ impl Sim {
             self.stats.lost += 1;
             return;
         }
+        // Grants and requests always cross the wire format; rings often
+        // enough to exercise their validation without paying for every one.
+        let body = match body {
+            Body::Request(r) => Body::Request(wire(&r)),
+            Body::Grant(g) => Body::Grant(wire(&g)),
+            Body::Gossip(r) if self.rng.percent(12) => Body::Gossip(wire(&r)),
+            Body::HandOff(r, seq) => Body::HandOff(wire(&r), seq),
+            other => other,
+        };
         self.net.push(Msg { from, to, body });
     }
 
@@ -360,9 +376,7 @@ impl Sim {
     }
 
     fn request(&mut self, me: NodeId, donor: NodeId, want: Want) {
-        let req = DonationRequest { to: me, want };
-        let bytes = serde_json::to_vec(&req).expect("request serialises");
-        self.send(me, donor, Body::Request(bytes));
+        self.send(me, donor, Body::Request(DonationRequest { to: me, want }));
     }
 
     fn free(&mut self) {
@@ -408,9 +422,9 @@ impl Sim {
         if i == j {
             return;
         }
-        let bytes = serde_json::to_vec(self.hosts[i].state.ring()).expect("ring serialises");
+        let ring = self.hosts[i].state.ring().clone();
         let (from, to) = (self.hosts[i].id, self.hosts[j].id);
-        self.send(from, to, Body::Gossip(bytes));
+        self.send(from, to, Body::Gossip(ring));
     }
 
     fn repartition(&mut self) {
@@ -432,7 +446,7 @@ impl Sim {
 
     fn crash_host(&mut self, i: usize) {
         let h = &mut self.hosts[i];
-        h.state = serde_json::from_slice(&h.snapshot).expect("snapshot restores");
+        h.state = wire(&h.disk);
         h.status = Status::Down;
         self.stats.crashes += 1;
         let me = self.hosts[i].id.short();
@@ -491,9 +505,9 @@ impl Sim {
         let Status::Leaving { to, seq } = self.hosts[i].status else {
             return;
         };
-        let bytes = serde_json::to_vec(self.hosts[i].state.ring()).expect("ring serialises");
+        let ring = self.hosts[i].state.ring().clone();
         let from = self.hosts[i].id;
-        self.send(from, to, Body::HandOff(bytes, seq));
+        self.send(from, to, Body::HandOff(ring, seq));
     }
 
     /// A leaving host that learns of new blocks (grants that were in
@@ -543,8 +557,7 @@ impl Sim {
         let Some(src) = self.rng.pick(&self.with_status(|s| *s == Status::Up)) else {
             return;
         };
-        let bytes = serde_json::to_vec(self.hosts[src].state.ring()).expect("ring serialises");
-        let ring: Ring = serde_json::from_slice(&bytes).expect("ring deserialises");
+        let ring = wire(self.hosts[src].state.ring());
         let id = self.new_id();
         let group = self.hosts[src].group;
         self.add_host(Allocator::join(id, ring), group);
@@ -607,18 +620,7 @@ impl Sim {
         }
         if lossy && self.rng.percent(5) {
             self.stats.duplicated += 1;
-            let copy = Msg {
-                from: msg.from,
-                to: msg.to,
-                body: match &msg.body {
-                    Body::Request(b) => Body::Request(b.clone()),
-                    Body::Grant(b) => Body::Grant(b.clone()),
-                    Body::Gossip(b) => Body::Gossip(b.clone()),
-                    Body::HandOff(b, s) => Body::HandOff(b.clone(), *s),
-                    Body::HandOffAck(s) => Body::HandOffAck(*s),
-                },
-            };
-            self.net.push(copy);
+            self.net.push(msg.clone());
         }
         self.handle(r, msg);
     }
@@ -626,8 +628,7 @@ impl Sim {
     fn handle(&mut self, r: usize, msg: Msg) {
         let me = self.hosts[r].id;
         match msg.body {
-            Body::Request(bytes) => {
-                let req: DonationRequest = serde_json::from_slice(&bytes).expect("request");
+            Body::Request(req) => {
                 match self.hosts[r].state.donate(req) {
                     Ok(grant) => {
                         if self.chaos && self.rng.percent(3) {
@@ -646,14 +647,12 @@ impl Sim {
                             me.short(),
                             req.to.short()
                         ));
-                        let bytes = serde_json::to_vec(&grant).expect("grant serialises");
-                        self.send(me, req.to, Body::Grant(bytes));
+                        self.send(me, req.to, Body::Grant(grant));
                     }
                     Err(_) => self.stats.refused_donations += 1,
                 }
             }
-            Body::Grant(bytes) => {
-                let grant: Grant = serde_json::from_slice(&bytes).expect("grant");
+            Body::Grant(grant) => {
                 if let Err(e) = self.hosts[r].state.accept(&grant) {
                     panic!("{me} refused a grant from {}: {e}", msg.from);
                 }
@@ -666,8 +665,7 @@ impl Sim {
                 ));
                 self.rehand_off(r);
             }
-            Body::Gossip(bytes) => {
-                let ring: Ring = serde_json::from_slice(&bytes).expect("ring");
+            Body::Gossip(ring) => {
                 match self.hosts[r].state.merge(&ring) {
                     Ok(changed) => {
                         self.stats.merges += 1;
@@ -680,8 +678,7 @@ impl Sim {
                 }
                 self.rehand_off(r);
             }
-            Body::HandOff(bytes, seq) => {
-                let ring: Ring = serde_json::from_slice(&bytes).expect("ring");
+            Body::HandOff(ring, seq) => {
                 if let Err(e) = self.hosts[r].state.merge(&ring) {
                     panic!("{me} refused a hand-off from {}: {e}", msg.from);
                 }

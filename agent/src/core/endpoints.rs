@@ -150,7 +150,7 @@ impl Core {
             mtu,
         };
         if let Err(e) = self.program_attach(&net, &local).await {
-            self.ipam.release(net.id, ip, true).await;
+            self.ipam.release(net.id, ip, 0).await;
             return Err(e);
         }
         let record = EndpointRecord {
@@ -171,7 +171,7 @@ impl Core {
             .put(&key::endpoint(id), Value::Endpoint(record.clone()));
         if let Err(e) = stored {
             let _ = self.dataplane.detach(id).await;
-            self.ipam.release(net.id, ip, true).await;
+            self.ipam.release(net.id, ip, 0).await;
             return Err(e.into());
         }
         self.notify();
@@ -263,12 +263,16 @@ impl Core {
     /// Removes a local endpoint everywhere: record first (peers drop their
     /// entries), then the veth, then the address goes to quarantine.
     async fn withdraw(&self, ep: &EndpointView, why: &str) -> Result<(), CoreError> {
-        self.store().delete(&key::endpoint(ep.id))?;
+        let withdrawn_at = {
+            let mut s = self.store();
+            s.delete(&key::endpoint(ep.id))?;
+            s.own().version()
+        };
         self.notify();
         if let Err(e) = self.dataplane.detach(ep.id).await {
             warn!(endpoint = %ep.id, error = %e, "removing the veth failed; the reconciler retries");
         }
-        self.ipam.release(ep.network, ep.ip, false).await;
+        self.ipam.release(ep.network, ep.ip, withdrawn_at).await;
         info!(network = %ep.network, endpoint = %ep.id, name = %ep.name, ip = %ep.ip, reason = why, "endpoint withdrawn");
         Ok(())
     }

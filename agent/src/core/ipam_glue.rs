@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ovl_proto::peer::SpaceRequest;
 use ovl_proto::peer::peer_client::PeerClient;
@@ -24,18 +24,6 @@ use crate::persist::{self, PersistError};
 use crate::store::networks::PoolSpec;
 use crate::store::{NetworkView, key};
 use crate::sync::{self, auth};
-
-/// Freed addresses wait this long before reuse, so every host has pulled
-/// the withdrawal and dropped the old FDB/neighbour entries (sync converges
-/// in about a second; the margin covers a slow peer).
-const QUARANTINE: Duration = Duration::from_secs(30);
-
-fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 pub struct Ipam {
     dir: PathBuf,
@@ -99,11 +87,15 @@ impl Ipam {
         Ok(())
     }
 
-    /// Frees an address of a local endpoint (quarantined before reuse).
-    pub async fn release(&self, id: NetworkId, ip: Ipv4Addr, _never_published: bool) {
+    /// Frees an address of a local endpoint. It stays quarantined until
+    /// every live peer has pulled our table past `withdrawn_at` (the own
+    /// table version that deleted the endpoint; 0 if it was never
+    /// published), so no host still holds the old FDB/neighbour entry when
+    /// the address is given again.
+    pub async fn release(&self, id: NetworkId, ip: Ipv4Addr, withdrawn_at: u64) {
         let mut nets = self.nets.lock().await;
         if let Some(a) = nets.get_mut(&id) {
-            if let Err(e) = a.free(ip, now_s()) {
+            if let Err(e) = a.free(ip, withdrawn_at) {
                 warn!(network = %id, ip = %ip, error = %e, "free of an unknown address ignored");
                 return;
             }
@@ -219,12 +211,13 @@ impl Core {
             self.merge_rings().await;
         }
         for _ in 0..4 {
+            let horizon = self.withdrawn_everywhere().await;
             let attempt = {
                 let mut nets = self.ipam.nets.lock().await;
                 let a = nets
                     .entry(net.id)
                     .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
-                a.release_quarantine(now_s().saturating_sub(QUARANTINE.as_secs()));
+                a.release_quarantine(horizon);
                 let r = match exact {
                     Some(ip) => a.allocate_exact(ip, ep).map(|()| ip),
                     None => a.allocate(ep),

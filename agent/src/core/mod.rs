@@ -43,6 +43,9 @@ pub struct Core {
     /// reconciler (it can change under us).
     underlay: AtomicU32,
     underlay_index: AtomicU32,
+    /// Our own table version last served to each peer's Pull: what that
+    /// peer has applied (it reconciles its kernel right after).
+    served: Mutex<std::collections::HashMap<NodeId, u64>>,
     /// Versions peers told us about (push path), ahead of gossip.
     hints: Mutex<std::collections::HashMap<NodeId, u64>>,
     hinted: tokio::sync::Notify,
@@ -82,8 +85,32 @@ impl Core {
             underlay_index: AtomicU32::new(0),
             channels: std::sync::OnceLock::new(),
             hints: Mutex::new(std::collections::HashMap::new()),
+            served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Records that `peer` pulled our table up to `version`.
+    pub fn served(&self, peer: NodeId, version: u64) {
+        let mut s = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let v = s.entry(peer).or_default();
+        *v = (*v).max(version);
+    }
+
+    /// The own-table version every live peer has pulled: changes at or
+    /// below it (an endpoint's withdrawal) are gone from every host.
+    pub async fn withdrawn_everywhere(&self) -> u64 {
+        let nodes = match self.cluster.membership().await {
+            Some(m) => m.nodes().await,
+            None => return u64::MAX,
+        };
+        let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        nodes
+            .iter()
+            .filter(|n| !n.is_self && n.status == crate::membership::NodeStatus::Alive)
+            .map(|n| served.get(&n.id).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// A peer says its table reached `version`.

@@ -332,8 +332,8 @@ impl Allocator {
         self.validate()?;
         let actual = self.owned_free_count();
         let reported = self.ring.reports().get(&self.me).map(|r| r.free);
-        if !self.ring.is_empty() && reported != Some(actual) && !(reported.is_none() && actual == 0)
-        {
+        let owner = !self.ring.ranges_of(self.me).is_empty();
+        if owner && reported != Some(actual) {
             return Err(StateError::StaleReport { reported, actual });
         }
         Ok(())
@@ -373,9 +373,6 @@ impl Allocator {
             return false;
         }
         let free = self.owned_free_count();
-        if free == 0 && !self.ring.reports().contains_key(&self.me) {
-            return false;
-        }
         self.ring.report(self.me, free)
     }
 

@@ -48,6 +48,9 @@ impl fmt::Display for RangeEntry {
 
 /// An owner's own count of its free addresses, single-writer like a range:
 /// only `node` writes it, bumping `seq`. Merges keep the larger `(seq, free)`.
+/// A ring keeps reports of current owners only, so departed hosts leave no
+/// trace once their blocks are reclaimed (the owner re-asserts its report
+/// whenever a replica shows it a different one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FreeReport {
     pub seq: u64,
@@ -345,11 +348,19 @@ impl Ring {
                 to: addr(end(space) - 1),
             });
         }
-        Ok(Self {
+        let mut ring = Self {
             pool: Some(pool),
             entries: canonical(entries.iter().map(Seg::of)),
             reports,
-        })
+        };
+        ring.prune_reports();
+        Ok(ring)
+    }
+
+    /// Drops reports of nodes that own no block.
+    fn prune_reports(&mut self) {
+        let owners = self.owners();
+        self.reports.retain(|n, _| owners.binary_search(n).is_ok());
     }
 
     /// Re-checks every representation invariant (for tests and debugging).
@@ -359,7 +370,7 @@ impl Ring {
             self.entries.clone(),
             self.reports.clone(),
         )?;
-        if rebuilt.entries != self.entries {
+        if rebuilt.entries != self.entries || rebuilt.reports != self.reports {
             return Err(RingError::NotCanonical);
         }
         Ok(())
@@ -475,10 +486,14 @@ impl Ring {
             let mine = reports.entry(*node).or_insert(*r);
             *mine = (*mine).max(*r);
         }
-        let changed = entries != self.entries || reports != self.reports;
+        let before = (
+            std::mem::take(&mut self.entries),
+            std::mem::take(&mut self.reports),
+        );
         self.entries = entries;
         self.reports = reports;
-        Ok(changed)
+        self.prune_reports();
+        Ok(before.0 != self.entries || before.1 != self.reports)
     }
 
     /// Merges granted entries (validated by the caller: aligned, inside the
@@ -491,6 +506,7 @@ impl Ring {
         let entries = merge_entries(&self.entries, granted, Some(guard))?;
         let changed = entries != self.entries;
         self.entries = entries;
+        self.prune_reports();
         Ok(changed)
     }
 
@@ -536,11 +552,15 @@ impl Ring {
         });
         segs.sort_by_key(|s| s.start);
         self.entries = canonical(segs);
+        self.prune_reports();
     }
 
-    /// Records `node`'s own free count (only `node` calls this for itself).
-    /// Returns whether the report changed.
+    /// Records `node`'s own free count (only `node` calls this for itself;
+    /// nothing for a node that owns no block). Returns whether it changed.
     pub(crate) fn report(&mut self, node: NodeId, free: u32) -> bool {
+        if !self.entries.iter().any(|e| e.owner == node) {
+            return false;
+        }
         match self.reports.get_mut(&node) {
             Some(r) if r.free == free => false,
             Some(r) => {
