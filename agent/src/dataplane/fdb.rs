@@ -109,6 +109,7 @@ fn dst_of(attr: &NeighbourAddress) -> Option<IpAddr> {
 
 /// The VXLAN device's own FDB (NTF_SELF) and its neighbour entries.
 pub(crate) async fn observe(h: &Handle, vx_index: u32) -> Result<Observed, DataplaneError> {
+    let _dump = super::netlink::dump_guard().await;
     let mut seen = Observed::default();
     let fdb: Vec<NeighbourMessage> = h
         .neighbours()

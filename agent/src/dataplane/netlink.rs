@@ -107,7 +107,17 @@ fn vxlan_params(infos: Vec<InfoVxlan>) -> VxlanParams {
     p
 }
 
+/// The kernel runs one dump per netlink socket at a time and answers a
+/// second concurrent one with EBUSY; attach and the reconciler dump
+/// concurrently, so every dump takes this lock (dumps are short).
+static DUMP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub(crate) async fn dump_guard() -> tokio::sync::MutexGuard<'static, ()> {
+    DUMP.lock().await
+}
+
 pub(crate) async fn links(h: &Handle) -> Result<Vec<Link>, DataplaneError> {
+    let _dump = dump_guard().await;
     let msgs: Vec<LinkMessage> = h
         .link()
         .get()
@@ -227,6 +237,7 @@ pub(crate) fn set_msg(index: u32) -> rtnetlink::LinkMessageBuilder<LinkUnspec> {
 
 /// Addresses (IP, prefix length) on the link at `index`.
 pub(crate) async fn addresses(h: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>, DataplaneError> {
+    let _dump = dump_guard().await;
     let msgs: Vec<_> = h
         .address()
         .get()
@@ -251,6 +262,7 @@ pub(crate) async fn addresses(h: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)
 
 /// The index of the link holding `addr` (as address or local address).
 pub(crate) async fn link_holding(h: &Handle, addr: IpAddr) -> Result<Option<u32>, DataplaneError> {
+    let _dump = dump_guard().await;
     let msgs: Vec<_> = h
         .address()
         .get()
