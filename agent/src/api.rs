@@ -291,7 +291,7 @@ impl NetworksApi for Api {
         req: Request<InspectNetworkRequest>,
     ) -> Result<Response<NetworkDetail>, Status> {
         let name = req.into_inner().name;
-        let info = self.core.network_info(&name).map_err(core_status)?;
+        let info = self.core.network_info(&name).await.map_err(core_status)?;
         let peers = self
             .core
             .network_peers(&info.view)

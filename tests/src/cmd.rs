@@ -43,6 +43,19 @@ impl CmdOutput {
             .collect()
     }
 
+    /// Checks the contract for a refused `ovlctl` command: exit code 1 and
+    /// exactly one stderr line, starting with `ovlctl: error: `. Returns
+    /// that line.
+    pub fn one_line_error(&self) -> Result<String> {
+        let lines = self.stderr_lines();
+        if self.code() != Some(1) || lines.len() != 1 || !lines[0].starts_with("ovlctl: error: ") {
+            bail!(
+                "want exit 1 and exactly one stderr line starting with \"ovlctl: error: \"; got {self}"
+            );
+        }
+        Ok(lines[0].to_string())
+    }
+
     /// `Ok(self)` when the command exited 0, otherwise an error carrying
     /// the command line and everything it printed.
     pub fn ok(self) -> Result<Self> {
@@ -127,6 +140,90 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
         stdout: join(stdout),
         stderr: join(stderr),
     })
+}
+
+/// Starts every command at once (stdin closed, output collected), then
+/// waits for all of them; one that has not ended after `timeout` (counted
+/// from the start of the first) is killed and reported as an error. The
+/// results are in the order of `cmds`; a non-zero exit is not an error.
+pub fn run_all(cmds: Vec<Command>, timeout: Duration) -> Vec<Result<CmdOutput>> {
+    struct Running {
+        command: String,
+        child: Child,
+        out: Reader,
+        err: Reader,
+    }
+    let deadline = Instant::now() + timeout;
+    let mut running: Vec<Result<Running>> = cmds
+        .into_iter()
+        .map(|mut cmd| {
+            let command = command_line(&cmd);
+            let mut child = cmd
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("cannot start `{command}`"))?;
+            let out = reader(&mut child, true);
+            let err = reader(&mut child, false);
+            Ok(Running {
+                command,
+                child,
+                out,
+                err,
+            })
+        })
+        .collect();
+    let mut results: Vec<Option<Result<CmdOutput>>> = running.iter().map(|_| None).collect();
+    loop {
+        let mut pending = 0;
+        for (i, r) in running.iter_mut().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    results[i] = Some(Err(anyhow::anyhow!("{e:#}")));
+                    continue;
+                }
+            };
+            match r.child.try_wait() {
+                Ok(Some(status)) => {
+                    results[i] = Some(Ok(CmdOutput {
+                        command: r.command.clone(),
+                        status,
+                        stdout: join(r.out.take()),
+                        stderr: join(r.err.take()),
+                    }));
+                }
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                    let (out, err) = (join(r.out.take()), join(r.err.take()));
+                    results[i] = Some(Err(anyhow::anyhow!(
+                        "`{}` did not finish within {timeout:?} and was killed\n\
+                         --- stdout ---\n{out}\n--- stderr ---\n{err}",
+                        r.command
+                    )));
+                }
+                Ok(None) => pending += 1,
+                Err(e) => {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
+                    results[i] = Some(Err(anyhow::anyhow!("waiting for `{}`: {e}", r.command)));
+                }
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every command has a result"))
+        .collect()
 }
 
 /// Like [`run`], but a non-zero exit is an error carrying the command line

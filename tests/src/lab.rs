@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,30 @@ pub const PANIC_LOG_LINES: usize = 200;
 
 static LABS: AtomicU64 = AtomicU64::new(0);
 
+/// The overlay address pool every lab agent gets (INTERFACES-3: test labs
+/// must not use the agent's 10.0.0.0/8 default).
+pub const DEFAULT_ADDRESS_POOL: &str = "198.19.0.0/16";
+
+/// Set this environment variable to `1` to start agents *without*
+/// `--default-address-pool` (for agent builds that do not know the flag yet).
+pub const NO_POOL_ENV: &str = "OVL_E2E_NO_DEFAULT_POOL";
+
+/// The flags every lab agent gets after the per-host ones (address, state
+/// dir, socket, node name) and before the test's own: the one place to
+/// change what all agents run with.
+pub fn default_agent_args() -> Vec<String> {
+    let mut args = Vec::new();
+    if std::env::var(NO_POOL_ENV).map_or(true, |v| v != "1") {
+        args.push("--default-address-pool".to_string());
+        args.push(DEFAULT_ADDRESS_POOL.to_string());
+    }
+    args
+}
+
+/// Pids of background processes ([`crate::Background`]) a lab started and
+/// has not reaped yet; the lab SIGKILLs what is left on drop.
+pub(crate) type Registry = Arc<Mutex<std::collections::BTreeSet<i32>>>;
+
 /// The underlay address of host `k` (1-based): 198.18.0.(10+k).
 pub fn host_addr(k: usize) -> Ipv4Addr {
     let last = u8::try_from(10 + k).expect("host index out of range (at most 245)");
@@ -52,6 +77,8 @@ pub struct Lab {
     agents: Vec<Option<AgentProcess>>,
     /// Index k-1: the extra arguments host k's agent was last started with.
     agent_args: Vec<Vec<String>>,
+    /// Background processes (pings, iperf3 servers) not yet reaped.
+    pub(crate) background: Registry,
 }
 
 impl Lab {
@@ -82,6 +109,7 @@ impl Lab {
             namespaces: Vec::new(),
             agents: (0..hosts).map(|_| None).collect(),
             agent_args: vec![Vec::new(); hosts],
+            background: Registry::default(),
         };
         // sun_path holds 108 bytes; a long TMPDIR would break every socket.
         let sock = lab.socket(hosts);
@@ -125,10 +153,16 @@ impl Lab {
         Ok(())
     }
 
-    fn add_ns(&mut self, name: &str) -> Result<()> {
+    pub(crate) fn add_ns(&mut self, name: &str) -> Result<()> {
         netns::add(name)?;
         self.namespaces.push(name.to_string());
         Ok(())
+    }
+
+    /// Drops `name` from the namespaces torn down with the lab (it was
+    /// deleted already).
+    pub(crate) fn forget_ns(&mut self, name: &str) {
+        self.namespaces.retain(|n| n != name);
     }
 
     // ---- names and places -------------------------------------------------
@@ -227,6 +261,7 @@ impl Lab {
             "--node-name".into(),
             self.node_name(k),
         ];
+        args.extend(default_agent_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         let process = AgentProcess::spawn(&self.ns(k), &bin, &args, &self.log_path(k))?;
         self.agents[k - 1] = Some(process);
@@ -323,13 +358,9 @@ impl Lab {
         cmd::run(&mut cmd, CTL_TIMEOUT)
     }
 
-    /// Runs `ovlctl --socket <host k's socket> ARGS...`. A non-zero exit is
-    /// not an error here; look at the returned status.
-    pub fn ctl(&self, k: usize, args: &[&str]) -> Result<CtlOutput> {
-        self.ctl_timeout(k, args, CTL_TIMEOUT)
-    }
-
-    fn ctl_timeout(&self, k: usize, args: &[&str], timeout: Duration) -> Result<CtlOutput> {
+    /// The `ovlctl --socket <host k's socket> ARGS...` command, not started
+    /// (for running many at once, see [`cmd::run_all`]).
+    pub fn ctl_command(&self, k: usize, args: &[&str]) -> Result<Command> {
         let bin = agent::binary("ovlctl")?;
         let mut cmd = Command::new(bin);
         cmd.arg("--socket")
@@ -337,7 +368,17 @@ impl Lab {
             .args(args)
             .env_remove("OVL_SOCKET")
             .env_remove("OVL_JOIN_TOKEN");
-        cmd::run(&mut cmd, timeout)
+        Ok(cmd)
+    }
+
+    /// Runs `ovlctl --socket <host k's socket> ARGS...`. A non-zero exit is
+    /// not an error here; look at the returned status.
+    pub fn ctl(&self, k: usize, args: &[&str]) -> Result<CtlOutput> {
+        self.ctl_timeout(k, args, CTL_TIMEOUT)
+    }
+
+    fn ctl_timeout(&self, k: usize, args: &[&str], timeout: Duration) -> Result<CtlOutput> {
+        cmd::run(&mut self.ctl_command(k, args)?, timeout)
     }
 
     /// Like [`Lab::ctl`], but a non-zero exit is an error with the full output.
@@ -389,11 +430,23 @@ impl Drop for Lab {
         if thread::panicking() {
             self.print_logs();
         }
+        // Background processes whose handles are still alive elsewhere.
+        let pids: Vec<i32> = match self.background.lock() {
+            Ok(set) => set.iter().copied().collect(),
+            Err(p) => p.into_inner().iter().copied().collect(),
+        };
+        for pid in pids {
+            agent::signal(pid, libc::SIGKILL);
+        }
         for process in self.agents.iter_mut().filter_map(Option::take) {
             let mut process = process;
             process.kill();
         }
+        // Whatever else runs inside the lab's namespaces (daemonised iperf3,
+        // a command that outlived its handle): a deleted namespace with a
+        // process inside would live on.
         for name in self.namespaces.iter().rev() {
+            netns::kill_members(name);
             if let Err(e) = netns::del(name) {
                 eprintln!("ovl-e2e: teardown of {}: {e:#}", self.prefix);
             }

@@ -113,11 +113,11 @@ pub fn sweep_stale() -> Vec<String> {
 
 /// SIGKILLs every process inside namespace `name` (by pid, as listed by
 /// `ip netns pids`).
-fn kill_members(name: &str) {
+pub(crate) fn kill_members(name: &str) {
     let out = match ip(&["netns", "pids", name]) {
         Ok(out) => out,
         Err(e) => {
-            eprintln!("ovl-e2e: stale sweep: {e:#}");
+            eprintln!("ovl-e2e: killing processes in {name}: {e:#}");
             return;
         }
     };

@@ -73,7 +73,7 @@ fn netns_path(r: &NetnsRef) -> Result<PathBuf, CoreError> {
 impl Core {
     pub async fn attach(&self, spec: AttachSpec) -> Result<EndpointInfo, CoreError> {
         self.require_cluster().await?;
-        let net = self.find_network(&spec.network)?;
+        let net = self.find_network_synced(&spec.network).await?;
         if let Some(reason) = &net.conflict {
             return Err(CoreError::Conflict(spec.network, reason.clone()));
         }
@@ -230,7 +230,7 @@ impl Core {
     }
 
     pub async fn detach(&self, network: &str, name: &str) -> Result<EndpointId, CoreError> {
-        let net = self.find_network(network)?;
+        let net = self.find_network_synced(network).await?;
         let me = self.cluster.node_id();
         let _guard = self.endpoint_lock.lock().await;
         let found = self
@@ -335,7 +335,7 @@ impl Core {
     pub async fn endpoints(&self, network: &str) -> Result<Vec<EndpointInfo>, CoreError> {
         let filter = match network {
             "" => None,
-            n => Some(self.find_network(n)?.id),
+            n => Some(self.find_network_synced(n).await?.id),
         };
         let nodes = match self.cluster.membership().await {
             Some(m) => m.nodes().await,

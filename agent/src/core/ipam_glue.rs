@@ -408,8 +408,19 @@ impl Core {
             let mut nets = self.ipam.nets.lock().await;
             let mut ids = Vec::new();
             for (id, a) in nets.iter_mut() {
-                if a.hand_off_all(to).is_ok() && self.ipam.persist(*id, a).is_ok() {
-                    ids.push(*id);
+                if a.ranges_of(self.ipam.me).is_empty() {
+                    continue;
+                }
+                // Our endpoints are withdrawn, and peers drop everything of
+                // ours when they see us leave: the quarantine has no one
+                // left to protect.
+                a.release_quarantine(u64::MAX);
+                match a.hand_off_all(to) {
+                    Ok(_) => match self.ipam.persist(*id, a) {
+                        Ok(()) => ids.push(*id),
+                        Err(e) => warn!(network = %id, error = %e, "could not persist hand-off"),
+                    },
+                    Err(e) => warn!(network = %id, error = %e, "address space not handed off"),
                 }
             }
             ids

@@ -114,7 +114,7 @@ impl Core {
             .put(&key::network(id), Value::Network(record))?;
         self.notify();
         info!(network = %id, name = %spec.name, vni = %vni, subnet = %pool.subnet, "network created");
-        self.network_info(&spec.name)
+        self.network_info(&id.to_string()).await
     }
 
     fn choose_pool(
@@ -153,6 +153,21 @@ impl Core {
         Err(CoreError::NoVni)
     }
 
+    /// Like `find_network`, but a miss first pulls from every live peer:
+    /// a network created on another host a moment ago may not have reached
+    /// us yet.
+    pub async fn find_network_synced(&self, name: &str) -> Result<NetworkView, CoreError> {
+        match self.find_network(name) {
+            Err(CoreError::NoNetwork(_)) => {
+                if let Some(ch) = self.channels.get() {
+                    crate::sync::pull_all(self, ch).await;
+                }
+                self.find_network(name)
+            }
+            other => other,
+        }
+    }
+
     /// Looks a network up by name, or by id (full or unambiguous prefix).
     pub fn find_network(&self, name: &str) -> Result<NetworkView, CoreError> {
         let all = self.store().networks();
@@ -172,8 +187,12 @@ impl Core {
         }
     }
 
-    pub fn network_info(&self, name: &str) -> Result<NetworkInfo, CoreError> {
-        let view = self.find_network(name)?;
+    pub async fn network_info(&self, name: &str) -> Result<NetworkInfo, CoreError> {
+        let view = self.find_network_synced(name).await?;
+        Ok(self.info_of(view))
+    }
+
+    fn info_of(&self, view: NetworkView) -> NetworkInfo {
         let endpoints = self
             .store()
             .endpoints()
@@ -181,11 +200,11 @@ impl Core {
             .filter(|e| e.network == view.id)
             .count();
         let mtu = self.network_mtu(&view);
-        Ok(NetworkInfo {
+        NetworkInfo {
             view,
             mtu,
             endpoints,
-        })
+        }
     }
 
     pub fn network_list(&self) -> Vec<NetworkInfo> {
@@ -237,7 +256,7 @@ impl Core {
 
     pub async fn network_remove(&self, name: &str, force: bool) -> Result<NetworkId, CoreError> {
         self.require_cluster().await?;
-        let view = self.find_network(name)?;
+        let view = self.find_network_synced(name).await?;
         let eps: Vec<EndpointView> = self
             .store()
             .endpoints()
@@ -327,7 +346,7 @@ impl Core {
 
     /// Desired entries next to the kernel's, for `ovlctl fdb`.
     pub async fn fdb(&self, name: &str) -> Result<(bool, Vec<FdbRow>), CoreError> {
-        let view = self.find_network(name)?;
+        let view = self.find_network_synced(name).await?;
         let nodes = match self.cluster.membership().await {
             Some(m) => m.nodes().await,
             None => Vec::new(),

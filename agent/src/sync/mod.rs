@@ -98,7 +98,7 @@ pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
 }
 
 /// One pass: drop replicas of nodes that left, pull from peers ahead of us.
-async fn round(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView]) {
+async fn round(core: &Core, channels: &Channels, nodes: &[NodeView]) {
     let me = core.cluster.node_id();
     let mut changed = false;
     {
@@ -121,7 +121,7 @@ async fn round(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView]) {
             n.table_version.max(core.hinted_version(n.id)) > core.store().replica_version(n.id)
         })
         .collect();
-    let pulls = behind.iter().map(|n| pull(core, channels, n));
+    let pulls = behind.iter().map(|n| pull(core, channels, n, false));
     for r in futures::future::join_all(pulls).await {
         changed |= r;
     }
@@ -131,9 +131,32 @@ async fn round(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView]) {
     }
 }
 
+/// Read-repair: pulls from every live peer now, whatever gossip says. For
+/// a lookup that missed (e.g. an attach right after `network create` on
+/// another host, before the push arrived). True when anything changed.
+pub async fn pull_all(core: &Core, channels: &Channels) -> bool {
+    let Some(m) = core.cluster.membership().await else {
+        return false;
+    };
+    let nodes = m.nodes().await;
+    let me = core.cluster.node_id();
+    let live: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|n| n.id != me && n.status == NodeStatus::Alive)
+        .collect();
+    let results =
+        futures::future::join_all(live.iter().map(|n| pull(core, channels, n, true))).await;
+    let changed = results.into_iter().any(|c| c);
+    if changed {
+        republish_networks(core);
+        core.notify();
+    }
+    changed
+}
+
 /// Tells every live peer our table moved, so they pull now (fire and
 /// forget: a lost notify only costs latency, gossip still carries `tv`).
-fn push(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView], version: u64) {
+fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
     let Some(keys) = core.cluster.keys() else {
         return;
     };
@@ -157,11 +180,14 @@ fn push(core: &Arc<Core>, channels: &Channels, nodes: &[NodeView], version: u64)
 }
 
 /// Pulls `peer`'s table delta; true when the replica changed.
-async fn pull(core: &Arc<Core>, channels: &Channels, peer: &NodeView) -> bool {
+async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) -> bool {
     let Some(keys) = core.cluster.keys() else {
         return false;
     };
     let since = core.store().replica_version(peer.id);
+    if force {
+        debug!(peer = %peer.id, since, "read-repair pull");
+    }
     let channel = match channels.get(peer.gossip_addr) {
         Ok(c) => c,
         Err(e) => {
