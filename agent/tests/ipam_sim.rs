@@ -16,8 +16,9 @@
 //! departed hosts every block belongs to a present host; and filling the
 //! pool through donations allocates every usable address exactly once.
 //!
-//! `IPAM_SIM_SEED=<n>` runs one seed; `IPAM_SIM_STEPS=<n>` changes the
-//! length. A failure prints the seed and the last actions.
+//! `IPAM_SIM_SEED=<n>` runs one seed, `IPAM_SIM_SEEDS=<n>` seeds 1..=n (a
+//! soak), `IPAM_SIM_STEPS=<n>` changes the length. A failure prints the
+//! seed and the last actions.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
@@ -25,8 +26,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use ovl_agent::ids::{EndpointId, NodeId};
 use ovl_agent::ipam::{
-    AllocError, Allocator, DonationRequest, Grant, Pool, Ring, Want, check_converged,
-    check_disjoint, check_unique_addresses,
+    AcceptError, AllocError, Allocator, DonationRequest, Grant, HandOffError, Pool, Ring, Want,
+    check_converged, check_disjoint, check_unique_addresses,
 };
 
 const SEEDS: u64 = 20;
@@ -83,9 +84,20 @@ struct Host {
     disk: Allocator,
     status: Status,
     group: u8,
+    /// Fingerprint of the state last self-checked (skip unchanged hosts).
+    checked: Option<(u128, usize, usize)>,
 }
 
 impl Host {
+    fn fingerprint(&self) -> (u128, usize, usize) {
+        let s = &self.state;
+        (
+            s.ring().progress(),
+            s.allocations().len(),
+            s.quarantined().len(),
+        )
+    }
+
     fn persist(&mut self) {
         self.disk = self.state.clone();
     }
@@ -239,6 +251,7 @@ impl Sim {
             state,
             status: Status::Up,
             group,
+            checked: None,
         });
     }
 
@@ -273,7 +286,7 @@ impl Sim {
             Body::Request(r) => Body::Request(wire(&r)),
             Body::Grant(g) => Body::Grant(wire(&g)),
             Body::Gossip(r) if self.rng.percent(12) => Body::Gossip(wire(&r)),
-            Body::HandOff(r, seq) => Body::HandOff(wire(&r), seq),
+            Body::HandOff(r, seq) if self.rng.percent(12) => Body::HandOff(wire(&r), seq),
             other => other,
         };
         self.net.push(Msg { from, to, body });
@@ -305,7 +318,7 @@ impl Sim {
             _ => {}
         }
         for i in self.with_status(|s| matches!(s, Status::Leaving { .. })) {
-            if self.rng.percent(10) {
+            if self.rng.percent(5) {
                 self.send_hand_off(i);
             }
         }
@@ -319,11 +332,19 @@ impl Sim {
         let ep = self.new_ep();
         let me = self.hosts[i].id;
         match self.hosts[i].state.allocate(ep) {
+            Ok(ip) if self.rng.percent(2) => {
+                self.log(format!(
+                    "{} allocated {ip}, crashed before persisting",
+                    me.short()
+                ));
+                self.crash_host(i);
+            }
             Ok(ip) => {
                 self.hosts[i].persist();
                 self.stats.allocated += 1;
                 self.log(format!("{} allocate {ip}", me.short()));
             }
+            Err(AllocError::NoRangeOwned) => {}
             Err(AllocError::NeedDonation { candidates }) => {
                 self.stats.need_donation += 1;
                 let k = self.rng.below(candidates.len().min(2));
@@ -367,6 +388,7 @@ impl Sim {
             }
             Err(
                 AllocError::InUse(_)
+                | AllocError::NoRangeOwned
                 | AllocError::NotInPool
                 | AllocError::Reserved
                 | AllocError::Quarantined,
@@ -490,9 +512,17 @@ impl Sim {
             h.state.free(ip, tick).expect("free");
         }
         h.state.release_quarantine(u64::MAX);
-        h.state
-            .hand_off_all(to)
-            .expect("hand off after detaching everything");
+        match h.state.hand_off_all(to) {
+            Ok(_) => {}
+            Err(HandOffError::NoRing) => {
+                // Never heard of the pool, so owns nothing: just go.
+                let h = self.hosts.remove(i);
+                self.departed.push(h.id);
+                self.log(format!("{} left without a ring", h.id.short()));
+                return;
+            }
+            Err(e) => panic!("hand off after detaching everything: {e}"),
+        }
         h.persist();
         h.status = Status::Leaving { to, seq: 1 };
         self.stats.leaves += 1;
@@ -544,6 +574,14 @@ impl Sim {
         let Some(i) = self.rng.pick(&victims) else {
             return;
         };
+        // Losing every copy of the ring loses the network's ownership map
+        // (nothing to heal from); keep at least one on another host's disk.
+        let holders = (0..self.hosts.len())
+            .filter(|k| *k != i && !self.hosts[*k].disk.ring().is_empty())
+            .count();
+        if holders == 0 {
+            return;
+        }
         let h = self.hosts.remove(i);
         self.departed.push(h.id);
         self.stats.deaths += 1;
@@ -557,7 +595,13 @@ impl Sim {
         let Some(src) = self.rng.pick(&self.with_status(|s| *s == Status::Up)) else {
             return;
         };
-        let ring = wire(self.hosts[src].state.ring());
+        // Sometimes with the peers' ring, sometimes with none yet (the
+        // agent creates allocators lazily and learns the ring by gossip).
+        let ring = if self.rng.percent(70) {
+            wire(self.hosts[src].state.ring())
+        } else {
+            Ring::default()
+        };
         let id = self.new_id();
         let group = self.hosts[src].group;
         self.add_host(Allocator::join(id, ring), group);
@@ -578,17 +622,34 @@ impl Sim {
         self.departed
             .retain(|d| !converged.ranges_of(*d).is_empty());
         let up = self.with_status(|s| *s == Status::Up);
-        let Some(c) = self.rng.pick(&up) else { return };
+        let (Some(c), Some(b)) = (self.rng.pick(&up), self.rng.pick(&up)) else {
+            return;
+        };
         let me = self.hosts[c].id;
+        // Usually for itself; sometimes on behalf of another host, which
+        // learns it from the grant or, if that is lost, from gossip.
+        let by = if self.rng.percent(70) {
+            me
+        } else {
+            self.hosts[b].id
+        };
         for dead in self.departed.clone() {
             if self.hosts[c].state.ranges_of(dead).is_empty() {
                 continue;
             }
-            let g = self.hosts[c].state.reclaim(dead, me).expect("reclaim");
+            let g = self.hosts[c].state.reclaim(dead, by).expect("reclaim");
             assert!(!g.entries.is_empty());
             self.hosts[c].persist();
             self.stats.reclaims += 1;
-            self.log(format!("{} reclaims {}", me.short(), dead.short()));
+            self.log(format!(
+                "{} reclaims {} for {}",
+                me.short(),
+                dead.short(),
+                by.short()
+            ));
+            if by != me {
+                self.send(me, by, Body::Grant(g));
+            }
         }
     }
 
@@ -606,11 +667,10 @@ impl Sim {
             return;
         }
         let (Some(s), Some(r)) = (self.idx(msg.from), self.idx(msg.to)) else {
-            // To a departed host; or from one: it may still arrive.
-            if let (None, Some(r)) = (self.idx(msg.from), self.idx(msg.to)) {
-                if self.hosts[r].status != Status::Down {
-                    self.handle(r, msg);
-                }
+            // To a departed host: dropped. From one: it may still arrive.
+            let r = self.idx(msg.to);
+            if let Some(r) = r.filter(|r| self.hosts[*r].status != Status::Down) {
+                self.handle(r, msg);
             }
             return;
         };
@@ -653,8 +713,20 @@ impl Sim {
                 }
             }
             Body::Grant(grant) => {
-                if let Err(e) = self.hosts[r].state.accept(&grant) {
-                    panic!("{me} refused a grant from {}: {e}", msg.from);
+                match self.hosts[r].state.accept(&grant) {
+                    Ok(()) => {}
+                    // No ring yet (reclaimed for a host that never heard of
+                    // the pool): gossip brings both.
+                    Err(AcceptError::NoRing) => return,
+                    Err(e) => panic!("{me} refused a grant from {}: {e}", msg.from),
+                }
+                if self.chaos && self.rng.percent(3) {
+                    self.log(format!(
+                        "{} accepted, crashed before persisting",
+                        me.short()
+                    ));
+                    self.crash_host(r);
+                    return;
                 }
                 self.hosts[r].persist();
                 self.stats.grants_accepted += 1;
@@ -760,11 +832,19 @@ impl Sim {
         }
     }
 
-    fn check(&self) {
-        for h in &self.hosts {
+    /// The invariants, after every step: each host's own state (skipped
+    /// when unchanged: progress grows with every ring change), then across
+    /// hosts, in full.
+    fn check(&mut self) {
+        for h in &mut self.hosts {
+            let fp = h.fingerprint();
+            if h.checked == Some(fp) {
+                continue;
+            }
             if let Err(e) = h.state.check() {
                 panic!("host {}: {e}", h.id);
             }
+            h.checked = Some(fp);
         }
         if let Err(e) = check_disjoint(self.hosts.iter().map(|h| (h.id, h.state.ring()))) {
             panic!("{e}");
@@ -863,12 +943,16 @@ fn ipam_simulation() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(STEPS);
+    let count = std::env::var("IPAM_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SEEDS);
     let seeds: Vec<u64> = match std::env::var("IPAM_SIM_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
     {
         Some(s) => vec![s],
-        None => (1..=SEEDS).collect(),
+        None => (1..=count).collect(),
     };
     let started = std::time::Instant::now();
     let mut total = Stats::default();

@@ -25,6 +25,20 @@ use crate::store::networks::PoolSpec;
 use crate::store::{NetworkView, key};
 use crate::sync::{self, auth};
 
+#[derive(Debug, thiserror::Error)]
+pub enum IpamLoadError {
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error(
+        "{0}: corrupt IPAM state ({1}); this host cannot know which addresses it gave out: move the whole state dir aside so it rejoins as a new node"
+    )]
+    Corrupt(PathBuf, String),
+}
+
+/// How long a leaving host waits for the recipient of its ranges to
+/// acknowledge before leaving anyway.
+const HAND_OFF_ACK: Duration = Duration::from_secs(10);
+
 pub struct Ipam {
     dir: PathBuf,
     me: NodeId,
@@ -32,7 +46,7 @@ pub struct Ipam {
 }
 
 impl Ipam {
-    pub fn load(state_dir: &Path, me: NodeId) -> Result<Self, PersistError> {
+    pub fn load(state_dir: &Path, me: NodeId) -> Result<Self, IpamLoadError> {
         let dir = state_dir.join("ipam");
         persist::ensure_private_dir(&dir)?;
         let mut nets = HashMap::new();
@@ -55,9 +69,10 @@ impl Ipam {
                     Some(Ok(a)) => {
                         nets.insert(id, a);
                     }
-                    Some(Err(e)) => {
-                        warn!(file = %path.display(), error = %e, "corrupt IPAM state ignored")
-                    }
+                    // Starting without our allocations, under the same
+                    // identity, would adopt our ranges with no record of
+                    // what is allocated in them: duplicate addresses.
+                    Some(Err(e)) => return Err(IpamLoadError::Corrupt(path, e.to_string())),
                     None => {}
                 }
             }
@@ -248,7 +263,15 @@ impl Core {
                         e.to_string(),
                     ));
                 }
-                Err(AllocError::EndpointHasAddress(ip)) => return Ok(ip),
+                Err(AllocError::EndpointHasAddress(ip)) if exact.is_none_or(|e| e == ip) => {
+                    return Ok(ip);
+                }
+                Err(AllocError::EndpointHasAddress(ip)) => {
+                    return Err(CoreError::Ipam(
+                        name,
+                        format!("endpoint already holds {ip}"),
+                    ));
+                }
                 Err(AllocError::OwnedBy(owner)) => vec![owner],
                 Err(AllocError::NeedDonation { candidates }) => {
                     let mut c = candidates;
@@ -428,10 +451,59 @@ impl Core {
         for id in &ids {
             let _ = self.publish_ring(*id).await;
         }
-        if !ids.is_empty() {
-            info!(to = %to, networks = ids.len(), "address space handed off");
-            // Let peers pull the hand-off before our table is withdrawn.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        if ids.is_empty() {
+            return;
+        }
+        info!(to = %to, networks = ids.len(), "address space handed off; waiting for the recipient's ack");
+        if self.await_hand_off_ack(to, &ids).await {
+            info!(to = %to, "hand-off acknowledged");
+        } else {
+            warn!(to = %to, "hand-off not acknowledged in time; the recipient still adopts the ranges from any replica of our ring");
+        }
+    }
+
+    /// The recipient acknowledges by publishing a ring in which it owns
+    /// everything we handed it (it merged our view).
+    async fn await_hand_off_ack(&self, to: NodeId, ids: &[NetworkId]) -> bool {
+        let deadline = tokio::time::Instant::now() + HAND_OFF_ACK;
+        loop {
+            let mut acked = true;
+            for id in ids {
+                let ours = self
+                    .ipam
+                    .nets
+                    .lock()
+                    .await
+                    .get(id)
+                    .map(|a| a.ranges_of(to))
+                    .unwrap_or_default();
+                let theirs = self
+                    .store()
+                    .ipam_rings(*id)
+                    .into_iter()
+                    .find(|(p, _)| *p == to)
+                    .and_then(|(_, json)| serde_json::from_slice::<Ring>(&json).ok())
+                    .map(|r| r.ranges_of(to))
+                    .unwrap_or_default();
+                let covered = |b: &ipnetwork::Ipv4Network| {
+                    theirs
+                        .iter()
+                        .any(|t| t.prefix() <= b.prefix() && t.contains(b.network()))
+                };
+                if !ours.iter().all(covered) {
+                    acked = false;
+                }
+            }
+            if acked {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            if let Some(ch) = self.channels.get() {
+                crate::sync::pull_all(self, ch).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }

@@ -24,7 +24,7 @@ use crate::store::Store;
 use crate::sync::Channels;
 pub use endpoints::{AttachSpec, EndpointGuard, EndpointInfo, NetnsRef};
 pub use error::CoreError;
-pub use ipam_glue::Ipam;
+pub use ipam_glue::{Ipam, IpamLoadError};
 pub use networks::{CreateSpec, FdbRow, NetworkInfo, PeerInfo};
 
 pub struct Core {

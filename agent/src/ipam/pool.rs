@@ -134,12 +134,15 @@ impl Pool {
         } else {
             return 0;
         };
-        let mut reserved = vec![self.subnet.network(), self.subnet.broadcast()];
-        reserved.extend(self.gateway);
-        reserved.sort();
-        reserved.dedup();
-        let hit = reserved.iter().filter(|ip| inner.contains(**ip)).count() as u32;
-        inner.size().saturating_sub(hit)
+        // Distinct by construction: a pool is at least a /30 and its
+        // gateway is neither the network nor the broadcast address.
+        let reserved = [
+            Some(self.subnet.network()),
+            Some(self.subnet.broadcast()),
+            self.gateway,
+        ];
+        let hit = reserved.iter().flatten().filter(|ip| inner.contains(**ip));
+        inner.size().saturating_sub(hit.count() as u32)
     }
 
     pub fn usable_count(&self) -> u32 {

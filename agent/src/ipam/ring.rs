@@ -107,14 +107,19 @@ pub struct Ring {
     reports: BTreeMap<NodeId, FreeReport>,
 }
 
+/// Addresses in a block.
+fn size(block: Ipv4Network) -> u64 {
+    1u64 << (32 - u32::from(block.prefix().min(32)))
+}
+
 /// First address of a block, as an integer.
 pub(crate) fn first(block: Ipv4Network) -> u64 {
-    u64::from(u32::from(block.network()))
+    u64::from(u32::from(block.ip())) & !(size(block) - 1)
 }
 
 /// One past the last address of a block (2^32 for the top block).
 pub(crate) fn end(block: Ipv4Network) -> u64 {
-    first(block) + (1u64 << (32 - u32::from(block.prefix().min(32))))
+    first(block) + size(block)
 }
 
 fn addr(n: u64) -> Ipv4Addr {
@@ -415,9 +420,14 @@ impl Ring {
 
     /// Every node owning at least one block, sorted.
     pub fn owners(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = self.entries.iter().map(|e| e.owner).collect();
+        // Few distinct owners, many entries: a linear scan beats sorting.
+        let mut v: Vec<NodeId> = Vec::new();
+        for e in &self.entries {
+            if v.last() != Some(&e.owner) && !v.contains(&e.owner) {
+                v.push(e.owner);
+            }
+        }
         v.sort();
-        v.dedup();
         v
     }
 
@@ -445,7 +455,7 @@ impl Ring {
         let ranges: u128 = self
             .entries
             .iter()
-            .map(|e| u128::from(e.version) * u128::from(end(e.block) - first(e.block)))
+            .map(|e| u128::from(e.version) * u128::from(size(e.block)))
             .sum();
         let reports: u128 = self
             .reports

@@ -431,6 +431,13 @@ fn no_ring_yet() {
         Err(AllocError::NoRangeOwned)
     );
     assert_eq!(a.donate(half(n(2))), Err(DonateError::NoSpace));
+    assert_eq!(
+        a.donate(exact(n(2), "10.0.0.2")),
+        Err(DonateError::NotOwner {
+            ip: ip("10.0.0.2"),
+            owner: None
+        })
+    );
     assert_eq!(a.hand_off_all(n(2)), Err(HandOffError::NoRing));
     assert_eq!(a.reclaim(n(2), n(1)), Err(ReclaimError::NoRing));
     a.check().unwrap();
@@ -803,19 +810,29 @@ fn snapshot_round_trip_and_validation() {
     let json = serde_json::to_string(&a).unwrap();
     let back: Allocator = serde_json::from_str(&json).unwrap();
     assert_eq!(back, a);
-    // A snapshot claiming an address of someone else's block is refused.
-    let mut v: serde_json::Value = serde_json::to_value(&b).unwrap();
-    v["allocations"][0]["ip"] = "10.0.0.5".into();
-    assert!(serde_json::from_value::<Allocator>(v).is_err());
-    let mut v: serde_json::Value = serde_json::to_value(&a).unwrap();
-    v["quarantine"][0]["ip"] = "10.0.0.2".into();
-    assert!(serde_json::from_value::<Allocator>(v).is_err());
-    let mut v: serde_json::Value = serde_json::to_value(&a).unwrap();
-    v["allocations"][0]["ip"] = "10.0.0.1".into();
-    assert!(serde_json::from_value::<Allocator>(v).is_err());
-    let mut v: serde_json::Value = serde_json::to_value(&a).unwrap();
-    v["ring"]["entries"][0]["owner"] = "zz".into();
-    assert!(serde_json::from_value::<Allocator>(v).is_err());
+    // Snapshots that break an invariant are refused, with the reason.
+    let refused = |a: &Allocator, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = serde_json::to_value(a).unwrap();
+        edit(&mut v);
+        serde_json::from_value::<Allocator>(v)
+            .unwrap_err()
+            .to_string()
+    };
+    let why = refused(&b, &|v| v["allocations"][0]["ip"] = "10.0.0.5".into());
+    assert!(why.contains("held here but owned by"), "{why}");
+    let why = refused(&a, &|v| v["quarantine"][0]["ip"] = "10.0.0.2".into());
+    assert!(why.contains("listed twice"), "{why}");
+    let why = refused(&a, &|v| v["allocations"][0]["ip"] = "10.0.0.1".into());
+    assert!(why.contains("not usable"), "{why}");
+    let why = refused(&a, &|v| {
+        v["allocations"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"ip": "10.0.0.9", "endpoint": ep(1).to_string()}))
+    });
+    assert!(why.contains("holds two addresses"), "{why}");
+    let why = refused(&a, &|v| v["ring"]["entries"][0]["owner"] = "zz".into());
+    assert!(why.contains("hex digits"), "{why}");
 }
 
 #[test]
