@@ -250,6 +250,14 @@ impl Cluster {
         self.cluster_keys()
     }
 
+    /// Every node as membership sees it; empty when not in a cluster.
+    pub async fn members(&self) -> Vec<NodeView> {
+        match self.membership().await {
+            Some(m) => m.nodes().await,
+            None => Vec::new(),
+        }
+    }
+
     /// The running membership, while the node is in a cluster.
     pub async fn membership(&self) -> Option<Arc<Membership>> {
         match &*self.phase.lock().await {

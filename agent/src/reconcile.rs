@@ -48,10 +48,7 @@ pub async fn run(core: Arc<Core>) {
             _ = changes.changed() => {}
             alive = member_change => if !alive { members = None },
         }
-        let nodes = match core.cluster.membership().await {
-            Some(m) => m.nodes().await,
-            None => Vec::new(),
-        };
+        let nodes = core.cluster.members().await;
         if !warm {
             warm = warmed_up(&core, &nodes);
             if !warm {

@@ -191,10 +191,7 @@ impl Core {
         net: &crate::store::NetworkView,
         ep: &LocalEndpoint,
     ) -> Result<(), CoreError> {
-        let nodes = match self.cluster.membership().await {
-            Some(m) => m.nodes().await,
-            None => Vec::new(),
-        };
+        let nodes = self.cluster.members().await;
         // The VXLAN device binds to the data-path interface: know it before
         // creating the device, or the next pass would see a mismatch.
         self.refresh_underlay().await?;
@@ -242,15 +239,13 @@ impl Core {
             return Err(CoreError::NoEndpoint(name.to_string(), network.to_string()));
         };
         if ep.owner != me {
-            let owner = match self.cluster.membership().await {
-                Some(m) => m
-                    .nodes()
-                    .await
-                    .into_iter()
-                    .find(|n| n.id == ep.owner)
-                    .map(|n| n.name),
-                None => None,
-            };
+            let owner = self
+                .cluster
+                .members()
+                .await
+                .into_iter()
+                .find(|n| n.id == ep.owner)
+                .map(|n| n.name);
             return Err(CoreError::NotLocal(
                 name.to_string(),
                 owner.unwrap_or_else(|| ep.owner.short()),
@@ -337,10 +332,7 @@ impl Core {
             "" => None,
             n => Some(self.find_network_synced(n).await?.id),
         };
-        let nodes = match self.cluster.membership().await {
-            Some(m) => m.nodes().await,
-            None => Vec::new(),
-        };
+        let nodes = self.cluster.members().await;
         let (eps, nets) = {
             let s = self.store();
             (s.endpoints(), s.networks())

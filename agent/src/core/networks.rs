@@ -224,10 +224,7 @@ impl Core {
     /// Per-host view of a network: who has endpoints in it and which
     /// address ranges each host owns.
     pub async fn network_peers(&self, view: &NetworkView) -> Vec<PeerInfo> {
-        let nodes = match self.cluster.membership().await {
-            Some(m) => m.nodes().await,
-            None => Vec::new(),
-        };
+        let nodes = self.cluster.members().await;
         let eps = self.store().endpoints();
         let ranges = self.ipam.ranges_by_owner(view.id).await;
         let mut ids: BTreeSet<NodeId> = eps
@@ -264,10 +261,7 @@ impl Core {
             .filter(|e| e.network == view.id)
             .collect();
         if !eps.is_empty() && !force {
-            let members = match self.cluster.membership().await {
-                Some(m) => m.nodes().await,
-                None => Vec::new(),
-            };
+            let members = self.cluster.members().await;
             let nodes: BTreeSet<String> = eps
                 .iter()
                 .map(|e| match members.iter().find(|n| n.id == e.owner) {
@@ -347,10 +341,7 @@ impl Core {
     /// Desired entries next to the kernel's, for `ovlctl fdb`.
     pub async fn fdb(&self, name: &str) -> Result<(bool, Vec<FdbRow>), CoreError> {
         let view = self.find_network_synced(name).await?;
-        let nodes = match self.cluster.membership().await {
-            Some(m) => m.nodes().await,
-            None => Vec::new(),
-        };
+        let nodes = self.cluster.members().await;
         let me = self.cluster.node_id();
         let local = self
             .store()
