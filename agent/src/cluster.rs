@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -92,7 +93,10 @@ pub struct Status {
 pub struct Cluster {
     config: Config,
     identity: Identity,
-    generation: u64,
+    /// Chitchat incarnation: fresh for every activation, so a node that
+    /// left and joins again in the same process is not taken for the old
+    /// incarnation (which peers remember as left, with higher versions).
+    generation: AtomicU64,
     counters: Arc<Counters>,
     rng: SystemRandom,
     phase: Mutex<Phase>,
@@ -116,14 +120,10 @@ impl Cluster {
         identity: Identity,
         counters: Arc<Counters>,
     ) -> Result<Arc<Self>, ClusterError> {
-        let generation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(1);
         let this = Arc::new(Self {
             config,
             identity,
-            generation,
+            generation: AtomicU64::new(0),
             counters,
             rng: SystemRandom::new(),
             phase: Mutex::new(Phase::Unclustered {
@@ -305,7 +305,7 @@ impl Cluster {
             state,
             reason,
             cluster_id,
-            generation: self.generation,
+            generation: self.generation.load(Ordering::Relaxed),
             nodes,
         }
     }
@@ -339,6 +339,18 @@ impl Cluster {
             }
             Phase::Unclustered { .. } => {}
         }
+    }
+
+    /// Unix milliseconds, strictly above the previous generation.
+    fn next_generation(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        let prev = self.generation.load(Ordering::Relaxed);
+        let next = now.max(prev + 1);
+        self.generation.store(next, Ordering::Relaxed);
+        next
     }
 
     fn refuse_if_active(&self, phase: &Phase) -> Result<(), ClusterError> {
@@ -453,7 +465,7 @@ impl Cluster {
         ];
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,
-            generation: self.generation,
+            generation: self.next_generation(),
             cluster_id: token.cluster_id(),
             gossip_addr: self.config.gossip_addr(),
             seeds,
