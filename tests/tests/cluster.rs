@@ -650,4 +650,29 @@ fn leave_shows_left_within_5s_not_dead() {
         Ok(())
     })
     .expect("h2 stays left");
+
+    // Joining again from the same running agent: peers remember the left
+    // incarnation, so the node must come back as a new one, alive, once.
+    let token = lab
+        .ctl_ok(1, &["cluster", "join-token"])
+        .expect("join-token on h1")
+        .stdout
+        .trim()
+        .to_string();
+    let seed = host_addr(1).to_string();
+    lab.cluster_join(2, &token, &[&seed])
+        .expect("h2 joins again after leaving");
+    let want = [(1, "alive"), (2, "alive"), (3, "alive")];
+    let took = wait_until(PATIENCE, POLL, || {
+        for v in [1, 2, 3] {
+            check_view(&lab, v, &want)?;
+        }
+        Ok(true)
+    })
+    .expect("h2 alive again everywhere after rejoining");
+    println!("h2 rejoined: alive everywhere after {took:.2?}");
+    assert!(
+        took <= BOUND,
+        "rejoin took {took:.2?} (> {BOUND:?}) to show"
+    );
 }
