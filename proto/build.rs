@@ -4,6 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={f}");
     }
     let fds = protox::compile(files, ["."])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Maps as BTreeMap: prost then encodes them in key order, so a message
+    // re-encodes to the same bytes on both ends (peer calls MAC the body).
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(fds)?;
     Ok(())
 }

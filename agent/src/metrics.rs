@@ -31,6 +31,7 @@ counters! {
     GossipDropOversize => "gossip_drop_oversize",
     HelloServed => "peer_hello_served",
     PeerRefused => "peer_call_refused",
+    PeerReplyRefused => "peer_reply_refused",
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     ReconcileErrors => "reconcile_errors",

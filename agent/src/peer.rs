@@ -60,23 +60,49 @@ impl PeerService {
         Err(s)
     }
 
-    /// Checks the caller's credentials; returns the keys and its node id.
-    fn authenticate<T>(
+    /// Checks the caller's credentials; returns what the reply needs.
+    fn authenticate<T: prost::Message>(
         &self,
         req: &Request<T>,
-        method: &str,
-    ) -> Result<(Arc<ClusterKeys>, NodeId), Status> {
+        method: &'static str,
+    ) -> Result<Caller, Status> {
         let Some(keys) = self.core.cluster.cluster_keys() else {
             return self.refuse(
                 req.remote_addr(),
                 Status::failed_precondition("this agent is not in a cluster"),
             );
         };
-        match auth::verify(req.metadata(), &keys, method) {
-            Ok(node) => Ok((keys, node)),
+        match auth::verify_request(req, &keys, method) {
+            Ok((node, mac)) => Ok(Caller {
+                keys,
+                node,
+                mac,
+                method,
+            }),
             Err(e) => self.refuse(req.remote_addr(), Status::unauthenticated(e.to_string())),
         }
     }
+
+    /// A reply bound to the caller's request.
+    fn reply<T: prost::Message>(&self, caller: &Caller, body: T) -> Response<T> {
+        let mut resp = Response::new(body);
+        auth::stamp_response(
+            &mut resp,
+            &caller.keys,
+            self.core.cluster.node_id(),
+            caller.method,
+            &caller.mac,
+        );
+        resp
+    }
+}
+
+/// An authenticated caller.
+struct Caller {
+    keys: Arc<ClusterKeys>,
+    node: NodeId,
+    mac: auth::Mac,
+    method: &'static str,
 }
 
 static REFUSE_LOG: RateLimit = RateLimit::new(std::time::Duration::from_secs(10));
@@ -118,37 +144,40 @@ impl Peer for PeerService {
     }
 
     async fn pull(&self, req: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
-        let (_, caller) = self.authenticate(&req, sync::PULL)?;
+        let caller = self.authenticate(&req, sync::PULL)?;
         let since = req.into_inner().since;
         let (version, full, entries) = self.core.store().delta_since(since);
-        self.core.served(caller, version);
+        self.core.served(caller.node, version);
         self.counters.inc(Counter::PullServed);
-        Ok(Response::new(PullResponse {
-            owner: self.core.cluster.node_id().as_bytes().to_vec(),
-            version,
-            full,
-            entries,
-        }))
+        Ok(self.reply(
+            &caller,
+            PullResponse {
+                owner: self.core.cluster.node_id().as_bytes().to_vec(),
+                version,
+                full,
+                entries,
+            },
+        ))
     }
 
     async fn notify(
         &self,
         req: Request<NotifyRequest>,
     ) -> Result<Response<NotifyResponse>, Status> {
-        let (_, caller) = self.authenticate(&req, sync::NOTIFY)?;
-        self.core.hint(caller, req.into_inner().version);
-        Ok(Response::new(NotifyResponse {}))
+        let caller = self.authenticate(&req, sync::NOTIFY)?;
+        self.core.hint(caller.node, req.into_inner().version);
+        Ok(self.reply(&caller, NotifyResponse {}))
     }
 
     async fn request_space(
         &self,
         req: Request<SpaceRequest>,
     ) -> Result<Response<SpaceGrant>, Status> {
-        let (_, caller) = self.authenticate(&req, sync::REQUEST_SPACE)?;
+        let caller = self.authenticate(&req, sync::REQUEST_SPACE)?;
         let req = req.into_inner();
         let grant = self
             .core
-            .donate_space(caller, &req.network_id, &req.exact_ip)
+            .donate_space(caller.node, &req.network_id, &req.exact_ip)
             .await
             .map_err(|e| match e {
                 CoreError::NoNetwork(_) => Status::not_found(e.to_string()),
@@ -158,7 +187,7 @@ impl Peer for PeerService {
                 }
                 _ => Status::internal(e.to_string()),
             })?;
-        Ok(Response::new(SpaceGrant { grant_json: grant }))
+        Ok(self.reply(&caller, SpaceGrant { grant_json: grant }))
     }
 }
 

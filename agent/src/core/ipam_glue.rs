@@ -335,14 +335,23 @@ impl Core {
                 network_id: id.as_bytes().to_vec(),
                 exact_ip: exact.map(|i| i.to_string()).unwrap_or_default(),
             });
-            auth::stamp(
-                req.metadata_mut(),
-                &keys,
-                self.cluster.node_id(),
-                sync::REQUEST_SPACE,
-            );
+            let mac =
+                auth::stamp_request(&mut req, &keys, self.cluster.node_id(), sync::REQUEST_SPACE);
             let grant = match PeerClient::new(channel).request_space(req).await {
-                Ok(r) => r.into_inner().grant_json,
+                Ok(r) => {
+                    match auth::verify_response(&r, &keys, sync::REQUEST_SPACE, *donor, &mac) {
+                        Ok(()) => r.into_inner().grant_json,
+                        Err(e) => {
+                            self.counters.inc(crate::metrics::Counter::PeerReplyRefused);
+                            asked.push(format!(
+                                "{} ({}): reply refused: {e}",
+                                node.name,
+                                donor.short()
+                            ));
+                            continue;
+                        }
+                    }
+                }
                 Err(s) => {
                     asked.push(format!(
                         "{} ({}): {}",

@@ -1,7 +1,7 @@
 //! Network commands: create, list, inspect, remove, and the desired kernel
 //! plan of a network (shared by the reconciler and `ovlctl fdb`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
 use ovl_proto::records::{NetworkRecord, NetworkRemoval, table_entry::Value};
@@ -32,7 +32,7 @@ pub struct CreateSpec {
     pub encrypted: bool,
     pub attachable: bool,
     pub internal: bool,
-    pub labels: HashMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 pub struct NetworkInfo {

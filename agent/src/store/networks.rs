@@ -143,7 +143,7 @@ pub fn validate_mtu(mtu: u32) -> Result<(), NetworkError> {
     Ok(())
 }
 
-pub fn validate_labels(labels: &HashMap<String, String>) -> Result<(), NetworkError> {
+pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), NetworkError> {
     for k in labels.keys() {
         if k.is_empty() || k.contains('=') || k.len() > 128 {
             return Err(NetworkError::BadLabel(k.clone()));

@@ -169,7 +169,7 @@ fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
             continue;
         };
         let mut req = tonic::Request::new(ovl_proto::peer::NotifyRequest { version });
-        auth::stamp(req.metadata_mut(), &keys, me, NOTIFY);
+        auth::stamp_request(&mut req, &keys, me, NOTIFY);
         let peer = n.id;
         tokio::spawn(async move {
             if let Err(s) = PeerClient::new(channel).notify(req).await {
@@ -196,9 +196,16 @@ async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) ->
         }
     };
     let mut req = tonic::Request::new(PullRequest { since });
-    auth::stamp(req.metadata_mut(), &keys, core.cluster.node_id(), PULL);
+    let mac = auth::stamp_request(&mut req, &keys, core.cluster.node_id(), PULL);
     let resp = match PeerClient::new(channel).pull(req).await {
-        Ok(r) => r.into_inner(),
+        Ok(r) => match auth::verify_response(&r, &keys, PULL, peer.id, &mac) {
+            Ok(()) => r.into_inner(),
+            Err(e) => {
+                core.counters.inc(crate::metrics::Counter::PeerReplyRefused);
+                warn!(peer = %peer.id, error = %e, "pull reply refused");
+                return false;
+            }
+        },
         Err(s) => {
             debug!(peer = %peer.id, code = ?s.code(), error = s.message(), "pull failed; retrying next round");
             if s.code() == tonic::Code::Unavailable {
