@@ -72,7 +72,7 @@ fn report_conflicts(core: &Core, reported: &mut HashSet<crate::ids::NetworkId>) 
             && reported.insert(n.id)
         {
             warn!(network = %n.id, name = %n.name(), vni = %n.vni, %reason,
-                  "network in conflict: not usable; remove it (`ovlctl network rm {}`) or the winner", n.id);
+                  "network lost a name/VNI clash: not usable, never programmed, its endpoints are withdrawn; remove it with `ovlctl network rm {}`", n.id);
         }
     }
 }

@@ -9,6 +9,8 @@
 //!
 //! The switch lives in a namespace of its own, so the root namespace's
 //! firewall (bridge netfilter, Docker's FORWARD DROP) never sees lab traffic.
+//! Setting switch port `pK` down cuts host k off ([`Lab::partition`],
+//! [`Lab::heal`]).
 
 use std::fs;
 use std::net::Ipv4Addr;
@@ -406,6 +408,53 @@ impl Lab {
     /// Like [`Lab::exec`], but a non-zero exit is an error with the output.
     pub fn exec_ok(&self, k: usize, cmd: &[&str]) -> Result<CmdOutput> {
         self.exec(k, cmd)?.ok()
+    }
+
+    // ---- underlay faults --------------------------------------------------------
+
+    /// `pK`: the switch-side end of host k's underlay veth (in
+    /// [`Lab::switch_ns`]).
+    pub fn switch_port(&self, k: usize) -> String {
+        self.check(k);
+        format!("p{k}")
+    }
+
+    /// Cuts host k off the underlay: its switch port goes down, so no frame
+    /// reaches or leaves it (its `eth0` loses carrier; its address and
+    /// routes stay, as on a pulled cable). The other hosts still reach each
+    /// other. Undo with [`Lab::heal`]; teardown works either way.
+    pub fn partition(&self, k: usize) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.switch_ns(),
+            "link",
+            "set",
+            &self.switch_port(k),
+            "down",
+        ])?;
+        Ok(())
+    }
+
+    /// Reconnects host k to the underlay (its switch port up again).
+    pub fn heal(&self, k: usize) -> Result<()> {
+        ip(&[
+            "-n",
+            &self.switch_ns(),
+            "link",
+            "set",
+            &self.switch_port(k),
+            "up",
+        ])?;
+        Ok(())
+    }
+
+    /// Whether host k is cut off by [`Lab::partition`] (its switch port is
+    /// administratively down).
+    pub fn is_partitioned(&self, k: usize) -> Result<bool> {
+        let link = self
+            .link_in(&self.switch_ns(), &self.switch_port(k))?
+            .with_context(|| format!("no {} in {}", self.switch_port(k), self.switch_ns()))?;
+        Ok(!link.is_up())
     }
 
     // ---- teardown -------------------------------------------------------------

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{Core, CoreError, now_ms};
 use crate::dataplane::LocalEndpoint;
-use crate::ids::{EndpointId, MacAddr, NetworkId};
+use crate::ids::{EndpointId, MacAddr};
 use crate::membership::NodeStatus;
 use crate::store::{EndpointView, key};
 
@@ -277,30 +277,31 @@ impl Core {
     /// The caller holds the endpoint lock (see `lock_endpoints`).
     pub async fn withdraw_orphans(&self, _held: &EndpointGuard<'_>) -> Result<usize, CoreError> {
         let me = self.cluster.node_id();
-        let (mine, networks): (Vec<EndpointView>, Vec<NetworkId>) = {
+        let (mine, networks) = {
             let s = self.store();
-            (
-                s.endpoints()
-                    .into_iter()
-                    .filter(|e| e.owner == me)
-                    .collect(),
-                s.networks()
-                    .iter()
-                    .filter(|n| n.is_active())
-                    .map(|n| n.id)
-                    .collect(),
-            )
+            let mine: Vec<EndpointView> = s
+                .endpoints()
+                .into_iter()
+                .filter(|e| e.owner == me)
+                .collect();
+            (mine, s.networks())
         };
         let mut n = 0;
         for ep in mine {
-            let reason = if !networks.contains(&ep.network) {
-                "network removed"
-            } else if !self.dataplane.endpoint_present(ep.id).await? {
-                "namespace or interface disappeared"
-            } else {
-                continue;
+            let reason = match networks.iter().find(|v| v.id == ep.network) {
+                None => "network removed".to_string(),
+                // A network that lost a name/VNI clash is never programmed
+                // (with a VNI clash it cannot be): its endpoints go, loudly.
+                Some(v) if !v.is_active() => format!(
+                    "network lost a clash to an older one: {}",
+                    v.conflict.as_deref().unwrap_or_default()
+                ),
+                Some(_) if !self.dataplane.endpoint_present(ep.id).await? => {
+                    "namespace or interface disappeared".to_string()
+                }
+                Some(_) => continue,
             };
-            self.withdraw(&ep, reason).await?;
+            self.withdraw(&ep, &reason).await?;
             n += 1;
         }
         Ok(n)
