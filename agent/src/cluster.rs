@@ -25,7 +25,7 @@ use crate::membership::{
     self, Membership, MembershipConfig, NodeStatus, NodeView, Tuning, keys, view,
 };
 use crate::metrics::Counters;
-use crate::peer::{self, HelloError, PeerState};
+use crate::peer::{self, HelloError};
 use crate::persist::{self, PersistError};
 use crate::token::{ClusterKeys, JoinToken, TokenError};
 
@@ -102,15 +102,6 @@ pub struct Cluster {
     phase: Mutex<Phase>,
     /// Snapshot for the peer server, which must not wait on `phase`.
     keys: RwLock<Option<Arc<ClusterKeys>>>,
-}
-
-impl PeerState for Cluster {
-    fn node_id(&self) -> NodeId {
-        self.identity.node_id
-    }
-    fn cluster_keys(&self) -> Option<Arc<ClusterKeys>> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
 }
 
 impl Cluster {
@@ -247,7 +238,7 @@ impl Cluster {
 
     /// The cluster keys, while the node is in a cluster.
     pub fn keys(&self) -> Option<Arc<ClusterKeys>> {
-        self.cluster_keys()
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Every node as membership sees it; empty when not in a cluster.

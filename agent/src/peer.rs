@@ -35,13 +35,6 @@ fn proof_input(cluster: ClusterId, nonce: &[u8], server: NodeId) -> Vec<u8> {
     [HELLO_LABEL, cluster.as_bytes(), nonce, server.as_bytes()].concat()
 }
 
-/// What the peer server needs to know about the local node.
-pub trait PeerState: Send + Sync + 'static {
-    fn node_id(&self) -> NodeId;
-    /// The cluster keys while the node is in a cluster.
-    fn cluster_keys(&self) -> Option<Arc<ClusterKeys>>;
-}
-
 pub struct PeerService {
     core: Arc<Core>,
     counters: Arc<Counters>,
@@ -66,7 +59,7 @@ impl PeerService {
         req: &Request<T>,
         method: &'static str,
     ) -> Result<Caller, Status> {
-        let Some(keys) = self.core.cluster.cluster_keys() else {
+        let Some(keys) = self.core.cluster.keys() else {
             return self.refuse(
                 req.remote_addr(),
                 Status::failed_precondition("this agent is not in a cluster"),
@@ -112,7 +105,7 @@ impl Peer for PeerService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let remote = req.remote_addr();
         let req = req.into_inner();
-        let Some(keys) = self.core.cluster.cluster_keys() else {
+        let Some(keys) = self.core.cluster.keys() else {
             return self.refuse(
                 remote,
                 Status::failed_precondition("this agent is not in a cluster"),

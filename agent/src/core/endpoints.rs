@@ -2,7 +2,7 @@
 //! cluster-wide MAC/IP/VTEP table, and withdraw endpoints whose namespace
 //! vanished.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use ipnetwork::{IpNetwork, Ipv4Network};
@@ -361,9 +361,5 @@ impl Core {
             .collect();
         out.sort_by(|a, b| (&a.network_name, &a.view.name).cmp(&(&b.network_name, &b.view.name)));
         Ok(out)
-    }
-
-    pub fn local_ip(&self) -> IpAddr {
-        self.cluster.config().data_path_addr
     }
 }

@@ -19,7 +19,6 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
-use crate::ids::NodeId;
 use crate::membership::{NodeStatus, NodeView, keys};
 use crate::store::key;
 
@@ -271,12 +270,4 @@ fn republish_networks(core: &Core) {
             warn!(key = %k, error = %e, "could not republish network record");
         }
     }
-}
-
-/// Peers by id from the membership view (for RPCs other than pull).
-pub fn peer_addr(nodes: &[NodeView], id: NodeId) -> Option<SocketAddr> {
-    nodes
-        .iter()
-        .find(|n| n.id == id && n.status == NodeStatus::Alive)
-        .map(|n| n.gossip_addr)
 }
