@@ -218,6 +218,7 @@ async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) ->
         return false;
     }
     let count = resp.entries.len();
+    count_invalid(core, peer.id, &resp.entries);
     let mut store = core.store();
     match store.apply_replica(peer.id, since, resp.version, resp.full, resp.entries) {
         Ok(changed) => {
@@ -231,6 +232,37 @@ async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) ->
         }
     }
 }
+
+/// Counts received records the views will skip (a member running a buggy
+/// or incompatible version): they are kept in the replica, never used.
+fn count_invalid(
+    core: &Core,
+    owner: crate::ids::NodeId,
+    entries: &[ovl_proto::records::TableEntry],
+) {
+    let invalid = entries
+        .iter()
+        .filter(|e| match &e.value {
+            Some(Value::Network(r)) => {
+                crate::store::networks::effective(std::slice::from_ref(r), &Default::default()).1
+                    > 0
+            }
+            Some(Value::Endpoint(r)) => crate::store::EndpointView::parse(owner, r).is_none(),
+            _ => false,
+        })
+        .count();
+    for _ in 0..invalid {
+        core.counters.inc(crate::metrics::Counter::RecordsInvalid);
+    }
+    if invalid > 0
+        && let Some(suppressed) = INVALID_LOG.check(std::time::Instant::now())
+    {
+        warn!(peer = %owner, invalid, suppressed, "peer published records that do not validate; they are ignored");
+    }
+}
+
+static INVALID_LOG: crate::metrics::RateLimit =
+    crate::metrics::RateLimit::new(Duration::from_secs(10));
 
 /// Copies network records and removals known from replicas into our own
 /// table (two-phase set: a removal, once seen, is kept and the record goes).
