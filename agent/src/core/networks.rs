@@ -10,7 +10,7 @@ use tracing::info;
 
 use super::{Core, CoreError, now_ms};
 use crate::dataplane::{NetworkPlan, RemoteEndpoint};
-use crate::ids::{NetworkId, NodeId, Vni};
+use crate::ids::{MacAddr, NetworkId, NodeId, Vni};
 use crate::membership::{NodeStatus, NodeView};
 use crate::store::networks::{self, NetworkError, NetworkView, PoolSpec};
 use crate::store::{EndpointView, key};
@@ -50,9 +50,32 @@ pub struct PeerInfo {
     pub ranges: Vec<String>,
 }
 
-/// `ovlctl fdb` rows keyed by (kind, identity) for the desired/kernel diff.
-type FdbKey<'a> = (&'a str, (String, String));
-type FdbCells = (String, String, String);
+/// One FDB, neighbour or flood entry as `ovlctl fdb` shows it:
+/// (kind, mac, ip, vtep); the whole row identifies the entry.
+type FdbEntry = (&'static str, String, String, String);
+
+/// Desired and kernel entries alike, as comparable rows.
+fn fdb_entries(
+    fdb: &[(MacAddr, IpAddr)],
+    neigh: &[(IpAddr, MacAddr)],
+    flood: &[IpAddr],
+) -> BTreeSet<FdbEntry> {
+    let fdb = fdb
+        .iter()
+        .map(|(mac, vtep)| ("fdb", mac.to_string(), String::new(), vtep.to_string()));
+    let neigh = neigh
+        .iter()
+        .map(|(ip, mac)| ("neigh", mac.to_string(), ip.to_string(), String::new()));
+    let flood = flood.iter().map(|v| {
+        (
+            "flood",
+            MacAddr([0; 6]).to_string(),
+            String::new(),
+            v.to_string(),
+        )
+    });
+    fdb.chain(neigh).chain(flood).collect()
+}
 
 pub struct FdbRow {
     pub kind: &'static str,
@@ -350,69 +373,23 @@ impl Core {
             .any(|e| e.network == view.id && e.owner == me);
         let plan = self.plan(&view, &nodes);
         let kernel = self.dataplane.kernel_view(view.vni).await?;
-        let mut rows = Vec::new();
-        let key = |a: &dyn ToString, b: &dyn ToString| (a.to_string(), b.to_string());
-        let mut want: BTreeMap<FdbKey, FdbCells> = BTreeMap::new();
-        for r in &plan.remotes {
-            want.insert(
-                ("fdb", key(&r.mac, &r.vtep)),
-                (r.mac.to_string(), String::new(), r.vtep.to_string()),
-            );
-            want.insert(
-                ("neigh", key(&r.ip, &r.mac)),
-                (r.mac.to_string(), r.ip.to_string(), String::new()),
-            );
-        }
-        for v in &plan.flood_vteps {
-            want.insert(
-                ("flood", key(v, &"")),
-                ("00:00:00:00:00:00".into(), String::new(), v.to_string()),
-            );
-        }
-        let mut have: BTreeMap<FdbKey, FdbCells> = BTreeMap::new();
-        for (mac, vtep) in &kernel.fdb {
-            have.insert(
-                ("fdb", key(mac, vtep)),
-                (mac.to_string(), String::new(), vtep.to_string()),
-            );
-        }
-        for (ip, mac) in &kernel.neigh {
-            have.insert(
-                ("neigh", key(ip, mac)),
-                (mac.to_string(), ip.to_string(), String::new()),
-            );
-        }
-        for v in &kernel.flood {
-            have.insert(
-                ("flood", key(v, &"")),
-                ("00:00:00:00:00:00".into(), String::new(), v.to_string()),
-            );
-        }
-        for (k, (mac, ip, vtep)) in &want {
-            let state = if have.contains_key(k) {
-                "ok"
-            } else {
-                "missing"
-            };
-            rows.push(FdbRow {
-                kind: k.0,
-                mac: mac.clone(),
-                ip: ip.clone(),
-                vtep: vtep.clone(),
-                state,
-            });
-        }
-        for (k, (mac, ip, vtep)) in &have {
-            if !want.contains_key(k) {
-                rows.push(FdbRow {
-                    kind: k.0,
-                    mac: mac.clone(),
-                    ip: ip.clone(),
-                    vtep: vtep.clone(),
-                    state: "extra",
-                });
-            }
-        }
+        let fdb: Vec<_> = plan.remotes.iter().map(|r| (r.mac, r.vtep)).collect();
+        let neigh: Vec<_> = plan.remotes.iter().map(|r| (r.ip, r.mac)).collect();
+        let flood: Vec<_> = plan.flood_vteps.iter().copied().collect();
+        let want = fdb_entries(&fdb, &neigh, &flood);
+        let have = fdb_entries(&kernel.fdb, &kernel.neigh, &kernel.flood);
+        let row = |(kind, mac, ip, vtep): &FdbEntry, state| FdbRow {
+            kind,
+            mac: mac.clone(),
+            ip: ip.clone(),
+            vtep: vtep.clone(),
+            state,
+        };
+        let rows = want
+            .iter()
+            .map(|e| row(e, if have.contains(e) { "ok" } else { "missing" }))
+            .chain(have.difference(&want).map(|e| row(e, "extra")))
+            .collect();
         Ok((local, rows))
     }
 }
