@@ -110,7 +110,7 @@ fn core_status(e: CoreError) -> Status {
         NoNetwork(_) | NoEndpoint(..) | Netns(..) | NoPid(_) => Status::not_found(msg),
         NoVni | PoolExhausted(_) | IpamExhausted(_) => Status::resource_exhausted(msg),
         IpamUnreachable(..) => Status::unavailable(msg),
-        Ipam(..) | Dataplane(_) | Store(_) => Status::internal(msg),
+        Ipam(..) | Dataplane(_) | Store(_) | Random => Status::internal(msg),
     }
 }
 

@@ -105,26 +105,23 @@ impl Core {
         };
 
         let _guard = self.endpoint_lock.lock().await;
-        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::NoVni)?;
+        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?;
         let name = if spec.name.is_empty() {
             id.short()
         } else {
             spec.name.clone()
         };
-        if self
+        let peers: Vec<EndpointView> = self
             .store()
             .endpoints()
-            .iter()
-            .any(|e| e.network == net.id && e.name == name)
-        {
+            .into_iter()
+            .filter(|e| e.network == net.id)
+            .collect();
+        if peers.iter().any(|e| e.name == name) {
             return Err(CoreError::EndpointExists(name, net.name().to_string()));
         }
         if let Some(ip) = exact
-            && let Some(e) = self
-                .store()
-                .endpoints()
-                .iter()
-                .find(|e| e.network == net.id && e.ip == ip)
+            && let Some(e) = peers.iter().find(|e| e.ip == ip)
         {
             return Err(CoreError::IpInUse(
                 ip.to_string(),

@@ -61,4 +61,6 @@ pub enum CoreError {
     Dataplane(#[from] DataplaneError),
     #[error("state: {0}")]
     Store(#[from] StoreError),
+    #[error("system random source failed")]
+    Random,
 }

@@ -113,7 +113,7 @@ impl Core {
             }
             None => self.pick_vni(&active)?,
         };
-        let id = NetworkId::random(&self.rng).map_err(|_| CoreError::NoVni)?;
+        let id = NetworkId::random(&self.rng).map_err(|_| CoreError::Random)?;
         let record = NetworkRecord {
             id: id.as_bytes().to_vec(),
             name: spec.name.clone(),
