@@ -214,11 +214,7 @@ impl ClusterApi for Api {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let s = self.cluster.status().await;
         let cfg = self.cluster.config();
-        let alive = s
-            .nodes
-            .iter()
-            .filter(|n| n.status == crate::membership::NodeStatus::Alive)
-            .count();
+        let alive = crate::cluster::alive_count(&s.nodes);
         Ok(Response::new(StatusResponse {
             node_id: s.node_id.to_string(),
             node_name: s.node_name,

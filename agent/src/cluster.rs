@@ -90,6 +90,14 @@ pub struct Status {
     pub nodes: Vec<NodeView>,
 }
 
+/// How many of `nodes` are alive.
+pub fn alive_count(nodes: &[NodeView]) -> usize {
+    nodes
+        .iter()
+        .filter(|n| n.status == NodeStatus::Alive)
+        .count()
+}
+
 pub struct Cluster {
     config: Config,
     identity: Identity,
@@ -228,8 +236,11 @@ impl Cluster {
             } => {
                 remember.abort();
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = None;
-                persist::remove_durable(&self.cluster_file())?;
+                let removed = persist::remove_durable(&self.cluster_file());
+                // Announce the leave even if the file could not go: the
+                // phase is already unclustered and gossip must not linger.
                 membership.leave().await;
+                removed?;
             }
         }
         info!(node = %self.identity.node_id, "left the cluster");
@@ -282,10 +293,7 @@ impl Cluster {
             None => Vec::new(),
         };
         let reason = if membership.is_some() {
-            let alive = nodes
-                .iter()
-                .filter(|n| n.status == NodeStatus::Alive)
-                .count();
+            let alive = alive_count(&nodes);
             format!("in cluster, {alive} of {} nodes alive", nodes.len())
         } else {
             reason
