@@ -100,46 +100,77 @@ fn quote(s: &str) -> String {
     }
 }
 
+/// A started command whose output is being collected.
+struct Running {
+    command: String,
+    child: Child,
+    out: Reader,
+    err: Reader,
+}
+
+impl Running {
+    /// Starts `cmd` with stdin closed and stdout/stderr collected.
+    fn start(cmd: &mut Command) -> Result<Self> {
+        let command = command_line(cmd);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start `{command}`"))?;
+        let out = reader(&mut child, true);
+        let err = reader(&mut child, false);
+        Ok(Self {
+            command,
+            child,
+            out,
+            err,
+        })
+    }
+
+    /// `None` while the command runs and `deadline` has not passed; past it
+    /// the command is killed and reported as an error. A non-zero exit is
+    /// not an error here.
+    fn poll(&mut self, deadline: Instant, timeout: Duration) -> Option<Result<CmdOutput>> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(Ok(CmdOutput {
+                command: self.command.clone(),
+                status,
+                stdout: join(self.out.take()),
+                stderr: join(self.err.take()),
+            })),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let (out, err) = (join(self.out.take()), join(self.err.take()));
+                Some(Err(anyhow::anyhow!(
+                    "`{}` did not finish within {timeout:?} and was killed\n\
+                     --- stdout ---\n{out}\n--- stderr ---\n{err}",
+                    self.command
+                )))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                Some(Err(anyhow::anyhow!("waiting for `{}`: {e}", self.command)))
+            }
+        }
+    }
+}
+
 /// Runs `cmd` with stdin closed, collecting stdout and stderr. A command that
 /// has not ended after `timeout` is killed and reported as an error; a
 /// non-zero exit is *not* an error here (see [`run_ok`]).
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
-    let command = command_line(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start `{command}`"))?;
-    let stdout = reader(&mut child, true);
-    let stderr = reader(&mut child, false);
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let (out, err) = (join(stdout), join(stderr));
-                bail!(
-                    "`{command}` did not finish within {timeout:?} and was killed\n\
-                     --- stdout ---\n{out}\n--- stderr ---\n{err}"
-                );
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(5)),
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e).with_context(|| format!("waiting for `{command}`"));
-            }
+    let mut running = Running::start(cmd)?;
+    loop {
+        if let Some(result) = running.poll(deadline, timeout) {
+            return result;
         }
-    };
-    Ok(CmdOutput {
-        command,
-        status,
-        stdout: join(stdout),
-        stderr: join(stderr),
-    })
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Starts every command at once (stdin closed, output collected), then
@@ -147,32 +178,10 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput> {
 /// from the start of the first) is killed and reported as an error. The
 /// results are in the order of `cmds`; a non-zero exit is not an error.
 pub fn run_all(cmds: Vec<Command>, timeout: Duration) -> Vec<Result<CmdOutput>> {
-    struct Running {
-        command: String,
-        child: Child,
-        out: Reader,
-        err: Reader,
-    }
     let deadline = Instant::now() + timeout;
     let mut running: Vec<Result<Running>> = cmds
         .into_iter()
-        .map(|mut cmd| {
-            let command = command_line(&cmd);
-            let mut child = cmd
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("cannot start `{command}`"))?;
-            let out = reader(&mut child, true);
-            let err = reader(&mut child, false);
-            Ok(Running {
-                command,
-                child,
-                out,
-                err,
-            })
-        })
+        .map(|mut cmd| Running::start(&mut cmd))
         .collect();
     let mut results: Vec<Option<Result<CmdOutput>>> = running.iter().map(|_| None).collect();
     loop {
@@ -181,38 +190,12 @@ pub fn run_all(cmds: Vec<Command>, timeout: Duration) -> Vec<Result<CmdOutput>> 
             if results[i].is_some() {
                 continue;
             }
-            let r = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    results[i] = Some(Err(anyhow::anyhow!("{e:#}")));
-                    continue;
-                }
+            results[i] = match r {
+                Ok(r) => r.poll(deadline, timeout),
+                Err(e) => Some(Err(anyhow::anyhow!("{e:#}"))),
             };
-            match r.child.try_wait() {
-                Ok(Some(status)) => {
-                    results[i] = Some(Ok(CmdOutput {
-                        command: r.command.clone(),
-                        status,
-                        stdout: join(r.out.take()),
-                        stderr: join(r.err.take()),
-                    }));
-                }
-                Ok(None) if Instant::now() >= deadline => {
-                    let _ = r.child.kill();
-                    let _ = r.child.wait();
-                    let (out, err) = (join(r.out.take()), join(r.err.take()));
-                    results[i] = Some(Err(anyhow::anyhow!(
-                        "`{}` did not finish within {timeout:?} and was killed\n\
-                         --- stdout ---\n{out}\n--- stderr ---\n{err}",
-                        r.command
-                    )));
-                }
-                Ok(None) => pending += 1,
-                Err(e) => {
-                    let _ = r.child.kill();
-                    let _ = r.child.wait();
-                    results[i] = Some(Err(anyhow::anyhow!("waiting for `{}`: {e}", r.command)));
-                }
+            if results[i].is_none() {
+                pending += 1;
             }
         }
         if pending == 0 {
