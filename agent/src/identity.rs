@@ -1,8 +1,12 @@
-//! The node's persistent identity: node id and Ed25519 identity key, created
-//! on first start. A host that loses its state dir comes back as a new node.
+//! The node's persistent identity: an Ed25519 identity key, created on first
+//! start, and the node id derived from it (DESIGN.md "Trust": the first 16
+//! bytes of SHA-256 of the public key), so anyone can check a claimed id
+//! against a key without trusting the sender. A host that loses its state
+//! dir comes back as a new node.
 
 use std::path::Path;
 
+use ring::digest;
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tracing::info;
@@ -21,6 +25,11 @@ pub enum IdentityError {
     CorruptId { path: String, source: IdParseError },
     #[error("{path}: corrupt identity key; move the state dir aside to start as a new node")]
     CorruptKey { path: String },
+    #[error(
+        "{dir}: state dir from an earlier ovl format (node id {stored} is not derived from the identity key); \
+         this version cannot adopt it: run `ovlctl cluster leave` with the old version, or move the state dir aside and join again as a new node"
+    )]
+    EarlierFormat { dir: String, stored: NodeId },
     #[error("system random source failed")]
     Random,
 }
@@ -50,27 +59,52 @@ impl Identity {
                 })?
             }
         };
-        let node_id = match persist::read_optional(&id_path)? {
-            Some(raw) => String::from_utf8_lossy(&raw)
-                .trim()
-                .parse()
-                .map_err(|source| IdentityError::CorruptId {
-                    path: id_path.display().to_string(),
-                    source,
-                })?,
-            None => {
-                let id = NodeId::random(rng).map_err(|_| IdentityError::Random)?;
-                persist::write_atomic(&id_path, format!("{id}\n").as_bytes())?;
-                info!(node = %id, "created new node identity");
-                id
+        let node_id = node_id_of(key.public_key().as_ref());
+        match persist::read_optional(&id_path)? {
+            Some(raw) => {
+                let stored: NodeId =
+                    String::from_utf8_lossy(&raw)
+                        .trim()
+                        .parse()
+                        .map_err(|source| IdentityError::CorruptId {
+                            path: id_path.display().to_string(),
+                            source,
+                        })?;
+                // Earlier versions drew the node id at random: peers know
+                // this host's records under that id, so silently switching
+                // to the derived one would orphan them.
+                if stored != node_id {
+                    return Err(IdentityError::EarlierFormat {
+                        dir: state_dir.display().to_string(),
+                        stored,
+                    });
+                }
             }
-        };
+            None => {
+                // The file is only for operators (`cat node-id`); the id
+                // itself always comes from the key.
+                persist::write_atomic(&id_path, format!("{node_id}\n").as_bytes())?;
+                info!(node = %node_id, "created new node identity");
+            }
+        }
         Ok(Self { node_id, key })
+    }
+
+    pub fn public_key(&self) -> &[u8] {
+        self.key.public_key().as_ref()
     }
 
     pub fn public_key_hex(&self) -> String {
         encode_hex(self.key.public_key().as_ref())
     }
+}
+
+/// The node id a public key stands for: SHA-256(pk)[..16].
+pub fn node_id_of(public_key: &[u8]) -> NodeId {
+    let d = digest::digest(&digest::SHA256, public_key);
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&d.as_ref()[..16]);
+    NodeId::from_bytes(id)
 }
 
 #[cfg(test)]
@@ -85,6 +119,13 @@ mod tests {
         let b = Identity::load_or_create(&dir, &rng).unwrap();
         assert_eq!(a.node_id, b.node_id);
         assert_eq!(a.public_key_hex(), b.public_key_hex());
+        assert_eq!(a.node_id, node_id_of(a.public_key()));
+        // A random id from the earlier format is refused, not adopted.
+        let old = NodeId::random(&rng).unwrap();
+        std::fs::write(dir.join(NODE_ID_FILE), format!("{old}\n")).unwrap();
+        let err = Identity::load_or_create(&dir, &rng).err().unwrap();
+        assert!(matches!(err, IdentityError::EarlierFormat { .. }), "{err}");
+        assert!(err.to_string().contains("earlier ovl format"), "{err}");
         std::fs::write(dir.join(NODE_ID_FILE), "garbage").unwrap();
         assert!(matches!(
             Identity::load_or_create(&dir, &rng),
