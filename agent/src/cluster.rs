@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::ids::{ClusterId, NodeId};
 use crate::membership::{
-    self, Membership, MembershipConfig, NodeStatus, NodeView, Tuning, keys, view,
+    self, Membership, MembershipConfig, NodeFacts, NodeStatus, NodeView, Tuning, view,
 };
 use crate::metrics::Counters;
 use crate::peer::{self, HelloError};
@@ -110,6 +110,8 @@ pub struct Cluster {
     phase: Mutex<Phase>,
     /// Snapshot for the peer server, which must not wait on `phase`.
     keys: RwLock<Option<Arc<ClusterKeys>>>,
+    /// Why gossip died, if it did: `main` ends the agent (no zombie).
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Cluster {
@@ -130,6 +132,7 @@ impl Cluster {
                     .into(),
             }),
             keys: RwLock::new(None),
+            fatal: tokio::sync::watch::channel(None).0,
         });
         let mut phase = this.phase.lock().await;
         if let Some(file) = this.read_cluster_file()? {
@@ -172,6 +175,11 @@ impl Cluster {
 
     pub fn node_id(&self) -> NodeId {
         self.identity.node_id
+    }
+
+    /// Changes to `Some(reason)` when gossip dies under us.
+    pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
     }
 
     pub fn config(&self) -> &Config {
@@ -447,21 +455,14 @@ impl Cluster {
             write_cluster_file(&file, &token, &seeds)?;
         }
         let keys = Arc::new(token.keys());
-        let facts = vec![
-            (keys::NAME.to_string(), self.config.node_name.clone()),
-            (
-                keys::ADVERTISE_ADDR.to_string(),
-                self.config.advertise_addr.to_string(),
-            ),
-            (
-                keys::DATA_PATH_ADDR.to_string(),
-                self.config.data_path_addr.to_string(),
-            ),
-            (
-                keys::IDENTITY_PK.to_string(),
-                self.identity.public_key_hex(),
-            ),
-        ];
+        let token_for_watch = token.clone();
+        let facts = NodeFacts {
+            name: self.config.node_name.clone(),
+            advertise_addr: self.config.advertise_addr.to_string(),
+            data_path_addr: self.config.data_path_addr.to_string(),
+            table_version: 0,
+            left: false,
+        };
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,
             generation: self.next_generation(),
@@ -469,6 +470,7 @@ impl Cluster {
             gossip_addr: self.config.gossip_addr(),
             seeds,
             facts,
+            identity: self.identity.key.clone(),
             sealer: membership::sealer(keys.gossip.clone()),
             counters: self.counters.clone(),
             tuning: Tuning {
@@ -488,7 +490,16 @@ impl Cluster {
             }
         };
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
-        let remember = tokio::spawn(watch_members(membership.clone(), file, token.clone()));
+        let fatal = self.fatal.clone();
+        let watched = membership.clone();
+        let remember = tokio::spawn(async move {
+            tokio::select! {
+                () = watch_members(watched.clone(), file, token_for_watch) => {}
+                reason = watched.failed() => {
+                    let _ = fatal.send(Some(reason));
+                }
+            }
+        });
         Ok(Phase::Active {
             token,
             membership,

@@ -36,7 +36,8 @@ pub enum IdentityError {
 
 pub struct Identity {
     pub node_id: NodeId,
-    pub key: Ed25519KeyPair,
+    /// Shared with the gossip transport, which signs every datagram.
+    pub key: std::sync::Arc<Ed25519KeyPair>,
 }
 
 impl Identity {
@@ -87,7 +88,10 @@ impl Identity {
                 info!(node = %node_id, "created new node identity");
             }
         }
-        Ok(Self { node_id, key })
+        Ok(Self {
+            node_id,
+            key: std::sync::Arc::new(key),
+        })
     }
 
     pub fn public_key(&self) -> &[u8] {

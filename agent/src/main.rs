@@ -45,6 +45,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Why a supervised task ended, for the exit message.
+fn task_end<T: std::fmt::Debug, E: std::fmt::Display>(
+    name: &str,
+    r: Result<Result<T, E>, tokio::task::JoinError>,
+) -> String {
+    match r {
+        Ok(Ok(v)) => format!("{name} task ended unexpectedly ({v:?})"),
+        Ok(Err(e)) => format!("{name} task failed: {e}"),
+        Err(e) if e.is_panic() => format!("{name} task panicked"),
+        Err(e) => format!("{name} task was cancelled: {e}"),
+    }
+}
+
 fn init_tracing(level: &str) {
     let filter = std::env::var("OVL_LOG")
         .ok()
@@ -93,8 +106,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     let channels = Arc::new(ovl_agent::sync::Channels::default());
     core.set_channels(channels.clone());
-    tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
-    tokio::spawn(ovl_agent::reconcile::run(core.clone()));
+    let mut sync_task = tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
+    let mut reconcile_task = tokio::spawn(ovl_agent::reconcile::run(core.clone()));
+    let mut gossip_fatal = cluster.fatal();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -107,15 +121,32 @@ async fn run(config: Config) -> anyhow::Result<()> {
             stopped(stop_rx.clone()),
         );
     let api_server = api::serve(api_listener, core.clone(), stopped(stop_rx.clone()));
-    let peer_task = tokio::spawn(peer_server);
-    let api_task = tokio::spawn(api_server);
+    let mut peer_task = tokio::spawn(peer_server);
+    let mut api_task = tokio::spawn(api_server);
     info!(socket = %socket_path.display(), peer = %peer_addr, "agent ready");
 
     let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    // Every long-running task is supervised: one that ends on its own is a
+    // bug or a broken socket, and an agent running on without it would be a
+    // zombie (a frozen view, a deaf server). Exit non-zero instead, so
+    // systemd restarts us (DESIGN.md "Agent internals").
+    let died = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: shutting down"); None }
+        _ = int.recv() => { info!("SIGINT: shutting down"); None }
+        r = &mut sync_task => Some(task_end("table sync", r.map(Ok::<(), String>))),
+        r = &mut reconcile_task => Some(task_end("reconciler", r.map(Ok::<(), String>))),
+        r = &mut peer_task => Some(task_end("peer server", r.map(|r| r.map_err(|e| e.to_string())))),
+        r = &mut api_task => Some(task_end("API server", r.map(|r| r.map_err(|e| e.to_string())))),
+        r = gossip_fatal.wait_for(Option::is_some) => Some(match r {
+            Ok(reason) => format!("gossip task died: {}", reason.clone().unwrap_or_default()),
+            Err(_) => "gossip supervisor gone".to_string(),
+        }),
+    };
+    if let Some(why) = died {
+        error!(reason = %why, "a supervised task ended; exiting so the service manager restarts the agent");
+        let _ = std::fs::remove_file(&socket_path);
+        anyhow::bail!("{why}");
     }
     let _ = stop_tx.send(true);
     cluster.shutdown().await;

@@ -69,13 +69,20 @@ impl AgentProcess {
     /// without running its destructors, the agent dies with it. The signal
     /// fires when the *thread* that started the agent ends, so start agents
     /// from the thread that owns the lab (as `#[test]` functions do).
-    pub fn spawn(ns: &str, agent_bin: &Path, args: &[String], log: &Path) -> Result<Self> {
+    pub fn spawn(
+        ns: &str,
+        agent_bin: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Self> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
             .arg(agent_bin)
             .args(args)
             .env_remove("OVL_JOIN_TOKEN")
-            .env_remove("OVL_SOCKET");
+            .env_remove("OVL_SOCKET")
+            .envs(env.iter().copied());
         let line = crate::cmd::command_line(&cmd);
         let mut file = OpenOptions::new()
             .create(true)

@@ -247,6 +247,24 @@ impl Lab {
     /// waits (at most [`agent::READY_TIMEOUT`]) until its socket answers
     /// `cluster status`.
     pub fn start_agent(&mut self, k: usize, extra: &[&str]) -> Result<()> {
+        self.start_agent_env(k, extra, &[])
+    }
+
+    /// [`Lab::start_agent`] with extra environment variables (test-only
+    /// fault injection).
+    pub fn start_agent_env(
+        &mut self,
+        k: usize,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<()> {
+        self.spawn_agent(k, extra, env)?;
+        self.wait_ready(k)
+    }
+
+    /// Starts host k's agent without waiting for it to answer (for agents
+    /// expected to die).
+    pub fn spawn_agent(&mut self, k: usize, extra: &[&str], env: &[(&str, &str)]) -> Result<()> {
         self.check(k);
         if self.agents[k - 1].is_some() {
             bail!("h{k}'s agent is already running");
@@ -265,10 +283,10 @@ impl Lab {
         ];
         args.extend(default_agent_args());
         args.extend(extra.iter().map(|s| s.to_string()));
-        let process = AgentProcess::spawn(&self.ns(k), &bin, &args, &self.log_path(k))?;
+        let process = AgentProcess::spawn(&self.ns(k), &bin, &args, env, &self.log_path(k))?;
         self.agents[k - 1] = Some(process);
         self.agent_args[k - 1] = extra.iter().map(|s| s.to_string()).collect();
-        self.wait_ready(k)
+        Ok(())
     }
 
     fn wait_ready(&mut self, k: usize) -> Result<()> {
@@ -305,6 +323,12 @@ impl Lab {
             Some(a) => a.exited().is_none(),
             None => false,
         }
+    }
+
+    /// How host k's agent exited, once it has (the process stays recorded).
+    pub fn agent_exit_status(&mut self, k: usize) -> Option<ExitStatus> {
+        self.check(k);
+        self.agents[k - 1].as_mut().and_then(AgentProcess::exited)
     }
 
     /// The pid of host k's agent, if one runs.

@@ -1,14 +1,19 @@
 //! Cluster membership: who is in the cluster and how to reach them.
 //!
 //! Built on chitchat (scuttlebutt gossip + phi-accrual failure detection) over
-//! a transport sealed with the cluster key. Nodes publish only small facts
-//! about themselves (addresses, names, public keys); bulk tables travel over
-//! peer gRPC.
+//! a transport sealed with the cluster key and signed by each sender. Nodes
+//! publish one small signed record about themselves (addresses, name, table
+//! version, left flag); bulk tables travel over peer gRPC. The [`guard`]
+//! keeps chitchat from accepting a fact about a node that the node did not
+//! sign.
 
+pub mod guard;
+pub mod record;
 pub mod seal;
 pub mod sim;
 pub mod transport;
 pub mod view;
+pub mod wire;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -16,14 +21,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, spawn_chitchat};
+use ring::signature::Ed25519KeyPair;
 use tokio::sync::watch;
 use tracing::info;
 
 use crate::ids::{ClusterId, NodeId};
 use crate::metrics::Counters;
+pub use record::NodeFacts;
+use record::{RECORD_KEY, Slot};
 use seal::Sealer;
-use transport::SealedUdpTransport;
-pub use view::{Incarnation, NodeStatus, NodeView, keys};
+use transport::{SealedUdpTransport, Signing};
+pub use view::{Incarnation, NodeStatus, NodeView};
 
 /// Gossip accepted up to this far from our clock; further is a replay or a
 /// broken clock.
@@ -61,8 +69,9 @@ pub struct MembershipConfig {
     pub cluster_id: ClusterId,
     pub gossip_addr: SocketAddr,
     pub seeds: Vec<SocketAddr>,
-    /// Published key/values (name, addresses, public keys).
-    pub facts: Vec<(String, String)>,
+    /// What the node states about itself, signed with `identity`.
+    pub facts: NodeFacts,
+    pub identity: Arc<Ed25519KeyPair>,
     pub sealer: Arc<Sealer>,
     pub counters: Arc<Counters>,
     pub tuning: Tuning,
@@ -80,7 +89,16 @@ pub enum MembershipError {
 pub struct Membership {
     handle: ChitchatHandle,
     self_id: NodeId,
+    cluster_id: ClusterId,
+    generation: u64,
+    gossip_addr: SocketAddr,
+    identity: Arc<Ed25519KeyPair>,
+    /// What we last published; changed only under the chitchat lock, so the
+    /// signed version always matches the one chitchat stores it at.
+    facts: std::sync::Mutex<NodeFacts>,
     linger: Duration,
+    /// Set before we stop gossip on purpose, so the end is not a failure.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Builds the gossip sealer for a cluster key.
@@ -112,20 +130,72 @@ impl Membership {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
-        let transport = SealedUdpTransport::new(cfg.sealer, cfg.counters);
-        let handle = spawn_chitchat(config, cfg.facts, &transport)
+        let me = wire::WireId {
+            node_id: cfg.node_id.to_string(),
+            generation: cfg.generation,
+            gossip_addr: cfg.gossip_addr,
+        };
+        let signing = Arc::new(Signing {
+            me: cfg.node_id.to_string(),
+            cluster_id: cfg.cluster_id,
+            key: cfg.identity.clone(),
+            guard: Arc::new(std::sync::Mutex::new(guard::Guard::new(cfg.cluster_id, me))),
+        });
+        let transport = SealedUdpTransport::new(cfg.sealer, cfg.counters, signing);
+        // No initial key-values: the record is signed for the version
+        // chitchat stores it at, which `publish` reads under the lock.
+        let handle = spawn_chitchat(config, Vec::new(), &transport)
             .await
             .map_err(|source| MembershipError::Start {
                 addr: cfg.gossip_addr,
                 source,
             })?;
-        info!(node = %cfg.node_id, generation = cfg.generation, gossip = %cfg.gossip_addr,
-              seeds = ?cfg.seeds, "membership started");
-        Ok(Self {
+        let this = Self {
             handle,
             self_id: cfg.node_id,
+            cluster_id: cfg.cluster_id,
+            generation: cfg.generation,
+            gossip_addr: cfg.gossip_addr,
+            identity: cfg.identity,
+            facts: std::sync::Mutex::new(cfg.facts.clone()),
             linger: t.leave_linger,
-        })
+            stopping: std::sync::atomic::AtomicBool::new(false),
+        };
+        this.sign_and_set(cfg.facts).await;
+        info!(node = %cfg.node_id, generation = cfg.generation, gossip = %cfg.gossip_addr,
+              seeds = ?cfg.seeds, "membership started");
+        Ok(this)
+    }
+
+    /// Changes what we publish about ourselves; unchanged facts cost nothing.
+    pub async fn publish(&self, change: impl FnOnce(&mut NodeFacts)) {
+        let mut next = self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        change(&mut next);
+        self.sign_and_set(next).await;
+    }
+
+    async fn sign_and_set(&self, facts: NodeFacts) {
+        let chitchat = self.handle.chitchat();
+        let mut guard = chitchat.lock().await;
+        let state = guard.self_node_state();
+        {
+            let mut current = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+            if *current == facts && state.get(RECORD_KEY).is_some() {
+                return;
+            }
+            *current = facts.clone();
+        }
+        // chitchat's `set` stores a changed value at max_version + 1.
+        let version = state.max_version() + 1;
+        let value = record::sign(
+            &self.identity,
+            self.cluster_id,
+            self.generation,
+            version,
+            self.gossip_addr,
+            &facts,
+        );
+        state.set(RECORD_KEY, value);
     }
 
     /// Every incarnation chitchat knows, as plain data.
@@ -141,10 +211,20 @@ impl Membership {
                 generation: cid.generation_id,
                 gossip_addr: cid.gossip_advertise_addr,
                 live: live.contains(cid),
-                kv: state
-                    .key_values()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                // Remote values got here only through the guard, which
+                // verified them; decoding still checks they belong here.
+                record: state.get_versioned(RECORD_KEY).and_then(|v| {
+                    record::decode(
+                        &v.value,
+                        Slot {
+                            node_id: &cid.node_id,
+                            generation: cid.generation_id,
+                            gossip_addr: cid.gossip_advertise_addr,
+                            version: v.version,
+                        },
+                    )
+                    .ok()
+                }),
             })
             .collect()
     }
@@ -168,24 +248,22 @@ impl Membership {
         rx
     }
 
-    /// Publishes (or updates) one of this node's facts; unchanged values
-    /// cost nothing.
-    pub async fn set_fact(&self, key: &str, value: &str) {
-        let chitchat = self.handle.chitchat();
-        let mut guard = chitchat.lock().await;
-        let state = guard.self_node_state();
-        if state.get(key) != Some(value) {
-            state.set(key, value);
+    /// Resolves, with the reason, only if gossip stops without being asked
+    /// to (its task died): the agent must not run on with a frozen view.
+    pub async fn failed(&self) -> String {
+        let result = self.handle.termination_watcher().await;
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
+        match result {
+            Ok(()) => "gossip stopped by itself".to_string(),
+            Err(e) => format!("gossip stopped: {e:#}"),
         }
     }
 
     /// Announces a clean leave, lingers so peers hear it, then stops.
     pub async fn leave(&self) {
-        {
-            let chitchat = self.handle.chitchat();
-            let mut guard = chitchat.lock().await;
-            guard.self_node_state().set(keys::LEFT, "1");
-        }
+        self.publish(|f| f.left = true).await;
         info!(node = %self.self_id, linger = ?self.linger, "leaving the cluster");
         tokio::time::sleep(self.linger).await;
         self.shutdown().await;
@@ -194,6 +272,8 @@ impl Membership {
     /// Stops gossiping without announcing anything (restart, crash-like):
     /// peers detect the silence and report the node dead.
     pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // Already stopped is fine: shutdown is idempotent.
         let _ = self.handle.initiate_shutdown();
         if let Err(e) = self.handle.termination_watcher().await {

@@ -43,6 +43,13 @@ impl GossipDrop {
     }
 }
 
+/// The sent-at stamp of a datagram, before opening it (it is checked by
+/// [`Sealer::open`], which binds it to the ciphertext as AAD).
+pub fn sent_at(datagram: &[u8]) -> Option<u64> {
+    let ts: [u8; 8] = datagram.get(4..HEADER_LEN)?.try_into().ok()?;
+    Some(u64::from_be_bytes(ts))
+}
+
 pub struct Sealer {
     key: LessSafeKey,
     max_skew_ms: u64,

@@ -49,14 +49,23 @@ pub async fn run(n: usize, tuning: Tuning, limit: Duration) -> Result<SimReport,
     let port = 20_000 + (std::process::id() % 30_000) as u16;
     let mut members: Vec<(NodeId, Membership)> = Vec::with_capacity(n);
     for i in 0..n {
-        let node_id = NodeId::random(&rng).map_err(|_| "random source failed")?;
+        let pk8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(|_| "random source failed")?;
+        let identity = ring::signature::Ed25519KeyPair::from_pkcs8(pk8.as_ref())
+            .map_err(|_| "generated key does not load")?;
+        let node_id =
+            crate::identity::node_id_of(ring::signature::KeyPair::public_key(&identity).as_ref());
         let m = Membership::start(MembershipConfig {
             node_id,
             generation: 1,
             cluster_id: token.cluster_id(),
             gossip_addr: addr(i, port),
             seeds: if i == 0 { vec![] } else { vec![addr(0, port)] },
-            facts: vec![("name".into(), format!("sim{i}"))],
+            facts: super::NodeFacts {
+                name: format!("sim{i}"),
+                ..Default::default()
+            },
+            identity: Arc::new(identity),
             sealer: sealer(keys.gossip.clone()),
             counters: Arc::new(Counters::default()),
             tuning: tuning.clone(),

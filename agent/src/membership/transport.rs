@@ -1,6 +1,13 @@
-//! Chitchat transport that seals every gossip datagram with the cluster key.
-//! Datagrams that do not open are dropped and counted, never parsed, so a
-//! process without the join token can neither read gossip nor inject state.
+//! Chitchat transport that seals every gossip datagram with the cluster key
+//! and signs it with the sender's identity key.
+//!
+//! Sealed plaintext: `sender identity pk (32) | Ed25519 signature (64) |
+//! chitchat message`, the signature over `"ovl gossip v1" | cluster id |
+//! sent-at | chitchat message`. Datagrams that do not open are dropped and
+//! counted, never parsed, so a process without the cluster key can neither
+//! read gossip nor inject state. Datagrams that open go through the
+//! [`Guard`] with the authenticated sender before chitchat parses them, so
+//! a member cannot speak for another node either.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,20 +18,75 @@ use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use tracing::warn;
 
+use super::guard::{Guard, Refusal};
 use super::seal::{MAX_DATAGRAM, OVERHEAD, Sealer};
+use crate::identity::node_id_of;
+use crate::ids::ClusterId;
 use crate::metrics::{Counter, Counters, RateLimit};
+
+const SIGN_DOMAIN: &[u8] = b"ovl gossip v1";
+const PK_LEN: usize = 32;
+const SIG_LEN: usize = 64;
+/// Signature header inside the sealed plaintext.
+pub const SIGNED_OVERHEAD: usize = PK_LEN + SIG_LEN;
+
+/// Test-only fault (end-to-end tests of supervision): with
+/// `OVL_TEST_FAULT=gossip-recv`, the socket fails after the first datagram,
+/// which stops chitchat's gossip loop as a broken socket would.
+const FAULT_ENV: &str = "OVL_TEST_FAULT";
+
+/// What the transport needs to sign and check datagrams.
+pub struct Signing {
+    /// Our chitchat node id (the string form of our node id).
+    pub me: String,
+    pub cluster_id: ClusterId,
+    pub key: Arc<Ed25519KeyPair>,
+    pub guard: Arc<std::sync::Mutex<Guard>>,
+}
 
 pub struct SealedUdpTransport {
     sealer: Arc<Sealer>,
     counters: Arc<Counters>,
+    signing: Arc<Signing>,
 }
 
 impl SealedUdpTransport {
-    pub fn new(sealer: Arc<Sealer>, counters: Arc<Counters>) -> Self {
-        Self { sealer, counters }
+    pub fn new(sealer: Arc<Sealer>, counters: Arc<Counters>, signing: Arc<Signing>) -> Self {
+        Self {
+            sealer,
+            counters,
+            signing,
+        }
     }
+}
+
+/// The sealed plaintext of a datagram carrying `msg` from the holder of
+/// `key`: `pk | signature | msg` (see the module comment).
+pub fn signed_plaintext(
+    key: &Ed25519KeyPair,
+    cluster: ClusterId,
+    sent_at: u64,
+    msg: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let signature = key.sign(&signed_message(cluster, sent_at, msg));
+    out.clear();
+    out.extend_from_slice(key.public_key().as_ref());
+    out.extend_from_slice(signature.as_ref());
+    out.extend_from_slice(msg);
+}
+
+fn signed_message(cluster: ClusterId, sent_at: u64, msg: &[u8]) -> Vec<u8> {
+    [
+        SIGN_DOMAIN,
+        cluster.as_bytes().as_slice(),
+        &sent_at.to_be_bytes(),
+        msg,
+    ]
+    .concat()
 }
 
 #[async_trait]
@@ -37,10 +99,16 @@ impl Transport for SealedUdpTransport {
             socket,
             sealer: self.sealer.clone(),
             counters: self.counters.clone(),
+            signing: self.signing.clone(),
             rng: SystemRandom::new(),
             plain: Vec::with_capacity(MAX_DATAGRAM),
             sealed: Vec::with_capacity(MAX_DATAGRAM),
+            admitted: Vec::with_capacity(MAX_DATAGRAM),
+            chitchat: Vec::with_capacity(MAX_DATAGRAM),
+            rewritten: Vec::with_capacity(MAX_DATAGRAM),
+            heartbeat: 0,
             recv_buf: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
+            fault: std::env::var(FAULT_ENV).is_ok_and(|v| v == "gossip-recv"),
         }))
     }
 }
@@ -49,14 +117,51 @@ struct SealedSocket {
     socket: tokio::net::UdpSocket,
     sealer: Arc<Sealer>,
     counters: Arc<Counters>,
+    signing: Arc<Signing>,
     rng: SystemRandom,
     plain: Vec<u8>,
     sealed: Vec<u8>,
+    admitted: Vec<u8>,
+    chitchat: Vec<u8>,
+    rewritten: Vec<u8>,
     recv_buf: Box<[u8]>,
+    fault: bool,
+    /// Last heartbeat we sent for ourselves (see `guard::own_heartbeat`).
+    heartbeat: u64,
+}
+
+impl SealedSocket {
+    /// `self.chitchat` with our own digest entry's heartbeat set to our
+    /// clock, which is what receivers cap heartbeats against.
+    fn stamp_own_heartbeat(&mut self, now_ms: u64) {
+        let me = self.signing.me.as_str();
+        let Ok(msg) = super::wire::parse_head(&self.chitchat) else {
+            return;
+        };
+        if msg.digest.is_empty() {
+            return;
+        }
+        let hb = super::guard::own_heartbeat(self.heartbeat, now_ms);
+        let digest: Vec<_> = msg
+            .digest
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if e.id.node_id == me {
+                    e.heartbeat = hb;
+                }
+                e
+            })
+            .collect();
+        self.heartbeat = hb;
+        super::wire::write_with_digest(&msg, &digest, &mut self.rewritten);
+        std::mem::swap(&mut self.chitchat, &mut self.rewritten);
+    }
 }
 
 static DROP_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static SEND_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static FORGED_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -68,8 +173,17 @@ pub fn unix_ms() -> u64 {
 #[async_trait]
 impl Socket for SealedSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
-        self.plain.clear();
-        msg.serialize(&mut self.plain);
+        let sent_at = unix_ms();
+        self.chitchat.clear();
+        msg.serialize(&mut self.chitchat);
+        self.stamp_own_heartbeat(sent_at);
+        signed_plaintext(
+            &self.signing.key,
+            self.signing.cluster_id,
+            sent_at,
+            &self.chitchat,
+            &mut self.plain,
+        );
         if self.plain.len() + OVERHEAD > MAX_DATAGRAM {
             self.counters.inc(Counter::GossipDropOversize);
             if let Some(n) = SEND_LOG.check(Instant::now()) {
@@ -82,7 +196,7 @@ impl Socket for SealedSocket {
             .fill(&mut nonce)
             .map_err(|_| anyhow::anyhow!("system random source failed"))?;
         self.sealer
-            .seal(unix_ms(), nonce, &self.plain, &mut self.sealed);
+            .seal(sent_at, nonce, &self.plain, &mut self.sealed);
         // Send errors (no route, neighbour unreachable) are per-peer and
         // transient: chitchat retries next round and its failure detector
         // reports the peer, so they must not stop the gossip loop.
@@ -107,6 +221,10 @@ impl Socket for SealedSocket {
                     continue;
                 }
             };
+            if self.fault {
+                anyhow::bail!("{FAULT_ENV}=gossip-recv: injected gossip socket failure");
+            }
+            let sent_at = super::seal::sent_at(&self.recv_buf[..len]);
             let plain = match self.sealer.open(unix_ms(), &mut self.recv_buf[..len]) {
                 Ok(p) => p,
                 Err(reason) => {
@@ -117,7 +235,37 @@ impl Socket for SealedSocket {
                     continue;
                 }
             };
-            let mut cursor = plain;
+            let Some((sender, body)) = check_sender(&self.signing, sent_at, plain) else {
+                self.counters.inc(Counter::GossipDropBadSender);
+                if let Some(n) = DROP_LOG.check(Instant::now()) {
+                    warn!(peer = %from, suppressed = n, "gossip datagram dropped: sender signature does not verify");
+                }
+                continue;
+            };
+            let admitted = {
+                let mut guard = self.signing.guard.lock().unwrap_or_else(|e| e.into_inner());
+                guard.admit(sender, body, unix_ms(), &mut self.admitted)
+            };
+            match admitted {
+                Ok(a) => {
+                    for _ in 0..a.dropped_entries {
+                        self.counters.inc(Counter::GossipDigestDropped);
+                    }
+                }
+                Err(refusal) => {
+                    self.counters.inc(match refusal {
+                        Refusal::Malformed(_) => Counter::GossipDropUndecodable,
+                        Refusal::Unsafe(_) => Counter::GossipDropUnsafe,
+                        Refusal::Forged(_) => Counter::GossipForged,
+                    });
+                    if let Some(n) = FORGED_LOG.check(Instant::now()) {
+                        warn!(peer = %from, sender = %sender, reason = %refusal, suppressed = n,
+                              "gossip datagram refused: it speaks for a node that did not sign it, or would break chitchat");
+                    }
+                    continue;
+                }
+            }
+            let mut cursor = self.admitted.as_slice();
             match ChitchatMessage::deserialize(&mut cursor) {
                 Ok(msg) => {
                     self.counters.inc(Counter::GossipRx);
@@ -134,6 +282,24 @@ impl Socket for SealedSocket {
             }
         }
     }
+}
+
+/// Splits the signature header off `plain` and checks it; returns the
+/// sender's node id (derived from its key) and the chitchat message.
+fn check_sender<'a>(
+    signing: &Signing,
+    sent_at: Option<u64>,
+    plain: &'a [u8],
+) -> Option<(crate::ids::NodeId, &'a [u8])> {
+    if plain.len() < SIGNED_OVERHEAD {
+        return None;
+    }
+    let (pk, rest) = plain.split_at(PK_LEN);
+    let (sig, body) = rest.split_at(SIG_LEN);
+    UnparsedPublicKey::new(&ED25519, pk)
+        .verify(&signed_message(signing.cluster_id, sent_at?, body), sig)
+        .ok()?;
+    Some((node_id_of(pk), body))
 }
 
 fn is_fatal(e: &std::io::Error) -> bool {

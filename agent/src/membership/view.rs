@@ -6,23 +6,11 @@
 //! Operators think in nodes, so the view keeps one row per node id: the
 //! newest generation.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
+use super::record::VerifiedRecord;
 use crate::ids::NodeId;
-
-/// Keys a node publishes about itself in gossip. Values stay tiny: chitchat
-/// freezes a node whose value exceeds ~64 KB.
-pub mod keys {
-    pub const NAME: &str = "name";
-    pub const ADVERTISE_ADDR: &str = "advertise_addr";
-    pub const DATA_PATH_ADDR: &str = "data_path_addr";
-    pub const IDENTITY_PK: &str = "identity_pk";
-    /// Set by a node that leaves cleanly, just before it stops gossiping.
-    pub const LEFT: &str = "left";
-    /// Version of the node's own table: peers pull when it moves.
-    pub const TABLE_VERSION: &str = "tv";
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum NodeStatus {
@@ -49,7 +37,8 @@ pub struct Incarnation {
     pub generation: u64,
     pub gossip_addr: SocketAddr,
     pub live: bool,
-    pub kv: BTreeMap<String, String>,
+    /// The node's signed record, if one has arrived for this incarnation.
+    pub record: Option<VerifiedRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,34 +55,34 @@ pub struct NodeView {
     pub table_version: u64,
 }
 
-/// One row per valid node id, newest generation, sorted by name then id.
-/// Incarnations whose id does not parse are skipped: gossip is authenticated,
-/// so such a row can only come from a buggy member, and it must not break
-/// the listing of everyone else.
+/// One row per node id, newest generation, sorted by name then id. Only
+/// incarnations with the node's own signed record count, for liveness too:
+/// an incarnation with no record yet (just discovered, or one a member made
+/// up) is no evidence of anything.
 pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView> {
-    let mut newest: HashMap<NodeId, &Incarnation> = HashMap::new();
+    let mut newest: HashMap<NodeId, (&Incarnation, &VerifiedRecord)> = HashMap::new();
     // A restarted node's new generation needs a few heartbeats before the
     // failure detector calls it live, while the old one is still live for a
     // second or two: the node is alive if any of its generations is, so a
     // restart never flaps it through "dead" (and its data path with it).
     let mut any_live: HashSet<NodeId> = HashSet::new();
     for inc in incarnations {
-        let Ok(id) = inc.node_id.parse::<NodeId>() else {
+        let Some(rec) = &inc.record else {
             continue;
         };
+        let id = rec.node_id;
         if inc.live {
             any_live.insert(id);
         }
-        let slot = newest.entry(id).or_insert(inc);
-        if inc.generation > slot.generation {
-            *slot = inc;
+        let slot = newest.entry(id).or_insert((inc, rec));
+        if inc.generation > slot.0.generation {
+            *slot = (inc, rec);
         }
     }
     let mut views: Vec<NodeView> = newest
         .into_iter()
-        .map(|(id, inc)| {
-            let get = |k: &str| inc.kv.get(k).cloned().unwrap_or_default();
-            let status = if inc.kv.contains_key(keys::LEFT) {
+        .map(|(id, (inc, rec))| {
+            let status = if rec.facts.left {
                 NodeStatus::Left
             } else if any_live.contains(&id) || id == self_id {
                 NodeStatus::Alive
@@ -102,18 +91,14 @@ pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView
             };
             NodeView {
                 id,
-                name: get(keys::NAME),
+                name: rec.facts.name.clone(),
                 generation: inc.generation,
                 gossip_addr: inc.gossip_addr,
-                advertise_addr: get(keys::ADVERTISE_ADDR),
-                data_path_addr: get(keys::DATA_PATH_ADDR),
+                advertise_addr: rec.facts.advertise_addr.clone(),
+                data_path_addr: rec.facts.data_path_addr.clone(),
                 status,
                 is_self: id == self_id,
-                table_version: inc
-                    .kv
-                    .get(keys::TABLE_VERSION)
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
+                table_version: rec.facts.table_version,
             }
         })
         .collect();
@@ -165,18 +150,24 @@ pub fn changes(seen: &mut Seen, views: &[NodeView]) -> Vec<Change> {
 mod tests {
     use super::*;
 
-    fn inc(id: NodeId, generation: u64, live: bool, extra: &[(&str, &str)]) -> Incarnation {
-        let mut kv = BTreeMap::new();
-        kv.insert(keys::NAME.to_string(), format!("n{}", id.as_bytes()[0]));
-        for (k, v) in extra {
-            kv.insert(k.to_string(), v.to_string());
-        }
+    fn inc(id: NodeId, generation: u64, live: bool, left: bool) -> Incarnation {
+        let gossip_addr: SocketAddr = "198.18.0.1:7946".parse().unwrap();
         Incarnation {
             node_id: id.to_string(),
             generation,
-            gossip_addr: "198.18.0.1:7946".parse().unwrap(),
+            gossip_addr,
             live,
-            kv,
+            record: Some(VerifiedRecord {
+                node_id: id,
+                generation,
+                version: 1,
+                gossip_addr,
+                facts: super::super::record::NodeFacts {
+                    name: format!("n{}", id.as_bytes()[0]),
+                    left,
+                    ..Default::default()
+                },
+            }),
         }
     }
 
@@ -188,9 +179,9 @@ mod tests {
     fn restarted_node_is_listed_once_with_newest_generation() {
         let v = node_views(
             &[
-                inc(id(1), 5, false, &[]),
-                inc(id(1), 9, true, &[]),
-                inc(id(2), 1, true, &[]),
+                inc(id(1), 5, false, false),
+                inc(id(1), 9, true, false),
+                inc(id(2), 1, true, false),
             ],
             id(2),
         );
@@ -205,12 +196,12 @@ mod tests {
     #[test]
     fn restart_handover_stays_alive_and_shows_the_new_generation() {
         let v = node_views(
-            &[inc(id(1), 9, false, &[]), inc(id(1), 5, true, &[])],
+            &[inc(id(1), 9, false, false), inc(id(1), 5, true, false)],
             id(2),
         );
         assert_eq!((v[0].generation, v[0].status), (9, NodeStatus::Alive));
         let v = node_views(
-            &[inc(id(1), 9, false, &[]), inc(id(1), 5, false, &[])],
+            &[inc(id(1), 9, false, false), inc(id(1), 5, false, false)],
             id(2),
         );
         assert_eq!(v[0].status, NodeStatus::Dead);
@@ -219,18 +210,18 @@ mod tests {
     #[test]
     fn changes_report_each_transition_once() {
         let mut seen = Seen::new();
-        let a = node_views(&[inc(id(1), 1, true, &[])], id(9));
+        let a = node_views(&[inc(id(1), 1, true, false)], id(9));
         assert_eq!(
             changes(&mut seen, &a),
             vec![Change::Appeared(id(1), NodeStatus::Alive)]
         );
         assert!(changes(&mut seen, &a).is_empty());
-        let b = node_views(&[inc(id(1), 1, false, &[])], id(9));
+        let b = node_views(&[inc(id(1), 1, false, false)], id(9));
         assert_eq!(
             changes(&mut seen, &b),
             vec![Change::Status(id(1), NodeStatus::Alive, NodeStatus::Dead)]
         );
-        let c = node_views(&[inc(id(1), 2, true, &[])], id(9));
+        let c = node_views(&[inc(id(1), 2, true, false)], id(9));
         assert_eq!(
             changes(&mut seen, &c),
             vec![
@@ -242,15 +233,11 @@ mod tests {
     }
 
     #[test]
-    fn left_wins_over_liveness_and_bad_ids_are_skipped() {
-        let mut bad = inc(id(3), 1, true, &[]);
-        bad.node_id = "not-an-id".into();
+    fn left_wins_over_liveness_and_unsigned_incarnations_are_skipped() {
+        let mut bad = inc(id(3), 1, true, false);
+        bad.record = None;
         let v = node_views(
-            &[
-                inc(id(1), 1, true, &[(keys::LEFT, "1")]),
-                inc(id(1), 1, false, &[]),
-                bad,
-            ],
+            &[inc(id(1), 1, true, true), inc(id(1), 1, false, false), bad],
             id(9),
         );
         assert_eq!(v.len(), 1);

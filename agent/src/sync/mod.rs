@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
-use crate::membership::{NodeStatus, NodeView, keys};
+use crate::membership::{NodeStatus, NodeView};
 use crate::store::key;
 
 const REPAIR_TICK: Duration = Duration::from_secs(1);
@@ -74,9 +74,7 @@ pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
         let mut pushed = 0;
         loop {
             let version = core.store().own().version();
-            membership
-                .set_fact(keys::TABLE_VERSION, &version.to_string())
-                .await;
+            membership.publish(|f| f.table_version = version).await;
             let nodes = membership.nodes().await;
             if version != pushed {
                 push(&core, &channels, &nodes, version);

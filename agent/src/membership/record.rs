@@ -1,0 +1,288 @@
+//! Signed node records (sans-IO): everything a node publishes about itself
+//! in gossip, signed with its identity key (DESIGN.md "Trust and keys").
+//!
+//! The record travels as chitchat's only key-value of the node, the value
+//! being base64 of a `SignedNodeRecord`. Verification checks, in order:
+//! the signature over the raw record bytes (under the key the record
+//! names), that the key hashes to the node id, and that the record is for
+//! the incarnation and chitchat version it is stored at. A record that
+//! fails any of these is a forgery (or a bug) and changes nothing.
+
+use std::net::SocketAddr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use ovl_proto::records::{NodeRecord, SignedNodeRecord};
+use prost::Message;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+use crate::identity::node_id_of;
+use crate::ids::{ClusterId, NodeId};
+
+/// The chitchat key the record lives under; no other key is accepted.
+pub const RECORD_KEY: &str = "rec";
+/// Signature domain, so a record signature can serve no other purpose.
+const DOMAIN: &[u8] = b"ovl node record v1";
+/// Far above a real record (~250 bytes) and far below chitchat's ~64 KB
+/// value limit, past which a node's updates freeze.
+pub const MAX_RECORD_VALUE: usize = 4096;
+const MAX_FIELD: usize = 255;
+
+/// The facts a node states about itself; the incarnation, version and
+/// key are added when it is signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub name: String,
+    pub advertise_addr: String,
+    pub data_path_addr: String,
+    pub table_version: u64,
+    pub left: bool,
+}
+
+/// A record that verified: the facts and where they belong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedRecord {
+    pub node_id: NodeId,
+    pub generation: u64,
+    pub version: u64,
+    pub gossip_addr: SocketAddr,
+    pub facts: NodeFacts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record value too large ({0} bytes)")]
+    TooLarge(usize),
+    #[error("record value is not base64 of a signed record")]
+    Encoding,
+    #[error("signature does not verify under the record's key")]
+    BadSignature,
+    #[error("record key does not hash to node id {claimed}")]
+    WrongKey { claimed: String },
+    #[error("record is for incarnation {record}, stored under {stored}")]
+    WrongIncarnation { record: String, stored: String },
+    #[error("record field {0} is malformed")]
+    Field(&'static str),
+}
+
+/// Where a record value is stored in chitchat: what it must be signed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot<'a> {
+    pub node_id: &'a str,
+    pub generation: u64,
+    pub gossip_addr: SocketAddr,
+    pub version: u64,
+}
+
+fn signed_message(cluster: ClusterId, record: &[u8]) -> Vec<u8> {
+    [DOMAIN, cluster.as_bytes().as_slice(), record].concat()
+}
+
+/// Signs `facts` for `slot`; returns the chitchat value.
+pub fn sign(
+    key: &Ed25519KeyPair,
+    cluster: ClusterId,
+    generation: u64,
+    version: u64,
+    gossip_addr: SocketAddr,
+    facts: &NodeFacts,
+) -> String {
+    let pk = key.public_key().as_ref();
+    let record = NodeRecord {
+        node_id: node_id_of(pk).as_bytes().to_vec(),
+        identity_pk: pk.to_vec(),
+        generation,
+        version,
+        gossip_addr: gossip_addr.to_string(),
+        name: facts.name.clone(),
+        advertise_addr: facts.advertise_addr.clone(),
+        data_path_addr: facts.data_path_addr.clone(),
+        table_version: facts.table_version,
+        left: facts.left,
+    }
+    .encode_to_vec();
+    let signature = key.sign(&signed_message(cluster, &record));
+    let signed = SignedNodeRecord {
+        record,
+        signature: signature.as_ref().to_vec(),
+    };
+    STANDARD_NO_PAD.encode(signed.encode_to_vec())
+}
+
+fn field(s: &str, name: &'static str) -> Result<String, RecordError> {
+    if s.len() > MAX_FIELD || s.chars().any(char::is_control) {
+        return Err(RecordError::Field(name));
+    }
+    Ok(s.to_string())
+}
+
+/// Decodes a value without checking the signature: for values chitchat
+/// already holds, which only ever got there through [`verify`] (remote) or
+/// [`sign`] (our own). Still checks it belongs to `slot`.
+pub fn decode(value: &str, slot: Slot<'_>) -> Result<VerifiedRecord, RecordError> {
+    let (record, _, _) = open(value)?;
+    check_slot(&record, slot)
+}
+
+/// Verifies a value received for `slot` (see the module comment).
+pub fn verify(
+    cluster: ClusterId,
+    value: &str,
+    slot: Slot<'_>,
+) -> Result<VerifiedRecord, RecordError> {
+    let (record, raw, signature) = open(value)?;
+    UnparsedPublicKey::new(&ED25519, &record.identity_pk)
+        .verify(&signed_message(cluster, &raw), &signature)
+        .map_err(|_| RecordError::BadSignature)?;
+    check_slot(&record, slot)
+}
+
+fn open(value: &str) -> Result<(NodeRecord, Vec<u8>, Vec<u8>), RecordError> {
+    if value.len() > MAX_RECORD_VALUE {
+        return Err(RecordError::TooLarge(value.len()));
+    }
+    let bytes = STANDARD_NO_PAD
+        .decode(value)
+        .map_err(|_| RecordError::Encoding)?;
+    let signed = SignedNodeRecord::decode(bytes.as_slice()).map_err(|_| RecordError::Encoding)?;
+    let record = NodeRecord::decode(signed.record.as_slice()).map_err(|_| RecordError::Encoding)?;
+    Ok((record, signed.record, signed.signature))
+}
+
+fn check_slot(record: &NodeRecord, slot: Slot<'_>) -> Result<VerifiedRecord, RecordError> {
+    let derived = node_id_of(&record.identity_pk);
+    let claimed = slot.node_id.parse::<NodeId>().ok();
+    if claimed != Some(derived) || record.node_id.as_slice() != derived.as_bytes() {
+        return Err(RecordError::WrongKey {
+            claimed: slot.node_id.chars().take(40).collect(),
+        });
+    }
+    let gossip_addr: SocketAddr = record
+        .gossip_addr
+        .parse()
+        .map_err(|_| RecordError::Field("gossip_addr"))?;
+    if record.generation != slot.generation
+        || record.version != slot.version
+        || gossip_addr != slot.gossip_addr
+    {
+        return Err(RecordError::WrongIncarnation {
+            record: format!(
+                "generation {} version {} at {}",
+                record.generation, record.version, record.gossip_addr
+            ),
+            stored: format!(
+                "generation {} version {} at {}",
+                slot.generation, slot.version, slot.gossip_addr
+            ),
+        });
+    }
+    Ok(VerifiedRecord {
+        node_id: derived,
+        generation: record.generation,
+        version: record.version,
+        gossip_addr,
+        facts: NodeFacts {
+            name: field(&record.name, "name")?,
+            advertise_addr: field(&record.advertise_addr, "advertise_addr")?,
+            data_path_addr: field(&record.data_path_addr, "data_path_addr")?,
+            table_version: record.table_version,
+            left: record.left,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::rand::SystemRandom;
+
+    fn key() -> Ed25519KeyPair {
+        let rng = SystemRandom::new();
+        Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&rng).unwrap().as_ref()).unwrap()
+    }
+
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            name: "h1".into(),
+            advertise_addr: "198.18.0.11".into(),
+            data_path_addr: "198.18.0.11".into(),
+            table_version: 7,
+            left: false,
+        }
+    }
+
+    #[test]
+    fn a_signed_record_verifies_only_in_its_own_slot_and_cluster() {
+        let k = key();
+        let id = node_id_of(k.public_key().as_ref()).to_string();
+        let cluster = ClusterId::from_bytes([3; 16]);
+        let addr: SocketAddr = "198.18.0.11:7946".parse().unwrap();
+        let v = sign(&k, cluster, 5, 2, addr, &facts());
+        let slot = Slot {
+            node_id: &id,
+            generation: 5,
+            gossip_addr: addr,
+            version: 2,
+        };
+        let r = verify(cluster, &v, slot).unwrap();
+        assert_eq!(r.facts, facts());
+        assert_eq!(decode(&v, slot).unwrap(), r);
+
+        let other = ClusterId::from_bytes([4; 16]);
+        assert_eq!(verify(other, &v, slot), Err(RecordError::BadSignature));
+        for bad in [
+            Slot {
+                generation: 6,
+                ..slot
+            },
+            Slot { version: 3, ..slot },
+            Slot {
+                gossip_addr: "198.18.0.12:7946".parse().unwrap(),
+                ..slot
+            },
+        ] {
+            assert!(
+                matches!(
+                    verify(cluster, &v, bad),
+                    Err(RecordError::WrongIncarnation { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        // Someone else's key, claiming our id.
+        let forged = sign(&key(), cluster, 5, 2, addr, &facts());
+        assert!(matches!(
+            verify(cluster, &forged, slot),
+            Err(RecordError::WrongKey { .. })
+        ));
+    }
+
+    #[test]
+    fn tampered_or_garbage_values_are_refused() {
+        let k = key();
+        let id = node_id_of(k.public_key().as_ref()).to_string();
+        let cluster = ClusterId::from_bytes([3; 16]);
+        let addr: SocketAddr = "198.18.0.11:7946".parse().unwrap();
+        let slot = Slot {
+            node_id: &id,
+            generation: 1,
+            gossip_addr: addr,
+            version: 1,
+        };
+        let v = sign(&k, cluster, 1, 1, addr, &facts());
+        let mut bytes = STANDARD_NO_PAD.decode(&v).unwrap();
+        // Flip a byte inside the record (after the outer tag and length).
+        bytes[5] ^= 1;
+        let tampered = STANDARD_NO_PAD.encode(&bytes);
+        assert!(verify(cluster, &tampered, slot).is_err());
+        assert_eq!(verify(cluster, "!!", slot), Err(RecordError::Encoding));
+        assert!(matches!(
+            verify(cluster, &"A".repeat(MAX_RECORD_VALUE + 1), slot),
+            Err(RecordError::TooLarge(_))
+        ));
+        let mut bad = facts();
+        bad.name = "evil\u{1b}[2J".into();
+        let v = sign(&k, cluster, 1, 1, addr, &bad);
+        assert_eq!(verify(cluster, &v, slot), Err(RecordError::Field("name")));
+    }
+}

