@@ -104,7 +104,7 @@ fn core_status(e: CoreError) -> Status {
         Invalid(_) | NetnsArgs | BadIp(..) | BadMac(_) | BadIfname(_) | BadEndpointName(_) => {
             Status::invalid_argument(msg)
         }
-        NameTaken(_) | VniTaken(..) | EndpointExists(..) | IpInUse(..) => {
+        NameTaken(_) | VniTaken(..) | EndpointExists(..) | IpInUse(..) | MacInUse(..) => {
             Status::already_exists(msg)
         }
         NoNetwork(_) | NoEndpoint(..) | Netns(..) | NoPid(_) => Status::not_found(msg),

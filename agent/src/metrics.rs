@@ -38,6 +38,7 @@ counters! {
     PeerReplyRefused => "peer_reply_refused",
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
+    RecordsRefused => "records_refused",
     ReconcileErrors => "reconcile_errors",
 }
 

@@ -111,8 +111,10 @@ async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<(), CoreError> {
         .iter()
         .filter(|n| n.is_active() && endpoints.iter().any(|e| e.network == n.id && e.owner == me))
         .collect();
+    let ids: Vec<_> = wanted.iter().map(|n| n.id).collect();
+    let owners = core.owners(nodes, &ids).await;
     for net in &wanted {
-        let plan = core.plan(net, nodes);
+        let plan = core.plan(net, nodes, &owners);
         let report = core.dataplane.ensure_network(&plan).await?;
         if report.added + report.removed + report.created_devices > 0 {
             info!(network = %net.id, vni = %net.vni, added = report.added, removed = report.removed,

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::{Core, CoreError, now_ms};
 use crate::dataplane::LocalEndpoint;
-use crate::ids::{EndpointId, MacAddr};
+use crate::ids::{EndpointId, MacAddr, NetworkId};
 use crate::membership::NodeStatus;
 use crate::store::{EndpointView, key};
 
@@ -37,7 +37,9 @@ pub struct EndpointInfo {
     pub view: EndpointView,
     pub network_name: String,
     pub node_name: String,
-    pub status: &'static str,
+    /// alive | dead | left (the owner's status), or `refused: <reason>`
+    /// for a row that fails the owner checks (never programmed).
+    pub status: String,
 }
 
 fn valid_ifname(s: &str) -> bool {
@@ -129,10 +131,34 @@ impl Core {
                 net.name().to_string(),
             ));
         }
+        // A MAC held by another endpoint would make every host send one of
+        // the two endpoints' traffic to the other (DESIGN.md "Trust").
+        let nodes = self.cluster.members().await;
+        let mac_in_use = |mac: MacAddr| {
+            peers.iter().find(|e| e.mac == mac).map(|e| {
+                let node = nodes
+                    .iter()
+                    .find(|n| n.id == e.owner)
+                    .map_or_else(|| e.owner.short(), |n| n.name.clone());
+                CoreError::MacInUse(
+                    mac.to_string(),
+                    e.name.clone(),
+                    node,
+                    net.name().to_string(),
+                )
+            })
+        };
+        if let Some(err) = mac_given.and_then(mac_in_use) {
+            return Err(err);
+        }
         // Persist before effect: the address is ours on disk before anything
         // in the kernel or the cluster refers to it.
         let ip = self.allocate(&net, id, exact).await?;
         let mac = mac_given.unwrap_or_else(|| MacAddr::from_ipv4(ip));
+        if let Some(err) = mac_in_use(mac) {
+            self.ipam.release(net.id, ip, 0).await;
+            return Err(err);
+        }
         let prefix = net.pool.subnet.prefix();
         let mtu = self.network_mtu(&net);
         let local = LocalEndpoint {
@@ -179,7 +205,7 @@ impl Core {
             view,
             network_name: net.name().to_string(),
             node_name: self.cluster.config().node_name.clone(),
-            status: "alive",
+            status: "alive".to_string(),
         })
     }
 
@@ -192,7 +218,8 @@ impl Core {
         // The VXLAN device binds to the data-path interface: know it before
         // creating the device, or the next pass would see a mismatch.
         self.refresh_underlay().await?;
-        let plan = self.plan(net, &nodes);
+        let owners = self.owners(&nodes, &[net.id]).await;
+        let plan = self.plan(net, &nodes, &owners);
         self.dataplane.ensure_network(&plan).await?;
         self.dataplane.attach(net.vni, ep).await?;
         Ok(())
@@ -335,11 +362,28 @@ impl Core {
             let s = self.store();
             (s.endpoints(), s.networks())
         };
+        let ids: Vec<NetworkId> = nets
+            .iter()
+            .map(|n| n.id)
+            .filter(|id| filter.is_none_or(|f| *id == f))
+            .collect();
+        let owners = self.owners(&nodes, &ids).await;
+        let (_, refused) = crate::store::ownership::vet(
+            eps.iter()
+                .filter(|e| ids.contains(&e.network))
+                .cloned()
+                .collect(),
+            &owners,
+        );
         let mut out: Vec<EndpointInfo> = eps
             .into_iter()
             .filter(|e| filter.is_none_or(|f| e.network == f))
             .map(|view| {
                 let node = nodes.iter().find(|n| n.id == view.owner);
+                let refusal = refused
+                    .iter()
+                    .find(|(e, _)| e.id == view.id && e.owner == view.owner)
+                    .map(|(_, r)| format!("refused: {r}"));
                 EndpointInfo {
                     network_name: nets
                         .iter()
@@ -347,11 +391,14 @@ impl Core {
                         .map(|n| n.name().to_string())
                         .unwrap_or_default(),
                     node_name: node.map(|n| n.name.clone()).unwrap_or_default(),
-                    status: match node.map(|n| n.status) {
-                        Some(NodeStatus::Alive) => "alive",
-                        Some(NodeStatus::Left) => "left",
-                        _ => "dead",
-                    },
+                    status: refusal.unwrap_or_else(|| {
+                        match node.map(|n| n.status) {
+                            Some(NodeStatus::Alive) => "alive",
+                            Some(NodeStatus::Left) => "left",
+                            _ => "dead",
+                        }
+                        .to_string()
+                    }),
                     view,
                 }
             })

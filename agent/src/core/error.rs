@@ -47,6 +47,8 @@ pub enum CoreError {
     IpInUse(String, String, String),
     #[error("--mac: {0}")]
     BadMac(#[from] MacError),
+    #[error("MAC {0} is already used by endpoint {1:?} on node {2} in network {3:?}")]
+    MacInUse(String, String, String, String),
     #[error("--ifname {0:?}: use 1-15 characters, no '/', ':' or white space")]
     BadIfname(String),
     #[error("--name/--alias {0:?}: use 1-63 letters, digits, '_', '.', '-'")]

@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnetwork::Ipv4Network;
 use ovl_proto::peer::SpaceRequest;
 use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::records::{IpamRing, table_entry::Value};
@@ -127,11 +128,20 @@ impl Ipam {
     }
 
     pub async fn ranges_by_owner(&self, id: NetworkId) -> BTreeMap<NodeId, Vec<String>> {
+        self.blocks_by_owner(id)
+            .await
+            .into_iter()
+            .map(|(n, blocks)| (n, blocks.iter().map(ToString::to_string).collect()))
+            .collect()
+    }
+
+    /// The ring as merged here: the blocks each node holds.
+    pub async fn blocks_by_owner(&self, id: NetworkId) -> BTreeMap<NodeId, Vec<Ipv4Network>> {
         let nets = self.nets.lock().await;
-        let mut out: BTreeMap<NodeId, Vec<String>> = BTreeMap::new();
+        let mut out: BTreeMap<NodeId, Vec<Ipv4Network>> = BTreeMap::new();
         if let Some(a) = nets.get(&id) {
             for e in a.ring().entries() {
-                out.entry(e.owner).or_default().push(e.block.to_string());
+                out.entry(e.owner).or_default().push(e.block);
             }
         }
         out

@@ -51,6 +51,8 @@ pub struct Core {
     hinted: tokio::sync::Notify,
     /// Connections to peers, shared with the sync loop.
     channels: std::sync::OnceLock<Arc<Channels>>,
+    /// Endpoint rows already counted as refused by the owner checks.
+    refused_seen: Mutex<std::collections::HashSet<(NodeId, crate::ids::EndpointId)>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -87,6 +89,7 @@ impl Core {
             hints: Mutex::new(std::collections::HashMap::new()),
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
+            refused_seen: Mutex::new(std::collections::HashSet::new()),
         })
     }
 

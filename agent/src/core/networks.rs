@@ -6,13 +6,15 @@ use std::net::IpAddr;
 
 use ovl_proto::records::{NetworkRecord, NetworkRemoval, table_entry::Value};
 use ring::rand::SecureRandom;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Core, CoreError, now_ms};
 use crate::dataplane::{NetworkPlan, RemoteEndpoint};
 use crate::ids::{MacAddr, NetworkId, NodeId, Vni};
 use crate::membership::{NodeStatus, NodeView};
+use crate::metrics::{Counter, RateLimit};
 use crate::store::networks::{self, NetworkError, NetworkView, PoolSpec};
+use crate::store::ownership::{self, Owners};
 use crate::store::{EndpointView, key};
 
 /// VXLAN overhead on an IPv4 underlay: 20 IP + 8 UDP + 8 VXLAN + 14 inner
@@ -328,9 +330,56 @@ impl Core {
         self.underlay.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// What this host knows about owners, for vetting endpoint rows of
+    /// `networks` (see `store::ownership`).
+    pub async fn owners(&self, nodes: &[NodeView], networks: &[NetworkId]) -> Owners {
+        let mut owners = Owners::default();
+        for n in nodes {
+            if let Ok(ip) = n.data_path_addr.parse() {
+                owners.vteps.insert(n.id, ip);
+            }
+        }
+        for &id in networks {
+            owners
+                .ranges
+                .insert(id, self.ipam.blocks_by_owner(id).await);
+        }
+        owners
+    }
+
+    /// A network's endpoint rows that pass the owner checks, and the
+    /// refused ones with their reasons.
+    pub fn vetted_endpoints(
+        &self,
+        network: NetworkId,
+        owners: &Owners,
+    ) -> (Vec<EndpointView>, Vec<(EndpointView, ownership::Refusal)>) {
+        let eps: Vec<EndpointView> = self
+            .store()
+            .endpoints()
+            .into_iter()
+            .filter(|e| e.network == network)
+            .collect();
+        let (ok, refused) = ownership::vet(eps, owners);
+        let mut seen = self.refused_seen.lock().unwrap_or_else(|e| e.into_inner());
+        for (e, why) in &refused {
+            // Counted once per row, not once per reconcile pass.
+            if !seen.insert((e.owner, e.id)) {
+                continue;
+            }
+            self.counters.inc(Counter::RecordsRefused);
+            if let Some(suppressed) = REFUSED_LOG.check(std::time::Instant::now()) {
+                warn!(network = %e.network, endpoint = %e.id, peer = %e.owner, ip = %e.ip, mac = %e.mac,
+                      vtep = %e.vtep, reason = %why, suppressed, "endpoint record refused: never programmed");
+            }
+        }
+        (ok, refused)
+    }
+
     /// What the kernel should hold for `view` on this host: every endpoint
-    /// of the network on a live peer, and one flood entry per such peer.
-    pub fn plan(&self, view: &NetworkView, nodes: &[NodeView]) -> NetworkPlan {
+    /// of the network on a live peer that passes the owner checks, and one
+    /// flood entry per such peer.
+    pub fn plan(&self, view: &NetworkView, nodes: &[NodeView], owners: &Owners) -> NetworkPlan {
         let me = self.cluster.node_id();
         let live: HashSet<NodeId> = nodes
             .iter()
@@ -338,10 +387,10 @@ impl Core {
             .map(|n| n.id)
             .collect();
         let remotes: Vec<RemoteEndpoint> = self
-            .store()
-            .endpoints()
+            .vetted_endpoints(view.id, owners)
+            .0
             .into_iter()
-            .filter(|e| e.network == view.id && e.owner != me && live.contains(&e.owner))
+            .filter(|e| e.owner != me && live.contains(&e.owner))
             .map(|e| RemoteEndpoint {
                 mac: e.mac,
                 ip: IpAddr::V4(e.ip),
@@ -371,7 +420,8 @@ impl Core {
             .endpoints()
             .iter()
             .any(|e| e.network == view.id && e.owner == me);
-        let plan = self.plan(&view, &nodes);
+        let owners = self.owners(&nodes, &[view.id]).await;
+        let plan = self.plan(&view, &nodes, &owners);
         let kernel = self.dataplane.kernel_view(view.vni).await?;
         let fdb: Vec<_> = plan.remotes.iter().map(|r| (r.mac, r.vtep)).collect();
         let neigh: Vec<_> = plan.remotes.iter().map(|r| (r.ip, r.mac)).collect();
@@ -393,3 +443,5 @@ impl Core {
         Ok((local, rows))
     }
 }
+
+static REFUSED_LOG: RateLimit = RateLimit::new(std::time::Duration::from_secs(10));

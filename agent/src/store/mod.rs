@@ -5,6 +5,7 @@
 //! reads from here.
 
 pub mod networks;
+pub mod ownership;
 pub mod table;
 
 use std::collections::{BTreeMap, HashSet};

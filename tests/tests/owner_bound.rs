@@ -1,0 +1,254 @@
+//! Issue #6 acceptance, table side, against real agents in namespaces: an
+//! endpoint row is used only if its owner could have written it honestly.
+//! A member (h3) that attaches with another endpoint's MAC is refused; a
+//! member that serves forged rows through the real peer API (a foreign
+//! VTEP, an IP outside its ranges, a stolen MAC) changes no other host's
+//! FDB, and traffic to the victim still reaches the victim.
+//!
+//! The forged rows are written into h3's own table while its agent is
+//! stopped (`ovl-table-forge`, tests/src/bin), so the agent itself serves
+//! them when it comes back, as it serves its honest rows.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use common::{attached, cluster_with_network};
+use ovl_e2e::{Findings, Lab, POLL, host_veth, mac_for_ip, wait_until};
+
+fn counter(lab: &Lab, k: usize, name: &str) -> u64 {
+    lab.status(k)
+        .ok()
+        .and_then(|s| s.counters.get(name).and_then(|v| v.as_u64()))
+        .unwrap_or(0)
+}
+
+/// A free address in one of `ranges` (CIDRs), not in `used`, past the
+/// first few (network, gateway).
+fn free_in(ranges: &[String], used: &[String]) -> Result<String> {
+    for r in ranges {
+        let (base, len) = r.split_once('/').context("range without /")?;
+        let base: Ipv4Addr = base.parse()?;
+        let len: u32 = len.parse()?;
+        let size = 1u32 << (32 - len);
+        for off in 5..size.saturating_sub(1) {
+            let ip = Ipv4Addr::from(u32::from(base) + off).to_string();
+            if !used.contains(&ip) {
+                return Ok(ip);
+            }
+        }
+    }
+    anyhow::bail!("no free address in {ranges:?}")
+}
+
+#[test]
+fn a_member_cannot_take_over_another_endpoints_mac_ip_or_vtep() {
+    let (mut lab, net) = cluster_with_network(3, "own", &[]);
+    let (c1, e1) = attached(&mut lab, 1, "c1", "own", &[]);
+    let (c2, e2) = attached(&mut lab, 2, "c2", "own", &[]);
+    let (_c3, e3) = attached(&mut lab, 3, "c3", "own", &[]);
+    lab.wait_dataplane(&[1, 2, 3], net.vni, &[e1.clone(), e2.clone(), e3.clone()])
+        .expect("data plane programmed");
+    let mut f = Findings::new();
+
+    // 1. attach --mac with a MAC another host's endpoint holds.
+    let c4 = lab.add_container(3, "c4").expect("container");
+    let path = c4.path_str();
+    let out = lab
+        .ctl(
+            3,
+            &[
+                "endpoint", "attach", "own", "--netns", &path, "--mac", &e1.mac,
+            ],
+        )
+        .expect("ovlctl runs");
+    let err = out.one_line_error();
+    println!(
+        "attach --mac {} on h3: exit {:?}, {:?}",
+        e1.mac,
+        out.code(),
+        err
+    );
+    f.check(out.code() == Some(1), || {
+        format!("attach --mac stolen: {out}")
+    });
+    f.check(
+        err.as_ref()
+            .is_ok_and(|l| l.contains("already used") && l.contains(&e1.name)),
+        || {
+            format!(
+                "attach --mac stolen: want one clear error line naming {}: {out}",
+                e1.name
+            )
+        },
+    );
+    let count = lab.endpoints(1, Some("own")).map(|v| v.len()).unwrap_or(0);
+    f.check(count == 3, || {
+        format!("h1 lists {count} endpoints after the refused attach, want 3")
+    });
+
+    // 2. Forged rows served by h3 through the peer API.
+    let detail = lab.network_inspect(1, "own").expect("inspect");
+    let ranges_of = |name: &str| {
+        detail
+            .peers
+            .iter()
+            .find(|p| p.node_name == name)
+            .map(|p| p.ranges.clone())
+            .unwrap_or_default()
+    };
+    let used: Vec<String> = [&e1, &e2, &e3].iter().map(|e| e.ip.clone()).collect();
+    let in_h3 = free_in(&ranges_of(&lab.node_name(3)), &used).expect("an h3 address");
+    let mut used2 = used.clone();
+    used2.push(in_h3.clone());
+    let in_h3_b = free_in(&ranges_of(&lab.node_name(3)), &used2).expect("another h3 address");
+    let in_h1 = free_in(&ranges_of(&lab.node_name(1)), &used).expect("an h1 address");
+    let h1_vtep = lab.addr(1).to_string();
+    let h3_vtep = lab.addr(3).to_string();
+    let forged = [
+        // (name, id, ip, mac, vtep)
+        (
+            "fg-vtep",
+            "f1000000000000000000000000000001",
+            in_h3.clone(),
+            "02:aa:00:00:00:01".to_string(),
+            h1_vtep.clone(),
+        ),
+        (
+            "fg-range",
+            "f2000000000000000000000000000002",
+            in_h1.clone(),
+            mac_for_ip(&in_h1).expect("mac"),
+            h3_vtep.clone(),
+        ),
+        (
+            "fg-mac",
+            "f3000000000000000000000000000003",
+            in_h3_b.clone(),
+            e1.mac.clone(),
+            h3_vtep.clone(),
+        ),
+    ];
+    lab.stop_agent(3).expect("stop h3");
+    let tool = ovl_e2e::binary("ovl-table-forge").expect("forge tool");
+    let table = lab.state_dir(3).join("table.pb");
+    for (i, (name, id, ip, mac, vtep)) in forged.iter().enumerate() {
+        let out = std::process::Command::new(&tool)
+            .args([
+                "--table",
+                &table.display().to_string(),
+                "--network",
+                &net.id,
+                "--id",
+                id,
+            ])
+            .args(["--name", name, "--ip", ip, "--mac", mac, "--vtep", vtep])
+            .output()
+            .expect("run forge");
+        f.check(out.status.success(), || format!("forging {name}: {out:?}"));
+        // A host-side device of the row's name keeps h3's own reconciler
+        // from withdrawing the rows as orphans.
+        let peer = format!("fgpeer{i}");
+        f.ok(
+            "veth for a forged row",
+            lab.exec_ok(
+                3,
+                &[
+                    "ip",
+                    "link",
+                    "add",
+                    &host_veth(id),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &peer,
+                ],
+            )
+            .map(|_| ()),
+        );
+    }
+    let refused_before = counter(&lab, 2, "records_refused");
+    lab.start_agent(3, &[]).expect("restart h3");
+
+    let names: Vec<&str> = forged.iter().map(|r| r.0).collect();
+    let seen = wait_until(Duration::from_secs(20), POLL, || {
+        let rows = lab.endpoints(2, Some("own"))?;
+        for n in &names {
+            let row = rows.iter().find(|r| r.name == *n);
+            ensure!(
+                row.is_some_and(|r| r.status.starts_with("refused:")),
+                "h2 shows {n} as {:?}",
+                row.map(|r| r.status.clone())
+            );
+        }
+        Ok(true)
+    });
+    f.ok(
+        "h2 lists the forged rows as refused",
+        seen.map(|t| println!("forged rows shown refused on h2 after {t:.2?}")),
+    );
+    if let Ok(rows) = lab.endpoints(2, Some("own")) {
+        for r in rows.iter().filter(|r| r.name.starts_with("fg-")) {
+            println!(
+                "h2: {} {} {} vtep {}: {}",
+                r.name, r.ip, r.mac, r.vtep, r.status
+            );
+        }
+    }
+    let refused_after = counter(&lab, 2, "records_refused");
+    println!("h2 records_refused: {refused_before} -> {refused_after}");
+    f.check(refused_after >= refused_before + 3, || {
+        format!("h2 counted {refused_before} -> {refused_after} refused rows, want +3")
+    });
+
+    // Let two reconcile passes run, then look at the kernels.
+    std::thread::sleep(Duration::from_secs(5));
+    for k in [1, 2] {
+        let fdb = lab.fdb(k, net.vni).unwrap_or_default();
+        let victim: Vec<String> = fdb
+            .iter()
+            .filter(|e| e.mac == e1.mac && e.is_remote())
+            .map(|e| e.dst.clone().unwrap_or_default())
+            .collect();
+        if k == 2 {
+            f.check(victim == vec![h1_vtep.clone()], || {
+                format!(
+                    "h2's FDB sends {} to {victim:?}, want only {h1_vtep}",
+                    e1.mac
+                )
+            });
+        } else {
+            f.check(victim.is_empty(), || {
+                format!(
+                    "h1's FDB sends its own endpoint's MAC {} to {victim:?}",
+                    e1.mac
+                )
+            });
+        }
+        for (name, _, _, mac, _) in &forged[..2] {
+            f.check(!fdb.iter().any(|e| e.mac == *mac), || {
+                format!("h{k}'s FDB holds forged {name}'s MAC {mac}")
+            });
+        }
+        let neigh = lab.neigh(k, net.vni).unwrap_or_default();
+        for (name, _, ip, _, _) in &forged {
+            f.check(!neigh.iter().any(|n| n.dst == *ip), || {
+                format!("h{k}'s neighbour table holds forged {name}'s IP {ip}")
+            });
+        }
+    }
+    let echos_before = lab.icmp_in_echos(&c1).unwrap_or(0);
+    let reached = lab.ping_once(&c2, &e1.ip).unwrap_or(false);
+    let echos_after = lab.icmp_in_echos(&c1).unwrap_or(0);
+    println!(
+        "c2 -> c1 ({}) after the forgeries: reply {reached}, c1 InEchos {echos_before} -> {echos_after}",
+        e1.ip
+    );
+    f.check(reached && echos_after > echos_before, || {
+        format!("traffic to the victim did not reach it: reply {reached}, InEchos {echos_before} -> {echos_after}")
+    });
+    f.finish();
+}
