@@ -205,6 +205,14 @@ impl ClusterApi for Api {
         Ok(Response::new(JoinTokenResponse { join_token }))
     }
 
+    async fn rotate_token(
+        &self,
+        _: Request<RotateTokenRequest>,
+    ) -> Result<Response<JoinTokenResponse>, Status> {
+        let join_token = self.cluster.rotate_token().await.map_err(status)?;
+        Ok(Response::new(JoinTokenResponse { join_token }))
+    }
+
     async fn leave(&self, _: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
         self.core.leave().await.map_err(core_status)?;
         self.cluster.leave().await.map_err(status)?;

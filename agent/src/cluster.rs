@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::ids::decode_hex;
 use crate::ids::{ClusterId, NodeId};
 use crate::membership::{
     self, Membership, MembershipConfig, NodeFacts, NodeStatus, NodeView, Tuning, view,
@@ -60,10 +61,35 @@ pub enum ClusterError {
 /// The persisted part of an active membership.
 #[derive(Serialize, Deserialize)]
 struct ClusterFile {
+    /// The join token this node admits with (the newest it knows).
     token: String,
+    #[serde(default)]
+    token_issued_at_ms: u64,
+    /// Hex; absent in files of earlier versions, whose cluster secret is
+    /// the token's.
+    #[serde(default)]
+    cluster_secret: Option<String>,
     #[serde(default)]
     peers: Vec<SocketAddr>,
 }
+
+/// What a member holds: the token it admits with and the cluster secret
+/// every member shares (see `token.rs`).
+#[derive(Clone)]
+pub struct Credentials {
+    pub token: JoinToken,
+    /// When the token was issued (0: the cluster's first); the newest wins.
+    pub issued_at: u64,
+    pub cluster_secret: [u8; 32],
+}
+
+impl Credentials {
+    fn facts_token(&self) -> Option<(u64, [u8; 32])> {
+        Some((self.issued_at, self.token.secret()))
+    }
+}
+
+type SharedCredentials = Arc<RwLock<Option<Credentials>>>;
 
 enum Phase {
     Unclustered {
@@ -74,7 +100,7 @@ enum Phase {
         task: JoinHandle<()>,
     },
     Active {
-        token: JoinToken,
+        cluster_id: ClusterId,
         membership: Arc<Membership>,
         remember: JoinHandle<()>,
     },
@@ -108,8 +134,9 @@ pub struct Cluster {
     counters: Arc<Counters>,
     rng: SystemRandom,
     phase: Mutex<Phase>,
-    /// Snapshot for the peer server, which must not wait on `phase`.
+    /// Snapshots for the peer server, which must not wait on `phase`.
     keys: RwLock<Option<Arc<ClusterKeys>>>,
+    credentials: SharedCredentials,
     /// Why gossip died, if it did: `main` ends the agent (no zombie).
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
@@ -132,11 +159,21 @@ impl Cluster {
                     .into(),
             }),
             keys: RwLock::new(None),
+            credentials: Arc::new(RwLock::new(None)),
             fatal: tokio::sync::watch::channel(None).0,
         });
         let mut phase = this.phase.lock().await;
         if let Some(file) = this.read_cluster_file()? {
             let token: JoinToken = file.token.parse()?;
+            let cluster_secret = match &file.cluster_secret {
+                Some(hex) => decode_hex::<32>(hex).map_err(|_| {
+                    ClusterError::Refused(format!(
+                        "{}: corrupt cluster secret; remove it to start unclustered",
+                        this.cluster_file().display()
+                    ))
+                })?,
+                None => token.secret(),
+            };
             if let Some(t) = &this.config.join_token
                 && t.cluster_id() != token.cluster_id()
             {
@@ -146,8 +183,13 @@ impl Cluster {
             let mut seeds: BTreeSet<SocketAddr> = file.peers.into_iter().collect();
             seeds.extend(this.config.seeds.iter().copied());
             info!(cluster = %token.cluster_id(), peers = seeds.len(), "rejoining persisted cluster");
+            let creds = Credentials {
+                token,
+                issued_at: file.token_issued_at_ms,
+                cluster_secret,
+            };
             *phase = this
-                .activate(token, seeds.into_iter().collect(), false)
+                .activate(creds, seeds.into_iter().collect(), false)
                 .await?;
         } else if this.config.join_token.is_none() && !this.config.seeds.is_empty() {
             warn!(
@@ -197,7 +239,12 @@ impl Cluster {
         let revealed = token.reveal();
         let id = token.cluster_id();
         cancel_join(&phase);
-        *phase = self.activate(token, Vec::new(), true).await?;
+        let creds = Credentials {
+            cluster_secret: token.secret(),
+            token,
+            issued_at: 0,
+        };
+        *phase = self.activate(creds, Vec::new(), true).await?;
         info!(cluster = %id, node = %self.identity.node_id, "initialised a new cluster");
         Ok((id, revealed))
     }
@@ -212,12 +259,12 @@ impl Cluster {
         let seeds = self.parse_seeds(seeds)?;
         self.refuse_if_active(&*self.phase.lock().await)?;
         // Probe without holding the lock: status stays answerable meanwhile.
-        let via = self.probe(&token, &seeds).await?;
+        let (via, creds) = self.probe(&token, &seeds).await?;
         let mut phase = self.phase.lock().await;
         self.refuse_if_active(&phase)?;
         cancel_join(&phase);
         let id = token.cluster_id();
-        *phase = self.activate(token, seeds, true).await?;
+        *phase = self.activate(creds, seeds, true).await?;
         info!(cluster = %id, via = %via, "joined the cluster");
         Ok((id, via))
     }
@@ -244,6 +291,7 @@ impl Cluster {
             } => {
                 remember.abort();
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = None;
                 let removed = persist::remove_durable(&self.cluster_file());
                 // Announce the leave even if the file could not go: the
                 // phase is already unclustered and gossip must not linger.
@@ -276,11 +324,45 @@ impl Cluster {
         }
     }
 
+    /// The token and cluster secret, while the node is in a cluster.
+    pub fn admission(&self) -> Option<Credentials> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub async fn join_token(&self) -> Result<String, ClusterError> {
         match &*self.phase.lock().await {
-            Phase::Active { token, .. } => Ok(token.reveal()),
+            Phase::Active { .. } => self
+                .admission()
+                .map(|c| c.token.reveal())
+                .ok_or(ClusterError::NotClustered),
             _ => Err(ClusterError::NotClustered),
         }
+    }
+
+    /// A new join token for the cluster: it admits new nodes, the old one
+    /// stops admitting as members learn of it (gossip), and members stay
+    /// (the cluster secret does not change).
+    pub async fn rotate_token(&self) -> Result<String, ClusterError> {
+        let phase = self.phase.lock().await;
+        let Phase::Active { membership, .. } = &*phase else {
+            return Err(ClusterError::NotClustered);
+        };
+        let current = self.admission().ok_or(ClusterError::NotClustered)?;
+        let token = current
+            .token
+            .rotated(&self.rng)
+            .map_err(|_| ClusterError::Random)?;
+        let creds = Credentials {
+            token,
+            issued_at: crate::core::now_ms().max(current.issued_at + 1),
+            cluster_secret: current.cluster_secret,
+        };
+        adopt(&self.credentials, membership, &self.cluster_file(), &creds).await?;
+        info!(cluster = %creds.token.cluster_id(), issued_at = creds.issued_at, "join token rotated here; the old token stops admitting as members learn of it");
+        Ok(creds.token.reveal())
     }
 
     pub async fn status(&self) -> Status {
@@ -288,11 +370,13 @@ impl Cluster {
             Phase::Unclustered { reason } => ("unclustered", reason.clone(), None, None),
             Phase::Joining { reason, .. } => ("joining", reason.clone(), None, None),
             Phase::Active {
-                token, membership, ..
+                cluster_id,
+                membership,
+                ..
             } => (
                 "active",
                 String::new(),
-                Some(token.cluster_id()),
+                Some(*cluster_id),
                 Some(membership.clone()),
             ),
         };
@@ -362,7 +446,7 @@ impl Cluster {
 
     fn refuse_if_active(&self, phase: &Phase) -> Result<(), ClusterError> {
         match phase {
-            Phase::Active { token, .. } => Err(ClusterError::AlreadyClustered(token.cluster_id())),
+            Phase::Active { cluster_id, .. } => Err(ClusterError::AlreadyClustered(*cluster_id)),
             _ => Ok(()),
         }
     }
@@ -380,18 +464,25 @@ impl Cluster {
             .collect()
     }
 
+    /// Asks seeds in turn to prove they hold `token`; the first that does
+    /// hands over the cluster secret.
     async fn probe(
         &self,
         token: &JoinToken,
         seeds: &[SocketAddr],
-    ) -> Result<SocketAddr, ClusterError> {
-        let keys = token.keys();
+    ) -> Result<(SocketAddr, Credentials), ClusterError> {
+        let keys = token.admission();
         let mut failures: Vec<HelloError> = Vec::new();
         for &seed in seeds {
             match peer::hello(seed, &keys, &self.rng).await {
-                Ok(node) => {
-                    info!(seed = %seed, seed_node = %node, "seed proved the cluster key");
-                    return Ok(seed);
+                Ok((node, cluster_secret)) => {
+                    info!(seed = %seed, seed_node = %node, "seed proved the join token and handed over the cluster key");
+                    let creds = Credentials {
+                        token: token.clone(),
+                        issued_at: 0,
+                        cluster_secret,
+                    };
+                    return Ok((seed, creds));
                 }
                 Err(e) => {
                     warn!(seed = %seed, error = %e, "seed did not accept the join");
@@ -422,19 +513,18 @@ impl Cluster {
                 return;
             }
             match result {
-                Ok(via) => match self
-                    .activate(token.clone(), self.config.seeds.clone(), true)
-                    .await
-                {
-                    Ok(active) => {
-                        // Replacing the phase drops our own JoinHandle, which
-                        // detaches (does not abort) this task.
-                        *phase = active;
-                        info!(cluster = %token.cluster_id(), via = %via, "joined the cluster");
-                        return;
+                Ok((via, creds)) => {
+                    match self.activate(creds, self.config.seeds.clone(), true).await {
+                        Ok(active) => {
+                            // Replacing the phase drops our own JoinHandle, which
+                            // detaches (does not abort) this task.
+                            *phase = active;
+                            info!(cluster = %token.cluster_id(), via = %via, "joined the cluster");
+                            return;
+                        }
+                        Err(e) => set_join_reason(&mut phase, format!("not joined: {e}")),
                     }
-                    Err(e) => set_join_reason(&mut phase, format!("not joined: {e}")),
-                },
+                }
                 Err(e) => set_join_reason(&mut phase, format!("not joined: {e}")),
             }
             drop(phase);
@@ -443,30 +533,31 @@ impl Cluster {
         }
     }
 
-    /// Starts membership for `token` and returns the active phase.
+    /// Starts membership with `creds` and returns the active phase.
     async fn activate(
         &self,
-        token: JoinToken,
+        creds: Credentials,
         seeds: Vec<SocketAddr>,
         persist_now: bool,
     ) -> Result<Phase, ClusterError> {
         let file = self.cluster_file();
         if persist_now {
-            write_cluster_file(&file, &token, &seeds)?;
+            write_cluster_file(&file, &creds, &seeds)?;
         }
-        let keys = Arc::new(token.keys());
-        let token_for_watch = token.clone();
+        let cluster_id = creds.token.cluster_id();
+        let keys = Arc::new(ClusterKeys::derive(cluster_id, &creds.cluster_secret));
         let facts = NodeFacts {
             name: self.config.node_name.clone(),
             advertise_addr: self.config.advertise_addr.to_string(),
             data_path_addr: self.config.data_path_addr.to_string(),
             table_version: 0,
             left: false,
+            token: creds.facts_token(),
         };
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,
             generation: self.next_generation(),
-            cluster_id: token.cluster_id(),
+            cluster_id,
             gossip_addr: self.config.gossip_addr(),
             seeds,
             facts,
@@ -490,18 +581,20 @@ impl Cluster {
             }
         };
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+        *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Some(creds);
         let fatal = self.fatal.clone();
+        let credentials = self.credentials.clone();
         let watched = membership.clone();
         let remember = tokio::spawn(async move {
             tokio::select! {
-                () = watch_members(watched.clone(), file, token_for_watch) => {}
+                () = watch_members(watched.clone(), file, credentials) => {}
                 reason = watched.failed() => {
                     let _ = fatal.send(Some(reason));
                 }
             }
         });
         Ok(Phase::Active {
-            token,
+            cluster_id,
             membership,
             remember,
         })
@@ -542,11 +635,13 @@ fn set_join_reason(phase: &mut Phase, text: String) {
 
 fn write_cluster_file(
     path: &std::path::Path,
-    token: &JoinToken,
+    creds: &Credentials,
     peers: &[SocketAddr],
 ) -> Result<(), PersistError> {
     let file = ClusterFile {
-        token: token.reveal(),
+        token: creds.token.reveal(),
+        token_issued_at_ms: creds.issued_at,
+        cluster_secret: Some(crate::ids::encode_hex(&creds.cluster_secret)),
         peers: peers.to_vec(),
     };
     // Serialising plain strings and addresses cannot fail.
@@ -557,7 +652,7 @@ fn write_cluster_file(
 /// Follows membership: logs every node state change, and keeps the
 /// persisted peer list current so a restart finds the cluster even when the
 /// original seeds are gone.
-async fn watch_members(membership: Arc<Membership>, path: PathBuf, token: JoinToken) {
+async fn watch_members(membership: Arc<Membership>, path: PathBuf, creds: SharedCredentials) {
     let mut changes = membership.watch().await;
     let mut persisted: BTreeSet<SocketAddr> = BTreeSet::new();
     let mut seen = view::Seen::new();
@@ -566,15 +661,20 @@ async fn watch_members(membership: Arc<Membership>, path: PathBuf, token: JoinTo
         for change in view::changes(&mut seen, &nodes) {
             log_change(&nodes, change);
         }
+        adopt_newest_token(&membership, &path, &creds, &nodes).await;
         let peers: BTreeSet<SocketAddr> = nodes
             .iter()
             .filter(|n| !n.is_self && n.status != NodeStatus::Left)
             .map(|n| n.gossip_addr)
             .take(MAX_REMEMBERED_PEERS)
             .collect();
-        if !peers.is_empty() && peers != persisted {
+        let current = creds.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(current) = current
+            && !peers.is_empty()
+            && peers != persisted
+        {
             let list: Vec<SocketAddr> = peers.iter().copied().collect();
-            match write_cluster_file(&path, &token, &list) {
+            match write_cluster_file(&path, &current, &list) {
                 Ok(()) => persisted = peers,
                 Err(e) => warn!(error = %e, "could not persist known peers"),
             }
@@ -583,6 +683,69 @@ async fn watch_members(membership: Arc<Membership>, path: PathBuf, token: JoinTo
             return;
         }
     }
+}
+
+/// Takes the newest join token any member publishes (a `rotate-token`
+/// anywhere): from then on this node admits only with it.
+async fn adopt_newest_token(
+    membership: &Membership,
+    path: &std::path::Path,
+    creds: &SharedCredentials,
+    nodes: &[NodeView],
+) {
+    let Some(current) = creds.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+        return;
+    };
+    let newest = membership
+        .published_tokens()
+        .await
+        .into_iter()
+        .max_by_key(|(_, issued, secret)| (*issued, *secret));
+    let Some((by, issued_at, secret)) = newest else {
+        return;
+    };
+    if (issued_at, secret) <= (current.issued_at, current.token.secret()) {
+        return;
+    }
+    let next = Credentials {
+        token: JoinToken::from_parts(current.token.cluster_id(), secret),
+        issued_at,
+        cluster_secret: current.cluster_secret,
+    };
+    match adopt(creds, membership, path, &next).await {
+        Ok(()) => {
+            let name = nodes
+                .iter()
+                .find(|n| n.id == by)
+                .map(|n| n.name.clone())
+                .unwrap_or_default();
+            info!(peer = %by, name = %name, issued_at, "join token rotated by a member; the old token no longer admits here");
+        }
+        Err(e) => {
+            warn!(error = %e, "could not persist the rotated join token; keeping the old one")
+        }
+    }
+}
+
+/// Makes `next` this node's credentials: persisted first, then used, then
+/// published so the rotation survives the node that made it.
+async fn adopt(
+    shared: &SharedCredentials,
+    membership: &Membership,
+    path: &std::path::Path,
+    next: &Credentials,
+) -> Result<(), PersistError> {
+    let peers = persist::read_optional(path)
+        .ok()
+        .flatten()
+        .and_then(|raw| serde_json::from_slice::<ClusterFile>(&raw).ok())
+        .map(|f| f.peers)
+        .unwrap_or_default();
+    write_cluster_file(path, next, &peers)?;
+    *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(next.clone());
+    let token = next.facts_token();
+    membership.publish(|f| f.token = token).await;
+    Ok(())
 }
 
 fn log_change(nodes: &[NodeView], change: view::Change) {

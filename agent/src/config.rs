@@ -58,6 +58,10 @@ pub struct Options {
         value_name = "TOKEN"
     )]
     pub join_token: Option<String>,
+    /// File holding the join token (so it is on no command line); exclusive
+    /// with --join-token.
+    #[arg(long, value_name = "PATH", conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
     /// Data key rotation interval, e.g. 12h, 30m, 10s [default: 12h].
     #[arg(long, value_name = "DURATION")]
     pub key_rotation: Option<String>,
@@ -103,6 +107,13 @@ pub enum ConfigError {
     BadPool(String),
     #[error("--node-name must be 1-63 printable characters")]
     BadName,
+    #[error("--join-token-file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("give either --join-token or --join-token-file, not both")]
+    TwoTokens,
 }
 
 /// Validated configuration the agent runs with.
@@ -166,7 +177,16 @@ impl Config {
             state_dir: o.state_dir.unwrap_or_else(|| "/var/lib/ovl".into()),
             socket: o.socket.unwrap_or_else(|| "/run/ovl/ovl.sock".into()),
             seeds,
-            join_token: o.join_token.as_deref().map(str::parse).transpose()?,
+            join_token: match (o.join_token, o.join_token_file) {
+                (Some(_), Some(_)) => return Err(ConfigError::TwoTokens),
+                (Some(t), None) => Some(t.parse()?),
+                (None, Some(path)) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|source| ConfigError::TokenFile { path, source })?
+                        .parse()?,
+                ),
+                (None, None) => None,
+            },
             key_rotation: duration(
                 "key-rotation",
                 o.key_rotation,
@@ -206,6 +226,7 @@ impl Options {
                 self.seed
             },
             join_token: self.join_token.or(file.join_token),
+            join_token_file: self.join_token_file.or(file.join_token_file),
             key_rotation: self.key_rotation.or(file.key_rotation),
             node_name: self.node_name.or(file.node_name),
             log_level: self.log_level.or(file.log_level),
@@ -337,6 +358,34 @@ mod tests {
             let err = Config::resolve(opts(&args)).unwrap_err().to_string();
             assert!(err.contains(want), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_join_token_can_come_from_a_file() {
+        let dir = std::env::temp_dir().join(format!("ovl-token-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        let token = "OVLTKN-1-00000000000000000000000000000001-0000000000000000000000000000000000000000000000000000000000000002";
+        std::fs::write(&path, format!("{token}\n")).unwrap();
+        let p = path.display().to_string();
+        let c = Config::resolve(opts(&[
+            "--advertise-addr",
+            "198.18.0.1",
+            "--join-token-file",
+            &p,
+        ]))
+        .unwrap();
+        assert_eq!(c.join_token.map(|t| t.reveal()).as_deref(), Some(token));
+        let missing = dir.join("nope").display().to_string();
+        let e = Config::resolve(opts(&[
+            "--advertise-addr",
+            "198.18.0.1",
+            "--join-token-file",
+            &missing,
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--join-token-file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::core::{Core, CoreError};
 use crate::ids::{ClusterId, NodeId};
 use crate::metrics::{Counter, Counters, RateLimit};
 use crate::sync::{self, auth};
-use crate::token::ClusterKeys;
+use crate::token::{Admission, ClusterKeys};
 
 const HELLO_LABEL: &[u8] = b"ovl hello v1";
 const NONCE_LEN: usize = 32;
@@ -105,13 +105,14 @@ impl Peer for PeerService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let remote = req.remote_addr();
         let req = req.into_inner();
-        let Some(keys) = self.core.cluster.keys() else {
+        let Some(current) = self.core.cluster.admission() else {
             return self.refuse(
                 remote,
                 Status::failed_precondition("this agent is not in a cluster"),
             );
         };
-        if req.cluster_id.as_slice() != keys.cluster_id.as_bytes() {
+        let admission = current.token.admission();
+        if req.cluster_id.as_slice() != admission.cluster_id.as_bytes() {
             return self.refuse(
                 remote,
                 Status::permission_denied("this agent is in a different cluster"),
@@ -125,14 +126,17 @@ impl Peer for PeerService {
         }
         let me = self.core.cluster.node_id();
         let tag = hmac::sign(
-            &keys.peer_auth,
-            &proof_input(keys.cluster_id, &req.client_nonce, me),
+            &admission.proof,
+            &proof_input(admission.cluster_id, &req.client_nonce, me),
         );
         self.counters.inc(Counter::HelloServed);
         debug!(peer = ?remote, "hello answered");
         Ok(Response::new(HelloResponse {
             server_node_id: me.as_bytes().to_vec(),
             proof: tag.as_ref().to_vec(),
+            // Useless without the token: sealed under it and our nonce.
+            sealed_cluster_secret: admission
+                .seal_secret(&req.client_nonce, &current.cluster_secret),
         }))
     }
 
@@ -205,12 +209,13 @@ impl HelloError {
     }
 }
 
-/// Asks `seed` to prove it holds `keys`; returns the seed's node id.
+/// Asks `seed` to prove it holds the token behind `keys`; returns the
+/// seed's node id and the cluster secret it handed over.
 pub async fn hello(
     seed: SocketAddr,
-    keys: &ClusterKeys,
+    keys: &Admission,
     rng: &SystemRandom,
-) -> Result<NodeId, HelloError> {
+) -> Result<(NodeId, [u8; 32]), HelloError> {
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill(&mut nonce)
         .map_err(|_| HelloError::Protocol(seed, "local random source failed".into()))?;
@@ -244,12 +249,15 @@ pub async fn hello(
         .map_err(|_| HelloError::Protocol(seed, "node id is not 16 bytes".into()))?;
     let server = NodeId::from_bytes(server);
     hmac::verify(
-        &keys.peer_auth,
+        &keys.proof,
         &proof_input(keys.cluster_id, &nonce, server),
         &resp.proof,
     )
     .map_err(|_| HelloError::BadProof(seed))?;
-    Ok(server)
+    let secret = keys
+        .open_secret(&nonce, &resp.sealed_cluster_secret)
+        .map_err(|_| HelloError::BadProof(seed))?;
+    Ok((server, secret))
 }
 
 fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {

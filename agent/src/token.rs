@@ -1,9 +1,14 @@
-//! Join tokens and the cluster keys derived from them.
+//! Join tokens, the cluster secret, and the keys derived from them.
 //!
 //! A token is `OVLTKN-1-<cluster id, 32 hex>-<secret, 64 hex>`, like Swarm's
-//! `SWMTKN-1-…`. Whoever holds it may join; everything cluster-wide that must
-//! stay private (gossip sealing, peer proofs) is derived from the secret with
-//! HKDF-SHA256 and a distinct label per use, so no key serves two purposes.
+//! `SWMTKN-1-…`. Whoever holds it may join. The token only *admits*: what
+//! members share (gossip sealing, peer proofs) comes from the **cluster
+//! secret**, which a seed hands a joiner sealed under the token (see
+//! [`Admission`]). A cluster's first token secret doubles as its cluster
+//! secret (so clusters made by earlier versions keep working);
+//! `cluster rotate-token` replaces the token and keeps the cluster secret,
+//! so members stay. Every key is HKDF-SHA256 with a distinct label per use,
+//! so no key serves two purposes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -57,8 +62,100 @@ impl JoinToken {
         )
     }
 
+    /// The keys of a cluster whose secret is this token's (a cluster's
+    /// first token).
     pub fn keys(&self) -> ClusterKeys {
         ClusterKeys::derive(self.cluster_id, &self.secret)
+    }
+
+    /// The secret, for a new cluster's cluster secret and the state file.
+    pub fn secret(&self) -> [u8; 32] {
+        self.secret
+    }
+
+    /// A new token for the same cluster (rotation).
+    pub fn rotated(&self, rng: &SystemRandom) -> Result<Self, ring::error::Unspecified> {
+        let mut secret = [0u8; 32];
+        rng.fill(&mut secret)?;
+        Ok(Self {
+            cluster_id: self.cluster_id,
+            secret,
+        })
+    }
+
+    pub fn from_parts(cluster_id: ClusterId, secret: [u8; 32]) -> Self {
+        Self { cluster_id, secret }
+    }
+
+    /// The keys a seed and a joiner share through this token.
+    pub fn admission(&self) -> Admission {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&self.secret);
+        let proof = expand(&prk, b"ovl hello proof", self.cluster_id);
+        Admission {
+            cluster_id: self.cluster_id,
+            proof: hmac::Key::new(hmac::HMAC_SHA256, &proof),
+            seal: expand(&prk, b"ovl admit seal", self.cluster_id),
+        }
+    }
+}
+
+fn expand(prk: &hkdf::Prk, label: &[u8], cluster_id: ClusterId) -> [u8; 32] {
+    let info = [label, cluster_id.as_bytes().as_slice()];
+    let mut out = [0u8; 32];
+    // 32 bytes is far below HKDF-SHA256's limit of 255 * 32 (RFC 5869 §2.3).
+    prk.expand(&info, Len(32))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 can expand 32 bytes");
+    out
+}
+
+/// What a token gives: the seed's proof key (it holds the token) and the
+/// key the seed seals the cluster secret with for the joiner.
+pub struct Admission {
+    pub cluster_id: ClusterId,
+    /// HMAC-SHA256 key of the seed's proof (peer `Hello`).
+    pub proof: hmac::Key,
+    seal: [u8; 32],
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("the sealed cluster secret does not open under this token")]
+pub struct UnsealError;
+
+impl Admission {
+    /// AES-256-GCM key for one hello: bound to the joiner's fresh nonce, so
+    /// each key seals exactly one message and a fixed nonce is safe.
+    fn hello_key(&self, client_nonce: &[u8]) -> aead::LessSafeKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&self.seal);
+        let key = expand(
+            &prk,
+            &[b"ovl admit hello ".as_slice(), client_nonce].concat(),
+            self.cluster_id,
+        );
+        aead::LessSafeKey::new(
+            aead::UnboundKey::new(&aead::AES_256_GCM, &key)
+                .expect("AES-256-GCM takes a 32-byte key"),
+        )
+    }
+
+    /// The cluster secret sealed for the joiner that sent `client_nonce`.
+    pub fn seal_secret(&self, client_nonce: &[u8], secret: &[u8; 32]) -> Vec<u8> {
+        let mut buf = secret.to_vec();
+        let aad = aead::Aad::from(self.cluster_id.as_bytes().to_vec());
+        self.hello_key(client_nonce)
+            .seal_in_place_append_tag(aead::Nonce::assume_unique_for_key([0; 12]), aad, &mut buf)
+            .expect("AES-GCM seals 32 bytes");
+        buf
+    }
+
+    pub fn open_secret(&self, client_nonce: &[u8], sealed: &[u8]) -> Result<[u8; 32], UnsealError> {
+        let mut buf = sealed.to_vec();
+        let aad = aead::Aad::from(self.cluster_id.as_bytes().to_vec());
+        let plain = self
+            .hello_key(client_nonce)
+            .open_in_place(aead::Nonce::assume_unique_for_key([0; 12]), aad, &mut buf)
+            .map_err(|_| UnsealError)?;
+        plain.try_into().map_err(|_| UnsealError)
     }
 }
 
@@ -109,19 +206,11 @@ impl hkdf::KeyType for Len {
 }
 
 impl ClusterKeys {
-    fn derive(cluster_id: ClusterId, secret: &[u8; 32]) -> Self {
+    /// The keys of the cluster whose cluster secret is `secret`.
+    pub fn derive(cluster_id: ClusterId, secret: &[u8; 32]) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
-        let expand = |label: &[u8]| -> [u8; 32] {
-            let info = [label, cluster_id.as_bytes().as_slice()];
-            let mut out = [0u8; 32];
-            // 32 bytes is far below HKDF-SHA256's limit of 255 * 32 (RFC 5869 §2.3).
-            prk.expand(&info, Len(32))
-                .and_then(|okm| okm.fill(&mut out))
-                .expect("HKDF-SHA256 can expand 32 bytes");
-            out
-        };
-        let gossip = expand(b"ovl gossip aead");
-        let peer = expand(b"ovl peer auth");
+        let gossip = expand(&prk, b"ovl gossip aead", cluster_id);
+        let peer = expand(&prk, b"ovl peer auth", cluster_id);
         let gossip = aead::UnboundKey::new(&aead::AES_256_GCM, &gossip)
             .map(aead::LessSafeKey::new)
             .expect("AES-256-GCM takes a 32-byte key");
@@ -169,6 +258,26 @@ mod tests {
             v2.parse::<JoinToken>(),
             Err(TokenError::Version(_))
         ));
+    }
+
+    #[test]
+    fn the_cluster_secret_opens_only_for_the_same_token_and_nonce() {
+        let rng = SystemRandom::new();
+        let t = JoinToken::generate(&rng).unwrap();
+        let secret = [9u8; 32];
+        let sealed = t.admission().seal_secret(&[1; 32], &secret);
+        assert_eq!(t.admission().open_secret(&[1; 32], &sealed), Ok(secret));
+        assert_eq!(
+            t.admission().open_secret(&[2; 32], &sealed),
+            Err(UnsealError)
+        );
+        let other = t.rotated(&rng).unwrap();
+        assert_eq!(other.cluster_id(), t.cluster_id());
+        assert_ne!(other, t);
+        assert_eq!(
+            other.admission().open_secret(&[1; 32], &sealed),
+            Err(UnsealError)
+        );
     }
 
     #[test]

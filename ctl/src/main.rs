@@ -137,13 +137,24 @@ enum ClusterCmd {
     /// Join the cluster of SEED (IP or IP:PORT of an agent in it).
     Join {
         /// Join token printed by `cluster init` or `cluster join-token`.
-        #[arg(long, env = "OVL_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
+        #[arg(
+            long,
+            env = "OVL_JOIN_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file"
+        )]
+        token: Option<String>,
+        /// File holding the join token (so it is on no command line).
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<std::path::PathBuf>,
         #[arg(required = true, value_name = "SEED")]
         seeds: Vec<String>,
     },
     /// Print the cluster's join token again.
     JoinToken,
+    /// Replace the join token: the new one (printed) admits new nodes, the
+    /// old one stops admitting, members stay.
+    RotateToken,
     /// Leave the cluster cleanly (peers list this node as left).
     Leave,
     /// This agent's state, and why it is in it.
@@ -280,7 +291,19 @@ async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), St
                 let r = client::call(c.init(InitRequest {})).await?;
                 output::init(format, &r);
             }
-            ClusterCmd::Join { token, seeds } => {
+            ClusterCmd::Join {
+                token,
+                token_file,
+                seeds,
+            } => {
+                let token = match (token, token_file) {
+                    (Some(t), _) => t,
+                    (None, Some(path)) => std::fs::read_to_string(&path)
+                        .map_err(|e| format!("--token-file {}: {e}", path.display()))?
+                        .trim()
+                        .to_string(),
+                    (None, None) => return Err("give --token or --token-file".into()),
+                };
                 let r = client::call(c.join(JoinRequest {
                     join_token: token,
                     seeds,
@@ -290,6 +313,10 @@ async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), St
             }
             ClusterCmd::JoinToken => {
                 let r = client::call(c.join_token(JoinTokenRequest {})).await?;
+                output::join_token(format, &r);
+            }
+            ClusterCmd::RotateToken => {
+                let r = client::call(c.rotate_token(RotateTokenRequest {})).await?;
                 output::join_token(format, &r);
             }
             ClusterCmd::Leave => {

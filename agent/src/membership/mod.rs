@@ -229,6 +229,20 @@ impl Membership {
             .collect()
     }
 
+    /// The join token each node publishes (rotation): (node, issued at,
+    /// secret). Never logged.
+    pub async fn published_tokens(&self) -> Vec<(NodeId, u64, [u8; 32])> {
+        self.incarnations()
+            .await
+            .into_iter()
+            .filter_map(|i| {
+                let r = i.record?;
+                let (issued, secret) = r.facts.token?;
+                Some((r.node_id, issued, secret))
+            })
+            .collect()
+    }
+
     pub async fn nodes(&self) -> Vec<NodeView> {
         view::node_views(&self.incarnations().await, self.self_id)
     }

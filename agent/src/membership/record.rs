@@ -30,13 +30,29 @@ const MAX_FIELD: usize = 255;
 
 /// The facts a node states about itself; the incarnation, version and
 /// key are added when it is signed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     pub name: String,
     pub advertise_addr: String,
     pub data_path_addr: String,
     pub table_version: u64,
     pub left: bool,
+    /// The join token this node admits with: (issued at, secret).
+    pub token: Option<(u64, [u8; 32])>,
+}
+
+impl std::fmt::Debug for NodeFacts {
+    // By hand: the token secret must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeFacts")
+            .field("name", &self.name)
+            .field("advertise_addr", &self.advertise_addr)
+            .field("data_path_addr", &self.data_path_addr)
+            .field("table_version", &self.table_version)
+            .field("left", &self.left)
+            .field("token_issued_at", &self.token.map(|t| t.0))
+            .finish()
+    }
 }
 
 /// A record that verified: the facts and where they belong.
@@ -99,6 +115,8 @@ pub fn sign(
         data_path_addr: facts.data_path_addr.clone(),
         table_version: facts.table_version,
         left: facts.left,
+        token_issued_at_ms: facts.token.map_or(0, |t| t.0),
+        token_secret: facts.token.map(|t| t.1.to_vec()).unwrap_or_default(),
     }
     .encode_to_vec();
     let signature = key.sign(&signed_message(cluster, &record));
@@ -187,6 +205,17 @@ fn check_slot(record: &NodeRecord, slot: Slot<'_>) -> Result<VerifiedRecord, Rec
             data_path_addr: field(&record.data_path_addr, "data_path_addr")?,
             table_version: record.table_version,
             left: record.left,
+            token: match record.token_secret.len() {
+                0 => None,
+                _ => Some((
+                    record.token_issued_at_ms,
+                    record
+                        .token_secret
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| RecordError::Field("token_secret"))?,
+                )),
+            },
         },
     })
 }
@@ -208,6 +237,7 @@ mod tests {
             data_path_addr: "198.18.0.11".into(),
             table_version: 7,
             left: false,
+            token: Some((5, [3; 32])),
         }
     }
 
