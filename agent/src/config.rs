@@ -70,6 +70,11 @@ pub struct Options {
     /// Pool that networks created without --subnet take a /24 from [default: 10.0.0.0/8].
     #[arg(long, value_name = "CIDR")]
     pub default_address_pool: Option<String>,
+    /// How long `endpoint attach`/`detach` wait for the network's live hosts
+    /// to program the change before returning with a warning naming the
+    /// lagging hosts; 0 returns at once [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub attach_wait: Option<String>,
     /// Gossip round interval; death is detected after ~10-15 rounds [default: 200ms].
     #[arg(long, value_name = "DURATION", hide = true)]
     pub gossip_interval: Option<String>,
@@ -121,6 +126,7 @@ pub struct Config {
     pub node_name: String,
     pub log_level: String,
     pub gossip_interval: Duration,
+    pub attach_wait: Duration,
     pub default_address_pool: ipnetwork::Ipv4Network,
 }
 
@@ -184,6 +190,7 @@ impl Config {
                 "200ms",
                 Duration::from_millis(10),
             )?,
+            attach_wait: duration("attach-wait", o.attach_wait, "1s", Duration::ZERO)?,
         })
     }
 }
@@ -210,6 +217,7 @@ impl Options {
             node_name: self.node_name.or(file.node_name),
             log_level: self.log_level.or(file.log_level),
             gossip_interval: self.gossip_interval.or(file.gossip_interval),
+            attach_wait: self.attach_wait.or(file.attach_wait),
             default_address_pool: self.default_address_pool.or(file.default_address_pool),
         }
     }

@@ -3,6 +3,7 @@
 //! layers translate requests into calls here and never see the kernel; the
 //! reconciler and sync loops run beside it.
 
+mod acks;
 mod endpoints;
 mod error;
 mod ipam_glue;
@@ -51,6 +52,9 @@ pub struct Core {
     hinted: tokio::sync::Notify,
     /// Connections to peers, shared with the sync loop.
     channels: std::sync::OnceLock<Arc<Channels>>,
+    /// Our own table version each peer's kernel holds (its `Programmed`
+    /// ack, sent after its reconcile pass): what attach and detach wait for.
+    acks: acks::Acks,
 }
 
 pub fn now_ms() -> u64 {
@@ -87,6 +91,7 @@ impl Core {
             hints: Mutex::new(std::collections::HashMap::new()),
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
+            acks: watch::channel(Default::default()).0,
         })
     }
 
@@ -138,6 +143,11 @@ impl Core {
 
     pub fn set_channels(&self, channels: Arc<Channels>) {
         let _ = self.channels.set(channels);
+    }
+
+    /// Connections to peers, once `main` wired them.
+    pub fn channels(&self) -> Option<&Arc<Channels>> {
+        self.channels.get()
     }
 
     /// Clean leave: withdraw local endpoints, hand address space over to a

@@ -28,6 +28,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const PULL: &str = "/ovl.peer.v1.Peer/Pull";
 pub const REQUEST_SPACE: &str = "/ovl.peer.v1.Peer/RequestSpace";
 pub const NOTIFY: &str = "/ovl.peer.v1.Peer/Notify";
+pub const PROGRAMMED: &str = "/ovl.peer.v1.Peer/Programmed";
 
 /// Reused connections to peers' gRPC servers.
 #[derive(Default)]
@@ -176,6 +177,45 @@ fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
             }
         });
     }
+}
+
+/// Tells `peer` that our kernel holds its table up to `version` (after a
+/// reconcile pass). `acked` records what the peer confirmed, so an ack lost
+/// to a failed call is sent again after the next pass.
+pub fn ack_programmed(
+    core: &Core,
+    channels: &Channels,
+    peer: &NodeView,
+    version: u64,
+    acked: Arc<std::sync::Mutex<HashMap<crate::ids::NodeId, u64>>>,
+) {
+    let Some(keys) = core.cluster.keys() else {
+        return;
+    };
+    let Ok(channel) = channels.get(peer.gossip_addr) else {
+        return;
+    };
+    let mut req = tonic::Request::new(ovl_proto::peer::ProgrammedRequest { version });
+    let mac = auth::stamp_request(&mut req, &keys, core.cluster.node_id(), PROGRAMMED);
+    let (id, counters) = (peer.id, core.counters.clone());
+    tokio::spawn(async move {
+        match PeerClient::new(channel).programmed(req).await {
+            Ok(r) => match auth::verify_response(&r, &keys, PROGRAMMED, id, &mac) {
+                Ok(()) => {
+                    let mut a = acked.lock().unwrap_or_else(|e| e.into_inner());
+                    let v = a.entry(id).or_default();
+                    *v = (*v).max(version);
+                }
+                Err(e) => {
+                    counters.inc(crate::metrics::Counter::PeerReplyRefused);
+                    debug!(peer = %id, error = %e, "programmed ack reply refused");
+                }
+            },
+            Err(s) => {
+                debug!(peer = %id, error = s.message(), "programmed ack failed; sent again after the next pass")
+            }
+        }
+    });
 }
 
 /// Pulls `peer`'s table delta; true when the replica changed.
