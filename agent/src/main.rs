@@ -95,6 +95,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     core.set_channels(channels.clone());
     tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
     tokio::spawn(ovl_agent::reconcile::run(core.clone()));
+    tokio::spawn(ovl_agent::repair::run(core.clone()));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {

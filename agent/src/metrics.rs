@@ -35,6 +35,8 @@ counters! {
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     ReconcileErrors => "reconcile_errors",
+    DataplaneMiss => "dataplane_miss",
+    DataplaneMissUnknown => "dataplane_miss_unknown",
 }
 
 #[derive(Default)]
