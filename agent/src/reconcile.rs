@@ -67,6 +67,10 @@ pub async fn run(core: Arc<Core>) {
                 warn!(error = %e, "reconcile pass failed; retrying");
             }
         }
+        // After the kernel and the ack, not before: a merged ring view is
+        // persisted and republished (a disk write under the store lock),
+        // and no kernel entry depends on it.
+        core.merge_rings().await;
     }
 }
 
@@ -127,7 +131,6 @@ fn warmed_up(core: &Core, nodes: &[NodeView]) -> bool {
 /// kernel (read in the same snapshot the pass programmed from).
 async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<Vec<(NodeId, u64)>, CoreError> {
     core.refresh_underlay().await?;
-    core.merge_rings().await;
     // Attach creates devices before it stores the endpoint: without the
     // lock this pass could remove a network's devices mid-attach.
     let held = core.lock_endpoints().await;

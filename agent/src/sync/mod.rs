@@ -61,6 +61,9 @@ impl Channels {
 
 /// Runs until the process ends.
 pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
+    // Pushes leave from a task of their own: behind a pull round (which
+    // waits for the slowest peer) they would hold every attach up.
+    tokio::spawn(pusher(core.clone(), channels.clone()));
     let mut local = core.subscribe();
     let mut tick = tokio::time::interval(REPAIR_TICK);
     loop {
@@ -72,17 +75,12 @@ pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
             continue;
         };
         let mut members = membership.watch().await;
-        let mut pushed = 0;
         loop {
             let version = core.store().own().version();
             membership
                 .set_fact(keys::TABLE_VERSION, &version.to_string())
                 .await;
             let nodes = membership.nodes().await;
-            if version != pushed {
-                push(&core, &channels, &nodes, version);
-                pushed = version;
-            }
             round(&core, &channels, &nodes).await;
             tokio::select! {
                 _ = tick.tick() => {}
@@ -152,6 +150,31 @@ pub async fn pull_all(core: &Core, channels: &Channels) -> bool {
         core.notify();
     }
     changed
+}
+
+/// Notifies the live peers each time our own table moves.
+async fn pusher(core: Arc<Core>, channels: Arc<Channels>) {
+    let mut local = core.subscribe();
+    // Before the cluster is formed there is no one to push to: look again
+    // on the repair tick.
+    let mut tick = tokio::time::interval(REPAIR_TICK);
+    let mut pushed = None;
+    loop {
+        match core.cluster.membership().await {
+            Some(m) => {
+                let version = core.store().own().version();
+                if pushed != Some(version) {
+                    push(&core, &channels, &m.nodes().await, version);
+                    pushed = Some(version);
+                }
+            }
+            None => pushed = None,
+        }
+        tokio::select! {
+            r = local.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
 }
 
 /// Tells every live peer our table moved, so they pull now (fire and
