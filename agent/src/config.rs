@@ -311,6 +311,27 @@ mod tests {
         );
         assert_eq!(c.key_rotation, Duration::from_secs(12 * 3600));
         assert_eq!(c.socket, PathBuf::from("/run/ovl/ovl.sock"));
+        assert_eq!(c.attach_wait, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn attach_wait_may_be_zero_but_must_parse() {
+        let c = Config::resolve(opts(&[
+            "--advertise-addr",
+            "198.18.0.1",
+            "--attach-wait",
+            "0s",
+        ]))
+        .unwrap();
+        assert_eq!(c.attach_wait, Duration::ZERO);
+        let e = Config::resolve(opts(&[
+            "--advertise-addr",
+            "198.18.0.1",
+            "--attach-wait",
+            "soon",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--attach-wait"), "{e}");
     }
 
     #[test]
