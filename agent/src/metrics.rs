@@ -35,6 +35,7 @@ counters! {
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     ReconcileErrors => "reconcile_errors",
+    AttachWaitTimeouts => "attach_wait_timeouts",
     DataplaneMiss => "dataplane_miss",
     DataplaneMissUnknown => "dataplane_miss_unknown",
 }

@@ -47,6 +47,8 @@ impl Core {
                 return Vec::new();
             }
             if Instant::now() >= deadline {
+                self.counters
+                    .inc(crate::metrics::Counter::AttachWaitTimeouts);
                 let names: Vec<String> = lagging.into_iter().map(|(_, n)| n).collect();
                 warn!(network = %network, version, lagging = ?names, wait = ?bound,
                       "hosts did not confirm programming the change in time; they catch up on their own");
