@@ -156,6 +156,7 @@ fn endpoint(e: &EndpointInfo) -> Endpoint {
         aliases: v.record.aliases.clone(),
         status: e.status.to_string(),
         ifname: v.record.ifname.clone(),
+        lagging: e.lagging.clone(),
     }
 }
 
@@ -390,12 +391,15 @@ impl EndpointsApi for Api {
         req: Request<DetachRequest>,
     ) -> Result<Response<DetachResponse>, Status> {
         let r = req.into_inner();
-        let id = self
+        let (id, lagging) = self
             .core
             .detach(&r.network, &r.name)
             .await
             .map_err(core_status)?;
-        Ok(Response::new(DetachResponse { id: id.to_string() }))
+        Ok(Response::new(DetachResponse {
+            id: id.to_string(),
+            lagging,
+        }))
     }
 
     async fn list(

@@ -74,6 +74,11 @@ pub struct Options {
     /// Pool that networks created without --subnet take a /24 from [default: 10.0.0.0/8].
     #[arg(long, value_name = "CIDR")]
     pub default_address_pool: Option<String>,
+    /// How long `endpoint attach`/`detach` wait for the network's live hosts
+    /// to program the change before returning with a warning naming the
+    /// lagging hosts; 0 returns at once [default: 1s].
+    #[arg(long, value_name = "DURATION")]
+    pub attach_wait: Option<String>,
     /// Gossip round interval; death is detected after ~10-15 rounds [default: 200ms].
     #[arg(long, value_name = "DURATION", hide = true)]
     pub gossip_interval: Option<String>,
@@ -132,6 +137,7 @@ pub struct Config {
     pub node_name: String,
     pub log_level: String,
     pub gossip_interval: Duration,
+    pub attach_wait: Duration,
     pub default_address_pool: ipnetwork::Ipv4Network,
 }
 
@@ -204,6 +210,7 @@ impl Config {
                 "200ms",
                 Duration::from_millis(10),
             )?,
+            attach_wait: duration("attach-wait", o.attach_wait, "1s", Duration::ZERO)?,
         })
     }
 }
@@ -231,6 +238,7 @@ impl Options {
             node_name: self.node_name.or(file.node_name),
             log_level: self.log_level.or(file.log_level),
             gossip_interval: self.gossip_interval.or(file.gossip_interval),
+            attach_wait: self.attach_wait.or(file.attach_wait),
             default_address_pool: self.default_address_pool.or(file.default_address_pool),
         }
     }
@@ -324,6 +332,27 @@ mod tests {
         );
         assert_eq!(c.key_rotation, Duration::from_secs(12 * 3600));
         assert_eq!(c.socket, PathBuf::from("/run/ovl/ovl.sock"));
+        assert_eq!(c.attach_wait, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn attach_wait_may_be_zero_but_must_parse() {
+        let c = Config::resolve(opts(&[
+            "--advertise-addr",
+            "198.18.0.1",
+            "--attach-wait",
+            "0s",
+        ]))
+        .unwrap();
+        assert_eq!(c.attach_wait, Duration::ZERO);
+        let e = Config::resolve(opts(&[
+            "--advertise-addr",
+            "198.18.0.1",
+            "--attach-wait",
+            "soon",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--attach-wait"), "{e}");
     }
 
     #[test]

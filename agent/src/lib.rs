@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod peer;
 pub mod persist;
 pub mod reconcile;
+pub mod repair;
 pub mod store;
 pub mod sync;
 pub mod token;

@@ -108,6 +108,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     core.set_channels(channels.clone());
     let mut sync_task = tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
     let mut reconcile_task = tokio::spawn(ovl_agent::reconcile::run(core.clone()));
+    // Not supervised: without miss notifications the periodic pass still
+    // repairs everything, only later (it logs why it stopped).
+    tokio::spawn(ovl_agent::repair::run(core.clone()));
     let mut gossip_fatal = cluster.fatal();
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -40,6 +40,9 @@ counters! {
     RecordsInvalid => "records_invalid",
     RecordsRefused => "records_refused",
     ReconcileErrors => "reconcile_errors",
+    AttachWaitTimeouts => "attach_wait_timeouts",
+    DataplaneMiss => "dataplane_miss",
+    DataplaneMissUnknown => "dataplane_miss_unknown",
 }
 
 #[derive(Default)]

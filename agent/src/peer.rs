@@ -13,8 +13,8 @@ use std::time::Duration;
 use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::peer::peer_server::Peer;
 use ovl_proto::peer::{
-    HelloRequest, HelloResponse, NotifyRequest, NotifyResponse, PullRequest, PullResponse,
-    SpaceGrant, SpaceRequest,
+    HelloRequest, HelloResponse, NotifyRequest, NotifyResponse, ProgrammedRequest,
+    ProgrammedResponse, PullRequest, PullResponse, SpaceGrant, SpaceRequest,
 };
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -164,6 +164,15 @@ impl Peer for PeerService {
         let caller = self.authenticate(&req, sync::NOTIFY)?;
         self.core.hint(caller.node, req.into_inner().version);
         Ok(self.reply(&caller, NotifyResponse {}))
+    }
+
+    async fn programmed(
+        &self,
+        req: Request<ProgrammedRequest>,
+    ) -> Result<Response<ProgrammedResponse>, Status> {
+        let caller = self.authenticate(&req, sync::PROGRAMMED)?;
+        self.core.programmed(caller.node, req.into_inner().version);
+        Ok(self.reply(&caller, ProgrammedResponse {}))
     }
 
     async fn request_space(

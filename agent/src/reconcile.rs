@@ -8,13 +8,14 @@
 //! kernel, cutting traffic. Until every live peer's table has been pulled
 //! (or a deadline passes), the reconciler leaves the kernel alone.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::{debug, info, warn};
 
 use crate::core::{Core, CoreError};
+use crate::ids::NodeId;
 use crate::membership::{NodeStatus, NodeView};
 use crate::metrics::Counter;
 
@@ -31,6 +32,8 @@ pub async fn run(core: Arc<Core>) {
     // Liveness moves (a peer dying, returning) change what the kernel must
     // hold without touching the store: follow membership too.
     let mut members: Option<tokio::sync::watch::Receiver<()>> = None;
+    // Per owner, the replica version it confirmed we programmed.
+    let acked: Arc<Mutex<HashMap<NodeId, u64>>> = Arc::default();
     loop {
         if members.is_none()
             && let Some(m) = core.cluster.membership().await
@@ -57,9 +60,41 @@ pub async fn run(core: Arc<Core>) {
             info!(after = ?core.started.elapsed(), "replicas caught up: reconciling the kernel");
         }
         report_conflicts(&core, &mut reported);
-        if let Err(e) = pass(&core, &nodes).await {
-            core.counters.inc(Counter::ReconcileErrors);
-            warn!(error = %e, "reconcile pass failed; retrying");
+        match pass(&core, &nodes).await {
+            Ok(programmed) => ack(&core, &nodes, &programmed, &acked),
+            Err(e) => {
+                core.counters.inc(Counter::ReconcileErrors);
+                warn!(error = %e, "reconcile pass failed; retrying");
+            }
+        }
+        // After the kernel and the ack, not before: a merged ring view is
+        // persisted and republished (a disk write under the store lock),
+        // and no kernel entry depends on it.
+        core.merge_rings().await;
+    }
+}
+
+/// Tells each live owner whose replica moved past what it confirmed that
+/// our kernel now holds its table at the version the pass programmed.
+fn ack(
+    core: &Core,
+    nodes: &[NodeView],
+    programmed: &[(NodeId, u64)],
+    acked: &Arc<Mutex<HashMap<NodeId, u64>>>,
+) {
+    let Some(channels) = core.channels() else {
+        return;
+    };
+    let confirmed = acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (owner, version) in programmed {
+        if confirmed.get(owner).is_some_and(|v| v >= version) {
+            continue;
+        }
+        if let Some(n) = nodes
+            .iter()
+            .find(|n| n.id == *owner && !n.is_self && n.status == NodeStatus::Alive)
+        {
+            crate::sync::ack_programmed(core, channels, n, *version, acked.clone());
         }
     }
 }
@@ -92,9 +127,10 @@ fn warmed_up(core: &Core, nodes: &[NodeView]) -> bool {
         .all(|n| store.replica_version(n.id) >= n.table_version)
 }
 
-async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<(), CoreError> {
+/// One pass; returns, per replica owner, the table version now in the
+/// kernel (read in the same snapshot the pass programmed from).
+async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<Vec<(NodeId, u64)>, CoreError> {
     core.refresh_underlay().await?;
-    core.merge_rings().await;
     // Attach creates devices before it stores the endpoint: without the
     // lock this pass could remove a network's devices mid-attach.
     let held = core.lock_endpoints().await;
@@ -103,16 +139,21 @@ async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<(), CoreError> {
         debug!(withdrawn, "orphaned endpoints withdrawn");
     }
     let me = core.cluster.node_id();
-    let (networks, endpoints) = {
+    let (networks, endpoints, programmed) = {
         let s = core.store();
-        (s.networks(), s.endpoints())
+        let versions: Vec<(NodeId, u64)> = s
+            .replica_owners()
+            .into_iter()
+            .map(|o| (o, s.replica_version(o)))
+            .collect();
+        (s.networks(), s.endpoints(), versions)
     };
     let wanted: Vec<_> = networks
         .iter()
         .filter(|n| n.is_active() && endpoints.iter().any(|e| e.network == n.id && e.owner == me))
         .collect();
     let ids: Vec<_> = wanted.iter().map(|n| n.id).collect();
-    let owners = core.owners(nodes, &ids).await;
+    let owners = core.owners_merged(nodes, &ids).await;
     for net in &wanted {
         let plan = core.plan(net, nodes, &owners);
         let report = core.dataplane.ensure_network(&plan).await?;
@@ -128,5 +169,5 @@ async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<(), CoreError> {
             info!(vni = %vni, "network devices removed (no local endpoint left)");
         }
     }
-    Ok(())
+    Ok(programmed)
 }

@@ -269,10 +269,12 @@ async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), St
                 }))
                 .await?;
                 output::endpoint(format, &r);
+                output::lagging(&format!("attached endpoint {}", r.id), &r.lagging);
             }
             EndpointCmd::Detach { network, name } => {
                 let r = client::call(e.detach(DetachRequest { network, name })).await?;
                 output::message(format, &format!("detached endpoint {}", r.id));
+                output::lagging(&format!("detached endpoint {}", r.id), &r.lagging);
             }
             EndpointCmd::Ls { network } => {
                 let r = client::call(e.list(ListEndpointsRequest {

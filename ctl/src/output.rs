@@ -282,10 +282,27 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
     }
 }
 
+/// The reply of `endpoint attach`: the endpoint, plus (JSON) the hosts that
+/// had not programmed it in time, which [`lagging`] also reports on stderr.
 pub fn endpoint(f: Format, e: &Endpoint) {
     match f {
         Format::Table => endpoints(f, std::slice::from_ref(e)),
-        Format::Json => print_json(endpoint_json(e)),
+        Format::Json => {
+            let mut v = endpoint_json(e);
+            v["lagging"] = json!(e.lagging);
+            print_json(v)
+        }
+    }
+}
+
+/// One warning line on stderr when some live hosts of the network had not
+/// confirmed the change when the agent stopped waiting (its --attach-wait).
+pub fn lagging(what: &str, hosts: &[String]) {
+    if !hosts.is_empty() {
+        eprintln!(
+            "ovlctl: warning: {what}, but not yet confirmed by {}: they catch up on their own",
+            hosts.join(", ")
+        );
     }
 }
 

@@ -40,6 +40,9 @@ pub struct EndpointInfo {
     /// alive | dead | left (the owner's status), or `refused: <reason>`
     /// for a row that fails the owner checks (never programmed).
     pub status: String,
+    /// Attach only: live hosts of the network that had not confirmed
+    /// programming the endpoint when the wait ran out.
+    pub lagging: Vec<String>,
 }
 
 fn valid_ifname(s: &str) -> bool {
@@ -106,7 +109,7 @@ impl Core {
             ip => Some(self.check_exact_ip(&net, ip)?),
         };
 
-        let _guard = self.endpoint_lock.lock().await;
+        let guard = self.endpoint_lock.lock().await;
         let id = EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?;
         let name = if spec.name.is_empty() {
             id.short()
@@ -189,23 +192,34 @@ impl Core {
             netns: netns.display().to_string(),
             created_at_ms: now_ms(),
         };
-        let stored = self
-            .store()
-            .put(&key::endpoint(id), Value::Endpoint(record.clone()));
-        if let Err(e) = stored {
-            let _ = self.dataplane.detach(id).await;
-            self.ipam.release(net.id, ip, 0).await;
-            return Err(e.into());
-        }
+        let stored = {
+            let mut s = self.store();
+            s.put(&key::endpoint(id), Value::Endpoint(record.clone()))
+                .map(|_| s.own().version())
+        };
+        let version = match stored {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.dataplane.detach(id).await;
+                self.ipam.release(net.id, ip, 0).await;
+                return Err(e.into());
+            }
+        };
         self.notify();
         info!(network = %net.id, endpoint = %id, name = %name, ip = %ip, mac = %mac, netns = %netns.display(), "endpoint attached");
         let view = EndpointView::parse(self.cluster.node_id(), &record)
             .ok_or_else(|| CoreError::BadIp(ip.to_string(), "record did not round-trip".into()))?;
+        // Released before waiting: the peers' passes do not need it, but
+        // our own reconciler (and a concurrent attach here, which a peer's
+        // attach may be waiting on) does.
+        drop(guard);
+        let lagging = self.wait_programmed(net.id, version).await;
         Ok(EndpointInfo {
             view,
             network_name: net.name().to_string(),
             node_name: self.cluster.config().node_name.clone(),
             status: "alive".to_string(),
+            lagging,
         })
     }
 
@@ -218,7 +232,7 @@ impl Core {
         // The VXLAN device binds to the data-path interface: know it before
         // creating the device, or the next pass would see a mismatch.
         self.refresh_underlay().await?;
-        let owners = self.owners(&nodes, &[net.id]).await;
+        let owners = self.owners_merged(&nodes, &[net.id]).await;
         let plan = self.plan(net, &nodes, &owners);
         self.dataplane.ensure_network(&plan).await?;
         self.dataplane.attach(net.vni, ep).await?;
@@ -250,10 +264,17 @@ impl Core {
         Ok(addr)
     }
 
-    pub async fn detach(&self, network: &str, name: &str) -> Result<EndpointId, CoreError> {
+    /// Detaches a local endpoint; returns once the network's live hosts
+    /// confirmed removing its entries (or the wait ran out: the names of
+    /// those still behind come back).
+    pub async fn detach(
+        &self,
+        network: &str,
+        name: &str,
+    ) -> Result<(EndpointId, Vec<String>), CoreError> {
         let net = self.find_network_synced(network).await?;
         let me = self.cluster.node_id();
-        let _guard = self.endpoint_lock.lock().await;
+        let guard = self.endpoint_lock.lock().await;
         let found = self
             .store()
             .endpoints()
@@ -275,13 +296,16 @@ impl Core {
                 owner.unwrap_or_else(|| ep.owner.short()),
             ));
         }
-        self.withdraw(&ep, "detached").await?;
-        Ok(ep.id)
+        let version = self.withdraw(&ep, "detached").await?;
+        drop(guard);
+        let lagging = self.wait_programmed(net.id, version).await;
+        Ok((ep.id, lagging))
     }
 
     /// Removes a local endpoint everywhere: record first (peers drop their
     /// entries), then the veth, then the address goes to quarantine.
-    async fn withdraw(&self, ep: &EndpointView, why: &str) -> Result<(), CoreError> {
+    /// Returns the own-table version that deleted the record.
+    async fn withdraw(&self, ep: &EndpointView, why: &str) -> Result<u64, CoreError> {
         let withdrawn_at = {
             let mut s = self.store();
             s.delete(&key::endpoint(ep.id))?;
@@ -293,7 +317,7 @@ impl Core {
         }
         self.ipam.release(ep.network, ep.ip, withdrawn_at).await;
         info!(network = %ep.network, endpoint = %ep.id, name = %ep.name, ip = %ep.ip, reason = why, "endpoint withdrawn");
-        Ok(())
+        Ok(withdrawn_at)
     }
 
     /// Withdraws local endpoints whose namespace is gone (the kernel deleted
@@ -400,6 +424,7 @@ impl Core {
                         .to_string()
                     }),
                     view,
+                    lagging: Vec::new(),
                 }
             })
             .collect();

@@ -411,11 +411,16 @@ impl Core {
                     .map_err(|_| CoreError::BadIp(ip.into(), "not an IPv4 address".into()))?,
             ),
         };
+        // An address detached here and asked for at once elsewhere (`--ip`
+        // reuse) is free as soon as every live peer dropped its entries:
+        // the quarantine is released here as on a local allocation.
+        let horizon = self.withdrawn_everywhere().await;
         let grant = {
             let mut nets = self.ipam.nets.lock().await;
             let a = nets
                 .get_mut(&id)
                 .ok_or_else(|| CoreError::NoNetwork(id.short()))?;
+            a.release_quarantine(horizon);
             let g = a
                 .donate(DonationRequest { to, want })
                 .map_err(|e| match e {

@@ -3,6 +3,7 @@
 //! layers translate requests into calls here and never see the kernel; the
 //! reconciler and sync loops run beside it.
 
+mod acks;
 mod endpoints;
 mod error;
 mod ipam_glue;
@@ -53,6 +54,9 @@ pub struct Core {
     channels: std::sync::OnceLock<Arc<Channels>>,
     /// Endpoint rows already counted as refused by the owner checks.
     refused_seen: Mutex<std::collections::HashSet<(NodeId, crate::ids::EndpointId)>>,
+    /// Our own table version each peer's kernel holds (its `Programmed`
+    /// ack, sent after its reconcile pass): what attach and detach wait for.
+    acks: acks::Acks,
 }
 
 pub fn now_ms() -> u64 {
@@ -90,6 +94,7 @@ impl Core {
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
             refused_seen: Mutex::new(std::collections::HashSet::new()),
+            acks: watch::channel(Default::default()).0,
         })
     }
 
@@ -141,6 +146,11 @@ impl Core {
 
     pub fn set_channels(&self, channels: Arc<Channels>) {
         let _ = self.channels.set(channels);
+    }
+
+    /// Connections to peers, once `main` wired them.
+    pub fn channels(&self) -> Option<&Arc<Channels>> {
+        self.channels.get()
     }
 
     /// Clean leave: withdraw local endpoints, hand address space over to a

@@ -347,6 +347,29 @@ impl Core {
         owners
     }
 
+    /// [`Core::owners`], after merging the peers' IPAM rings first if a row
+    /// of `networks` lies outside every range known here: its owner may
+    /// just have been granted the space, and refusing the row until the
+    /// next merge would leave it unprogrammed when this host acks.
+    pub async fn owners_merged(&self, nodes: &[NodeView], networks: &[NetworkId]) -> Owners {
+        let owners = self.owners(nodes, networks).await;
+        let eps: Vec<EndpointView> = self
+            .store()
+            .endpoints()
+            .into_iter()
+            .filter(|e| networks.contains(&e.network))
+            .collect();
+        let stale = ownership::vet(eps, &owners)
+            .1
+            .iter()
+            .any(|(_, r)| *r == ownership::Refusal::OutsideRanges);
+        if !stale {
+            return owners;
+        }
+        self.merge_rings().await;
+        self.owners(nodes, networks).await
+    }
+
     /// A network's endpoint rows that pass the owner checks, and the
     /// refused ones with their reasons.
     pub fn vetted_endpoints(
@@ -420,7 +443,7 @@ impl Core {
             .endpoints()
             .iter()
             .any(|e| e.network == view.id && e.owner == me);
-        let owners = self.owners(&nodes, &[view.id]).await;
+        let owners = self.owners_merged(&nodes, &[view.id]).await;
         let plan = self.plan(&view, &nodes, &owners);
         let kernel = self.dataplane.kernel_view(view.vni).await?;
         let fdb: Vec<_> = plan.remotes.iter().map(|r| (r.mac, r.vtep)).collect();

@@ -93,7 +93,7 @@ pub(crate) async fn neigh_delete(
     }
 }
 
-fn dst_of(attr: &NeighbourAddress) -> Option<IpAddr> {
+pub(crate) fn dst_of(attr: &NeighbourAddress) -> Option<IpAddr> {
     match attr {
         NeighbourAddress::Inet(a) => Some((*a).into()),
         NeighbourAddress::Inet6(a) => Some((*a).into()),

@@ -7,6 +7,7 @@
 //! `plan.rs` is the pure diff (desired vs kernel, unit-tested without root);
 //! `netlink.rs` (links, addresses) and `fdb.rs` (FDB and neighbour
 //! tables) are the OS edge: message packing, dumps, requests;
+//! `miss.rs` reads the VXLAN devices' l2miss/l3miss notifications;
 //! `netns.rs` opens netlink sockets inside other namespaces; `network.rs`
 //! and `endpoint.rs` wire them into the public operations.
 //!
@@ -24,9 +25,11 @@ use std::path::{Path, PathBuf};
 use rtnetlink::Handle;
 
 use crate::ids::{EndpointId, MacAddr, Vni};
+pub use miss::{Miss, Misses};
 
 mod endpoint;
 mod fdb;
+mod miss;
 mod netlink;
 mod netns;
 mod network;

@@ -28,14 +28,14 @@ impl Drop for ConnTask {
 
 type Connection = rtnetlink::proto::Connection<rtnetlink::packet_route::RouteNetlinkMessage>;
 
-fn spawn(conn: Connection) -> ConnTask {
+pub(crate) fn spawn_conn(conn: Connection) -> ConnTask {
     ConnTask(tokio::spawn(conn))
 }
 
 /// A connection in the calling thread's namespace. Needs a tokio runtime.
 pub(crate) fn connect_here() -> Result<(Handle, ConnTask), DataplaneError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(DataplaneError::Socket)?;
-    Ok((handle, spawn(conn)))
+    Ok((handle, spawn_conn(conn)))
 }
 
 /// Opens a namespace file (`/proc/PID/ns/net`, `/run/netns/NAME`).
@@ -85,5 +85,5 @@ pub(crate) async fn connect_in(path: &Path) -> Result<(Handle, ConnTask), Datapl
         })
         .map_err(DataplaneError::Socket)?;
     let (conn, handle, _) = rx.await.map_err(|_| DataplaneError::Worker)??;
-    Ok((handle, spawn(conn)))
+    Ok((handle, spawn_conn(conn)))
 }

@@ -20,7 +20,7 @@ use crate::ids::{MacAddr, Vni};
 impl Dataplane {
     /// Makes the kernel match `plan`: the bridge (fixed MAC, MTU, up), the
     /// VXLAN device (VNI, local, dstport, dev, learning off, ARP proxy on,
-    /// on the bridge, MTU, up), and exactly the planned FDB, neighbour and
+    /// l2miss and l3miss on when created, on the bridge, MTU, up), and exactly the planned FDB, neighbour and
     /// flood entries. Reads the kernel back to decide: a device whose
     /// immutable settings match is never recreated, so an agent restart
     /// does not interrupt traffic. Idempotent.
@@ -126,10 +126,17 @@ impl Dataplane {
                 }
             }
         }
+        // l2miss/l3miss report what the proxy could not answer, so the
+        // agent repairs a missing entry at once (see `miss.rs`). Like
+        // `proxy` they cannot be changed in place, so a device from an
+        // older agent keeps working without them rather than being
+        // recreated under traffic (`plan::vxlan_action` ignores them).
         let mut b = LinkVxlan::new(&name, plan.vni.get())
             .port(plan.vxlan_port)
             .learning(false)
-            .proxy(true);
+            .proxy(true)
+            .l2miss(true)
+            .l3miss(true);
         b = match plan.local_vtep {
             IpAddr::V4(a) => b.local(a),
             IpAddr::V6(a) => b.local6(a),

@@ -28,6 +28,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const PULL: &str = "/ovl.peer.v1.Peer/Pull";
 pub const REQUEST_SPACE: &str = "/ovl.peer.v1.Peer/RequestSpace";
 pub const NOTIFY: &str = "/ovl.peer.v1.Peer/Notify";
+pub const PROGRAMMED: &str = "/ovl.peer.v1.Peer/Programmed";
 
 /// Reused connections to peers' gRPC servers.
 #[derive(Default)]
@@ -60,6 +61,9 @@ impl Channels {
 
 /// Runs until the process ends.
 pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
+    // Pushes leave from a task of their own: behind a pull round (which
+    // waits for the slowest peer) they would hold every attach up.
+    tokio::spawn(pusher(core.clone(), channels.clone()));
     let mut local = core.subscribe();
     let mut tick = tokio::time::interval(REPAIR_TICK);
     loop {
@@ -71,15 +75,10 @@ pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
             continue;
         };
         let mut members = membership.watch().await;
-        let mut pushed = 0;
         loop {
             let version = core.store().own().version();
             membership.publish(|f| f.table_version = version).await;
             let nodes = membership.nodes().await;
-            if version != pushed {
-                push(&core, &channels, &nodes, version);
-                pushed = version;
-            }
             round(&core, &channels, &nodes).await;
             tokio::select! {
                 _ = tick.tick() => {}
@@ -151,6 +150,31 @@ pub async fn pull_all(core: &Core, channels: &Channels) -> bool {
     changed
 }
 
+/// Notifies the live peers each time our own table moves.
+async fn pusher(core: Arc<Core>, channels: Arc<Channels>) {
+    let mut local = core.subscribe();
+    // Before the cluster is formed there is no one to push to: look again
+    // on the repair tick.
+    let mut tick = tokio::time::interval(REPAIR_TICK);
+    let mut pushed = None;
+    loop {
+        match core.cluster.membership().await {
+            Some(m) => {
+                let version = core.store().own().version();
+                if pushed != Some(version) {
+                    push(&core, &channels, &m.nodes().await, version);
+                    pushed = Some(version);
+                }
+            }
+            None => pushed = None,
+        }
+        tokio::select! {
+            r = local.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+    }
+}
+
 /// Tells every live peer our table moved, so they pull now (fire and
 /// forget: a lost notify only costs latency, gossip still carries `tv`).
 fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
@@ -174,6 +198,45 @@ fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
             }
         });
     }
+}
+
+/// Tells `peer` that our kernel holds its table up to `version` (after a
+/// reconcile pass). `acked` records what the peer confirmed, so an ack lost
+/// to a failed call is sent again after the next pass.
+pub fn ack_programmed(
+    core: &Core,
+    channels: &Channels,
+    peer: &NodeView,
+    version: u64,
+    acked: Arc<std::sync::Mutex<HashMap<crate::ids::NodeId, u64>>>,
+) {
+    let Some(keys) = core.cluster.keys() else {
+        return;
+    };
+    let Ok(channel) = channels.get(peer.gossip_addr) else {
+        return;
+    };
+    let mut req = tonic::Request::new(ovl_proto::peer::ProgrammedRequest { version });
+    let mac = auth::stamp_request(&mut req, &keys, core.cluster.node_id(), PROGRAMMED);
+    let (id, counters) = (peer.id, core.counters.clone());
+    tokio::spawn(async move {
+        match PeerClient::new(channel).programmed(req).await {
+            Ok(r) => match auth::verify_response(&r, &keys, PROGRAMMED, id, &mac) {
+                Ok(()) => {
+                    let mut a = acked.lock().unwrap_or_else(|e| e.into_inner());
+                    let v = a.entry(id).or_default();
+                    *v = (*v).max(version);
+                }
+                Err(e) => {
+                    counters.inc(crate::metrics::Counter::PeerReplyRefused);
+                    debug!(peer = %id, error = %e, "programmed ack reply refused");
+                }
+            },
+            Err(s) => {
+                debug!(peer = %id, error = s.message(), "programmed ack failed; sent again after the next pass")
+            }
+        }
+    });
 }
 
 /// Pulls `peer`'s table delta; true when the replica changed.
