@@ -87,7 +87,10 @@ fn status(e: ClusterError) -> Status {
     let msg = e.to_string();
     match e {
         AlreadyClustered(_) | NotClustered => Status::failed_precondition(msg),
-        Token(_) | NoSeeds | BadSeed(_) => Status::invalid_argument(msg),
+        Token(_) | NoSeeds | BadSeed(_) | AmbiguousNode(..) | RemoveSelf => {
+            Status::invalid_argument(msg)
+        }
+        NoSuchNode(_) => Status::not_found(msg),
         Refused(_) => Status::permission_denied(msg),
         Unreachable(_) => Status::unavailable(msg),
         Persist(_) | Membership(_) | Random => Status::internal(msg),
@@ -204,6 +207,22 @@ impl ClusterApi for Api {
     ) -> Result<Response<JoinTokenResponse>, Status> {
         let join_token = self.cluster.join_token().await.map_err(status)?;
         Ok(Response::new(JoinTokenResponse { join_token }))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<RemoveNodeRequest>,
+    ) -> Result<Response<RemoveNodeResponse>, Status> {
+        let (node, join_token) = self
+            .cluster
+            .remove_node(&req.into_inner().node)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RemoveNodeResponse {
+            node_id: node.id.to_string(),
+            name: node.name,
+            join_token,
+        }))
     }
 
     async fn rotate_token(

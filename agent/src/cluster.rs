@@ -16,7 +16,7 @@ use ring::rand::SystemRandom;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::identity::Identity;
@@ -56,6 +56,12 @@ pub enum ClusterError {
     Membership(#[from] membership::MembershipError),
     #[error("system random source failed")]
     Random,
+    #[error("no node {0:?} in the cluster (give a node id, an id prefix or a name)")]
+    NoSuchNode(String),
+    #[error("{0:?} matches {1} nodes: give the full node id")]
+    AmbiguousNode(String, usize),
+    #[error("a node cannot remove itself: run `ovlctl cluster leave` on it instead")]
+    RemoveSelf,
 }
 
 /// The persisted part of an active membership.
@@ -71,6 +77,9 @@ struct ClusterFile {
     cluster_secret: Option<String>,
     #[serde(default)]
     peers: Vec<SocketAddr>,
+    /// Node ids removed from the cluster (hex).
+    #[serde(default)]
+    removed: Vec<String>,
 }
 
 /// What a member holds: the token it admits with and the cluster secret
@@ -137,6 +146,7 @@ pub struct Cluster {
     /// Snapshots for the peer server, which must not wait on `phase`.
     keys: RwLock<Option<Arc<ClusterKeys>>>,
     credentials: SharedCredentials,
+    removed: membership::Removed,
     /// Why gossip died, if it did: `main` ends the agent (no zombie).
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
@@ -160,6 +170,7 @@ impl Cluster {
             }),
             keys: RwLock::new(None),
             credentials: Arc::new(RwLock::new(None)),
+            removed: Default::default(),
             fatal: tokio::sync::watch::channel(None).0,
         });
         let mut phase = this.phase.lock().await;
@@ -188,6 +199,8 @@ impl Cluster {
                 issued_at: file.token_issued_at_ms,
                 cluster_secret,
             };
+            *this.removed.write().unwrap_or_else(|e| e.into_inner()) =
+                file.removed.iter().filter_map(|h| h.parse().ok()).collect();
             *phase = this
                 .activate(creds, seeds.into_iter().collect(), false)
                 .await?;
@@ -292,6 +305,10 @@ impl Cluster {
                 remember.abort();
                 *self.keys.write().unwrap_or_else(|e| e.into_inner()) = None;
                 *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = None;
+                self.removed
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
                 let removed = persist::remove_durable(&self.cluster_file());
                 // Announce the leave even if the file could not go: the
                 // phase is already unclustered and gossip must not linger.
@@ -363,6 +380,55 @@ impl Cluster {
         adopt(&self.credentials, membership, &self.cluster_file(), &creds).await?;
         info!(cluster = %creds.token.cluster_id(), issued_at = creds.issued_at, "join token rotated here; the old token stops admitting as members learn of it");
         Ok(creds.token.reveal())
+    }
+
+    /// Whether `id` was removed from the cluster (`node rm`).
+    pub fn is_removed(&self, id: NodeId) -> bool {
+        self.removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+
+    /// Removes a node (like `docker node rm`): every member stops hearing
+    /// its gossip and refuses its peer calls, its records are withdrawn
+    /// everywhere, and the join token is rotated so it cannot come back
+    /// with the one it knew. `target` is a node id, an id prefix (6+ hex
+    /// digits) or a node name. Returns the node and the new token.
+    pub async fn remove_node(&self, target: &str) -> Result<(NodeView, String), ClusterError> {
+        let membership = self.membership().await.ok_or(ClusterError::NotClustered)?;
+        let nodes = membership.nodes().await;
+        let matches: Vec<&NodeView> = nodes
+            .iter()
+            .filter(|n| {
+                n.id.to_string() == target
+                    || (target.len() >= 6 && n.id.to_string().starts_with(target))
+                    || n.name == target
+            })
+            .collect();
+        let node = match matches.as_slice() {
+            [one] => (*one).clone(),
+            [] => return Err(ClusterError::NoSuchNode(target.to_string())),
+            _ => {
+                return Err(ClusterError::AmbiguousNode(
+                    target.to_string(),
+                    matches.len(),
+                ));
+            }
+        };
+        if node.is_self {
+            return Err(ClusterError::RemoveSelf);
+        }
+        let removed = {
+            let mut set = self.removed.write().unwrap_or_else(|e| e.into_inner());
+            set.insert(node.id);
+            set.clone()
+        };
+        persist_removed(&self.cluster_file(), &removed)?;
+        membership.publish(|f| f.removed = removed).await;
+        warn!(peer = %node.id, name = %node.name, "node removed from the cluster here: its gossip and peer calls are refused everywhere, its records withdrawn");
+        let token = self.rotate_token().await?;
+        Ok((node, token))
     }
 
     pub async fn status(&self) -> Status {
@@ -553,6 +619,11 @@ impl Cluster {
             table_version: 0,
             left: false,
             token: creds.facts_token(),
+            removed: self
+                .removed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         };
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,
@@ -568,6 +639,7 @@ impl Cluster {
                 gossip_interval: self.config.gossip_interval,
                 ..Tuning::default()
             },
+            removed: self.removed.clone(),
         })
         .await;
         let membership = match started {
@@ -584,10 +656,12 @@ impl Cluster {
         *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Some(creds);
         let fatal = self.fatal.clone();
         let credentials = self.credentials.clone();
+        let removed = self.removed.clone();
+        let me = self.identity.node_id;
         let watched = membership.clone();
         let remember = tokio::spawn(async move {
             tokio::select! {
-                () = watch_members(watched.clone(), file, credentials) => {}
+                () = watch_members(watched.clone(), file, credentials, removed, me) => {}
                 reason = watched.failed() => {
                     let _ = fatal.send(Some(reason));
                 }
@@ -638,11 +712,19 @@ fn write_cluster_file(
     creds: &Credentials,
     peers: &[SocketAddr],
 ) -> Result<(), PersistError> {
+    // Removals are rewritten by `persist_removed`; keep what is there.
+    let removed = persist::read_optional(path)
+        .ok()
+        .flatten()
+        .and_then(|raw| serde_json::from_slice::<ClusterFile>(&raw).ok())
+        .map(|f| f.removed)
+        .unwrap_or_default();
     let file = ClusterFile {
         token: creds.token.reveal(),
         token_issued_at_ms: creds.issued_at,
         cluster_secret: Some(crate::ids::encode_hex(&creds.cluster_secret)),
         peers: peers.to_vec(),
+        removed,
     };
     // Serialising plain strings and addresses cannot fail.
     let json = serde_json::to_vec_pretty(&file).unwrap_or_default();
@@ -652,7 +734,13 @@ fn write_cluster_file(
 /// Follows membership: logs every node state change, and keeps the
 /// persisted peer list current so a restart finds the cluster even when the
 /// original seeds are gone.
-async fn watch_members(membership: Arc<Membership>, path: PathBuf, creds: SharedCredentials) {
+async fn watch_members(
+    membership: Arc<Membership>,
+    path: PathBuf,
+    creds: SharedCredentials,
+    removed: membership::Removed,
+    me: NodeId,
+) {
     let mut changes = membership.watch().await;
     let mut persisted: BTreeSet<SocketAddr> = BTreeSet::new();
     let mut seen = view::Seen::new();
@@ -662,6 +750,7 @@ async fn watch_members(membership: Arc<Membership>, path: PathBuf, creds: Shared
             log_change(&nodes, change);
         }
         adopt_newest_token(&membership, &path, &creds, &nodes).await;
+        adopt_removals(&membership, &path, &removed, me).await;
         let peers: BTreeSet<SocketAddr> = nodes
             .iter()
             .filter(|n| !n.is_self && n.status != NodeStatus::Left)
@@ -683,6 +772,62 @@ async fn watch_members(membership: Arc<Membership>, path: PathBuf, creds: Shared
             return;
         }
     }
+}
+
+/// Unions the removals members publish into ours (persisted first, then
+/// in force, then republished so they outlive the node that made them).
+async fn adopt_removals(
+    membership: &Membership,
+    path: &std::path::Path,
+    removed: &membership::Removed,
+    me: NodeId,
+) {
+    let mut next = removed.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut learned = Vec::new();
+    for (by, ids) in membership.published_removals().await {
+        for id in ids {
+            if id == me {
+                if let Some(n) = SELF_REMOVED_LOG.check(std::time::Instant::now()) {
+                    error!(by = %by, suppressed = n, "this node was removed from the cluster (ovlctl node rm): members refuse it; wipe its state dir and join again as a new node");
+                }
+                continue;
+            }
+            if next.len() < membership::record::MAX_REMOVED && next.insert(id) {
+                learned.push((by, id));
+            }
+        }
+    }
+    if learned.is_empty() {
+        return;
+    }
+    if let Err(e) = persist_removed(path, &next) {
+        warn!(error = %e, "could not persist node removals; not applying them yet");
+        return;
+    }
+    *removed.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+    for (by, id) in learned {
+        warn!(peer = %id, by = %by, "node removed from the cluster by a member: its gossip and peer calls are refused");
+    }
+    membership.publish(|f| f.removed = next).await;
+}
+
+static SELF_REMOVED_LOG: crate::metrics::RateLimit =
+    crate::metrics::RateLimit::new(Duration::from_secs(30));
+
+/// Rewrites the state file with `removed`, keeping everything else.
+fn persist_removed(
+    path: &std::path::Path,
+    removed: &std::collections::BTreeSet<NodeId>,
+) -> Result<(), PersistError> {
+    let Some(raw) = persist::read_optional(path)? else {
+        return Ok(());
+    };
+    let Ok(mut file) = serde_json::from_slice::<ClusterFile>(&raw) else {
+        return Ok(());
+    };
+    file.removed = removed.iter().map(ToString::to_string).collect();
+    let json = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    persist::write_atomic(path, &json)
 }
 
 /// Takes the newest join token any member publishes (a `rotate-token`

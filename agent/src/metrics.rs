@@ -32,6 +32,7 @@ counters! {
     GossipDropBadSender => "gossip_drop_bad_sender",
     GossipDropUnsafe => "gossip_drop_unsafe",
     GossipForged => "gossip_forged",
+    GossipDropRemoved => "gossip_drop_removed",
     GossipDigestDropped => "gossip_digest_entry_dropped",
     HelloServed => "peer_hello_served",
     PeerRefused => "peer_call_refused",

@@ -66,6 +66,10 @@ impl PeerService {
             );
         };
         match auth::verify_request(req, &keys, method) {
+            Ok((node, _)) if self.core.cluster.is_removed(node) => self.refuse(
+                req.remote_addr(),
+                Status::permission_denied(format!("node {node} was removed from the cluster")),
+            ),
             Ok((node, mac)) => Ok(Caller {
                 keys,
                 node,

@@ -47,8 +47,19 @@ enum Command {
     /// Endpoints: network namespaces attached to networks.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Diagnostic: a network's desired FDB/neighbour entries next to the kernel's.
     Fdb { network: String },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Remove a node (like `docker node rm`): members refuse its gossip and
+    /// peer calls, its endpoints are withdrawn everywhere, and the join
+    /// token is rotated. NODE is a node id, an id prefix or a name.
+    Rm { node: String },
 }
 
 #[derive(Subcommand)]
@@ -284,6 +295,10 @@ async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), St
                 output::endpoints(format, &r.endpoints);
             }
         },
+        Command::Node(NodeCmd::Rm { node }) => {
+            let r = client::call(c.remove_node(RemoveNodeRequest { node })).await?;
+            output::node_removed(format, &r);
+        }
         Command::Fdb { network } => {
             let r = client::call(n.fdb(FdbRequest { name: network })).await?;
             output::fdb(format, &r);

@@ -51,6 +51,18 @@ pub fn join(f: Format, r: &JoinResponse) {
     }
 }
 
+pub fn node_removed(f: Format, r: &RemoveNodeResponse) {
+    match f {
+        Format::Table => println!(
+            "node {} ({}) removed; the join token was rotated (ovlctl cluster join-token prints it)",
+            r.name, r.node_id
+        ),
+        Format::Json => {
+            print_json(json!({ "node_id": r.node_id, "name": r.name, "join_token": r.join_token }))
+        }
+    }
+}
+
 pub fn join_token(f: Format, r: &JoinTokenResponse) {
     match f {
         Format::Table => println!("{}", r.join_token),

@@ -54,6 +54,8 @@ pub enum Refusal {
     Unsafe(&'static str),
     #[error("forged: {0}")]
     Forged(String),
+    #[error("sender was removed from the cluster")]
+    Removed,
 }
 
 /// What chitchat may see of a datagram.
@@ -95,8 +97,13 @@ impl Guard {
         sender: NodeId,
         bytes: &[u8],
         now_ms: u64,
+        removed: &std::collections::BTreeSet<NodeId>,
         out: &mut Vec<u8>,
     ) -> Result<Admitted, Refusal> {
+        // A removed node is no longer heard at all (`ovlctl node rm`).
+        if removed.contains(&sender) {
+            return Err(Refusal::Removed);
+        }
         let msg = wire::parse(bytes).map_err(Refusal::Malformed)?;
         let records = self.check_delta(&msg.delta)?;
         for (id, node, version, value) in records {
@@ -346,7 +353,7 @@ mod tests {
         bytes: &[u8],
     ) -> Result<wire::Message<'static>, Refusal> {
         let mut out = Vec::new();
-        g.admit(sender, bytes, NOW, &mut out)?;
+        g.admit(sender, bytes, NOW, &Default::default(), &mut out)?;
         let leaked: &'static [u8] = Box::leak(out.into_boxed_slice());
         Ok(wire::parse(leaked).unwrap())
     }

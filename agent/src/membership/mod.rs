@@ -33,6 +33,11 @@ use seal::Sealer;
 use transport::{SealedUdpTransport, Signing};
 pub use view::{Incarnation, NodeStatus, NodeView};
 
+/// Node ids removed from the cluster, shared by the transport (refuses
+/// their datagrams), the view (hides them) and the cluster (adopts and
+/// persists removals).
+pub type Removed = Arc<std::sync::RwLock<std::collections::BTreeSet<NodeId>>>;
+
 /// Gossip accepted up to this far from our clock; further is a replay or a
 /// broken clock.
 const MAX_CLOCK_SKEW_MS: u64 = 60_000;
@@ -75,6 +80,7 @@ pub struct MembershipConfig {
     pub sealer: Arc<Sealer>,
     pub counters: Arc<Counters>,
     pub tuning: Tuning,
+    pub removed: Removed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +105,7 @@ pub struct Membership {
     linger: Duration,
     /// Set before we stop gossip on purpose, so the end is not a failure.
     stopping: std::sync::atomic::AtomicBool,
+    removed: Removed,
 }
 
 /// Builds the gossip sealer for a cluster key.
@@ -140,6 +147,7 @@ impl Membership {
             cluster_id: cfg.cluster_id,
             key: cfg.identity.clone(),
             guard: Arc::new(std::sync::Mutex::new(guard::Guard::new(cfg.cluster_id, me))),
+            removed: cfg.removed.clone(),
         });
         let transport = SealedUdpTransport::new(cfg.sealer, cfg.counters, signing);
         // No initial key-values: the record is signed for the version
@@ -160,6 +168,7 @@ impl Membership {
             facts: std::sync::Mutex::new(cfg.facts.clone()),
             linger: t.leave_linger,
             stopping: std::sync::atomic::AtomicBool::new(false),
+            removed: cfg.removed.clone(),
         };
         this.sign_and_set(cfg.facts).await;
         info!(node = %cfg.node_id, generation = cfg.generation, gossip = %cfg.gossip_addr,
@@ -243,8 +252,22 @@ impl Membership {
             .collect()
     }
 
+    /// Every node, removed ones left out.
     pub async fn nodes(&self) -> Vec<NodeView> {
-        view::node_views(&self.incarnations().await, self.self_id)
+        let mut nodes = view::node_views(&self.incarnations().await, self.self_id);
+        let removed = self.removed.read().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|n| !removed.contains(&n.id));
+        nodes
+    }
+
+    /// Removals every node publishes: (publisher, removed ids).
+    pub async fn published_removals(&self) -> Vec<(NodeId, std::collections::BTreeSet<NodeId>)> {
+        self.incarnations()
+            .await
+            .into_iter()
+            .filter_map(|i| i.record.map(|r| (r.node_id, r.facts.removed)))
+            .filter(|(_, r)| !r.is_empty())
+            .collect()
     }
 
     /// Fires whenever the set of live incarnations or their state changes.

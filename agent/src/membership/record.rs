@@ -25,7 +25,9 @@ pub const RECORD_KEY: &str = "rec";
 const DOMAIN: &[u8] = b"ovl node record v1";
 /// Far above a real record (~250 bytes) and far below chitchat's ~64 KB
 /// value limit, past which a node's updates freeze.
-pub const MAX_RECORD_VALUE: usize = 4096;
+pub const MAX_RECORD_VALUE: usize = 32 * 1024;
+/// Removed node ids a record carries at most (16 bytes each).
+pub const MAX_REMOVED: usize = 1024;
 const MAX_FIELD: usize = 255;
 
 /// The facts a node states about itself; the incarnation, version and
@@ -39,6 +41,8 @@ pub struct NodeFacts {
     pub left: bool,
     /// The join token this node admits with: (issued at, secret).
     pub token: Option<(u64, [u8; 32])>,
+    /// Nodes removed from the cluster, as this node knows them.
+    pub removed: std::collections::BTreeSet<NodeId>,
 }
 
 impl std::fmt::Debug for NodeFacts {
@@ -51,6 +55,7 @@ impl std::fmt::Debug for NodeFacts {
             .field("table_version", &self.table_version)
             .field("left", &self.left)
             .field("token_issued_at", &self.token.map(|t| t.0))
+            .field("removed", &self.removed.len())
             .finish()
     }
 }
@@ -117,6 +122,12 @@ pub fn sign(
         left: facts.left,
         token_issued_at_ms: facts.token.map_or(0, |t| t.0),
         token_secret: facts.token.map(|t| t.1.to_vec()).unwrap_or_default(),
+        removed: facts
+            .removed
+            .iter()
+            .take(MAX_REMOVED)
+            .map(|id| id.as_bytes().to_vec())
+            .collect(),
     }
     .encode_to_vec();
     let signature = key.sign(&signed_message(cluster, &record));
@@ -194,6 +205,18 @@ fn check_slot(record: &NodeRecord, slot: Slot<'_>) -> Result<VerifiedRecord, Rec
             ),
         });
     }
+    if record.removed.len() > MAX_REMOVED {
+        return Err(RecordError::Field("removed"));
+    }
+    let removed = record
+        .removed
+        .iter()
+        .map(|b| {
+            <[u8; 16]>::try_from(b.as_slice())
+                .map(NodeId::from_bytes)
+                .map_err(|_| RecordError::Field("removed"))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(VerifiedRecord {
         node_id: derived,
         generation: record.generation,
@@ -216,6 +239,7 @@ fn check_slot(record: &NodeRecord, slot: Slot<'_>) -> Result<VerifiedRecord, Rec
                         .map_err(|_| RecordError::Field("token_secret"))?,
                 )),
             },
+            removed,
         },
     })
 }
@@ -238,6 +262,7 @@ mod tests {
             table_version: 7,
             left: false,
             token: Some((5, [3; 32])),
+            removed: [NodeId::from_bytes([1; 16])].into_iter().collect(),
         }
     }
 

@@ -69,6 +69,7 @@ pub async fn run(n: usize, tuning: Tuning, limit: Duration) -> Result<SimReport,
             sealer: sealer(keys.gossip.clone()),
             counters: Arc::new(Counters::default()),
             tuning: tuning.clone(),
+            removed: Default::default(),
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -45,6 +45,8 @@ pub struct Signing {
     pub cluster_id: ClusterId,
     pub key: Arc<Ed25519KeyPair>,
     pub guard: Arc<std::sync::Mutex<Guard>>,
+    /// Nodes removed from the cluster: their datagrams are refused.
+    pub removed: super::Removed,
 }
 
 pub struct SealedUdpTransport {
@@ -244,7 +246,12 @@ impl Socket for SealedSocket {
             };
             let admitted = {
                 let mut guard = self.signing.guard.lock().unwrap_or_else(|e| e.into_inner());
-                guard.admit(sender, body, unix_ms(), &mut self.admitted)
+                let removed = self
+                    .signing
+                    .removed
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
+                guard.admit(sender, body, unix_ms(), &removed, &mut self.admitted)
             };
             match admitted {
                 Ok(a) => {
@@ -257,6 +264,7 @@ impl Socket for SealedSocket {
                         Refusal::Malformed(_) => Counter::GossipDropUndecodable,
                         Refusal::Unsafe(_) => Counter::GossipDropUnsafe,
                         Refusal::Forged(_) => Counter::GossipForged,
+                        Refusal::Removed => Counter::GossipDropRemoved,
                     });
                     if let Some(n) = FORGED_LOG.check(Instant::now()) {
                         warn!(peer = %from, sender = %sender, reason = %refusal, suppressed = n,
