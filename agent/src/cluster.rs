@@ -713,12 +713,7 @@ fn write_cluster_file(
     peers: &[SocketAddr],
 ) -> Result<(), PersistError> {
     // Removals are rewritten by `persist_removed`; keep what is there.
-    let removed = persist::read_optional(path)
-        .ok()
-        .flatten()
-        .and_then(|raw| serde_json::from_slice::<ClusterFile>(&raw).ok())
-        .map(|f| f.removed)
-        .unwrap_or_default();
+    let removed = current_file(path).map(|f| f.removed).unwrap_or_default();
     let file = ClusterFile {
         token: creds.token.reveal(),
         token_issued_at_ms: creds.issued_at,
@@ -814,15 +809,20 @@ async fn adopt_removals(
 static SELF_REMOVED_LOG: crate::metrics::RateLimit =
     crate::metrics::RateLimit::new(Duration::from_secs(30));
 
+/// The state file as it is now, if it exists and parses (start-up refuses
+/// a corrupt one, so later writers only keep what they can read).
+fn current_file(path: &std::path::Path) -> Option<ClusterFile> {
+    let raw = persist::read_optional(path).ok().flatten()?;
+    serde_json::from_slice(&raw).ok()
+}
+
 /// Rewrites the state file with `removed`, keeping everything else.
 fn persist_removed(
     path: &std::path::Path,
     removed: &std::collections::BTreeSet<NodeId>,
 ) -> Result<(), PersistError> {
-    let Some(raw) = persist::read_optional(path)? else {
-        return Ok(());
-    };
-    let Ok(mut file) = serde_json::from_slice::<ClusterFile>(&raw) else {
+    // No file: the node left meanwhile, and there is nothing to keep.
+    let Some(mut file) = current_file(path) else {
         return Ok(());
     };
     file.removed = removed.iter().map(ToString::to_string).collect();
@@ -880,12 +880,7 @@ async fn adopt(
     path: &std::path::Path,
     next: &Credentials,
 ) -> Result<(), PersistError> {
-    let peers = persist::read_optional(path)
-        .ok()
-        .flatten()
-        .and_then(|raw| serde_json::from_slice::<ClusterFile>(&raw).ok())
-        .map(|f| f.peers)
-        .unwrap_or_default();
+    let peers = current_file(path).map(|f| f.peers).unwrap_or_default();
     write_cluster_file(path, next, &peers)?;
     *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(next.clone());
     let token = next.facts_token();

@@ -204,12 +204,9 @@ impl Guard {
     fn known(&self, node: NodeId, id: &WireId, version: u64, value: &str) -> bool {
         self.incarnations
             .get(&(node, id.generation))
+            .filter(|i| i.gossip_addr == id.gossip_addr)
             .and_then(|i| i.record.as_ref())
             .is_some_and(|(v, val)| *v == version && val == value)
-            && self
-                .incarnations
-                .get(&(node, id.generation))
-                .is_some_and(|i| i.gossip_addr == id.gossip_addr)
     }
 
     fn learn(&mut self, id: WireId, node: NodeId, version: u64, value: String) {
