@@ -378,9 +378,11 @@ impl Cluster {
         seeds: &[SocketAddr],
     ) -> Result<SocketAddr, ClusterError> {
         let keys = token.keys();
+        let tls = peer::TlsIdentity::from_pkcs8(self.identity.pkcs8())
+            .map_err(|e| ClusterError::Refused(e.to_string()))?;
         let mut failures: Vec<HelloError> = Vec::new();
         for &seed in seeds {
-            match peer::hello(seed, &keys, &self.rng).await {
+            match peer::hello(seed, &keys, &tls, &self.rng).await {
                 Ok(node) => {
                     info!(seed = %seed, seed_node = %node, "seed proved the cluster key");
                     return Ok(seed);

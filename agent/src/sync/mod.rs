@@ -5,58 +5,18 @@
 //! removals learned from peers are republished in our own table, so a
 //! network outlives the node that created it.
 
-pub mod auth;
-
-use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ovl_proto::peer::PullRequest;
-use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::records::table_entry::Value;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
 use crate::membership::{NodeStatus, NodeView, keys};
+pub use crate::peer::Channels;
 use crate::store::key;
 
 const REPAIR_TICK: Duration = Duration::from_secs(1);
-const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-
-pub const PULL: &str = "/ovl.peer.v1.Peer/Pull";
-pub const REQUEST_SPACE: &str = "/ovl.peer.v1.Peer/RequestSpace";
-pub const NOTIFY: &str = "/ovl.peer.v1.Peer/Notify";
-
-/// Reused connections to peers' gRPC servers.
-#[derive(Default)]
-pub struct Channels {
-    map: std::sync::Mutex<HashMap<SocketAddr, Channel>>,
-}
-
-impl Channels {
-    pub fn get(&self, addr: SocketAddr) -> Result<Channel, String> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(&addr) {
-            return Ok(c.clone());
-        }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        map.insert(addr, ch.clone());
-        Ok(ch)
-    }
-
-    pub fn forget(&self, addr: SocketAddr) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
-    }
-}
 
 /// Runs until the process ends.
 pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
@@ -79,7 +39,7 @@ pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
                 .await;
             let nodes = membership.nodes().await;
             if version != pushed {
-                push(&core, &channels, &nodes, version);
+                push(&channels, &nodes, version);
                 pushed = version;
             }
             round(&core, &channels, &nodes).await;
@@ -155,24 +115,15 @@ pub async fn pull_all(core: &Core, channels: &Channels) -> bool {
 
 /// Tells every live peer our table moved, so they pull now (fire and
 /// forget: a lost notify only costs latency, gossip still carries `tv`).
-fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
-    let Some(keys) = core.cluster.keys() else {
-        return;
-    };
-    let me = core.cluster.node_id();
+fn push(channels: &Arc<Channels>, nodes: &[NodeView], version: u64) {
     for n in nodes
         .iter()
         .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
     {
-        let Ok(channel) = channels.get(n.gossip_addr) else {
-            continue;
-        };
-        let mut req = tonic::Request::new(ovl_proto::peer::NotifyRequest { version });
-        auth::stamp_request(&mut req, &keys, me, NOTIFY);
-        let peer = n.id;
+        let (addr, peer, channels) = (n.gossip_addr, n.id, channels.clone());
         tokio::spawn(async move {
-            if let Err(s) = PeerClient::new(channel).notify(req).await {
-                debug!(peer = %peer, error = s.message(), "notify failed; gossip will carry the version");
+            if let Err(e) = channels.notify(addr, peer, version).await {
+                debug!(peer = %peer, error = %e, "notify failed; gossip will carry the version");
             }
         });
     }
@@ -180,36 +131,18 @@ fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
 
 /// Pulls `peer`'s table delta; true when the replica changed.
 async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) -> bool {
-    let Some(keys) = core.cluster.keys() else {
+    if core.cluster.keys().is_none() {
         return false;
-    };
+    }
     let since = core.store().replica_version(peer.id);
     if force {
         debug!(peer = %peer.id, since, "read-repair pull");
     }
-    let channel = match channels.get(peer.gossip_addr) {
-        Ok(c) => c,
+    // The channel is pinned to `peer.id`: only that node can answer.
+    let resp = match channels.pull(peer.gossip_addr, peer.id, since).await {
+        Ok(r) => r,
         Err(e) => {
-            warn!(peer = %peer.id, error = %e, "bad peer address");
-            return false;
-        }
-    };
-    let mut req = tonic::Request::new(PullRequest { since });
-    let mac = auth::stamp_request(&mut req, &keys, core.cluster.node_id(), PULL);
-    let resp = match PeerClient::new(channel).pull(req).await {
-        Ok(r) => match auth::verify_response(&r, &keys, PULL, peer.id, &mac) {
-            Ok(()) => r.into_inner(),
-            Err(e) => {
-                core.counters.inc(crate::metrics::Counter::PeerReplyRefused);
-                warn!(peer = %peer.id, error = %e, "pull reply refused");
-                return false;
-            }
-        },
-        Err(s) => {
-            debug!(peer = %peer.id, code = ?s.code(), error = s.message(), "pull failed; retrying next round");
-            if s.code() == tonic::Code::Unavailable {
-                channels.forget(peer.gossip_addr);
-            }
+            debug!(peer = %peer.id, code = ?e.code(), error = %e, "pull failed; retrying next round");
             return false;
         }
     };
