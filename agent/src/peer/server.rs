@@ -43,6 +43,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in flight at once; more connections are closed at once.
 const MAX_HANDSHAKES: usize = 128;
 
+/// The start of a plaintext HTTP/2 connection (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 static TLS_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static CALL_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
@@ -128,6 +131,21 @@ async fn handshake(
     counters: &Counters,
 ) -> Option<TlsConn> {
     let _ = tcp.set_nodelay(true);
+    // An agent from before TLS opens with the plaintext HTTP/2 preface;
+    // say so instead of rustls's "corrupt message".
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    if let Ok(Ok(n)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await
+        && n > 0
+        && HTTP2_PREFACE.starts_with(&first[..n])
+    {
+        tls_refused(
+            counters,
+            remote,
+            None,
+            "plaintext HTTP/2, not TLS: an ovl agent from before the TLS peer channel?",
+        );
+        return None;
+    }
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
