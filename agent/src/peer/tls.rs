@@ -469,4 +469,56 @@ mod tests {
         assert!(err.to_string().contains("not the node called"), "{err}");
         assert_eq!(srv.await.unwrap(), vec![client.node_id]);
     }
+
+    /// Server side: no client certificate, or one with a P-256 key, fails
+    /// the handshake; an Ed25519 one passes (membership is the service's
+    /// check).
+    #[tokio::test]
+    async fn server_requires_an_ed25519_client_certificate() {
+        let (server, _) = node();
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..3 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                results.push(acceptor.accept(tcp).await.is_ok());
+            }
+            results
+        });
+        let builder = || {
+            ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(PinnedServer::to(server.node_id))
+        };
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let p256_cert = rcgen::CertificateParams::new(vec!["x".to_string()])
+            .unwrap()
+            .self_signed(&p256)
+            .unwrap();
+        let p256_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p256.serialize_der()));
+        let (ed, _) = node();
+        let clients = [
+            builder().with_no_client_auth(),
+            builder()
+                .with_client_auth_cert(vec![p256_cert.der().clone()], p256_key)
+                .unwrap(),
+            (*ed.client_config(PinnedServer::to(server.node_id)).unwrap()).clone(),
+        ];
+        for cfg in clients {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+            // In TLS 1.3 the client may finish before the server judges
+            // its certificate: the verdict is the server's.
+            if let Ok(mut tls) = connector.connect(server_name(addr), tcp).await {
+                use tokio::io::AsyncWriteExt;
+                let _ = tls.write_all(b"x").await;
+                let _ = tls.flush().await;
+            }
+        }
+        assert_eq!(srv.await.unwrap(), vec![false, false, true]);
+    }
 }
