@@ -538,9 +538,11 @@ impl Cluster {
         seeds: &[SocketAddr],
     ) -> Result<(SocketAddr, Credentials), ClusterError> {
         let keys = token.admission();
+        let tls = peer::TlsIdentity::from_pkcs8(self.identity.pkcs8())
+            .map_err(|e| ClusterError::Refused(e.to_string()))?;
         let mut failures: Vec<HelloError> = Vec::new();
         for &seed in seeds {
-            match peer::hello(seed, &keys, &self.rng).await {
+            match peer::hello(seed, &keys, &tls, &self.rng).await {
                 Ok((node, cluster_secret)) => {
                     info!(seed = %seed, seed_node = %node, "seed proved the join token and handed over the cluster key");
                     let creds = Credentials {

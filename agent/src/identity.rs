@@ -38,6 +38,8 @@ pub struct Identity {
     pub node_id: NodeId,
     /// Shared with the gossip transport, which signs every datagram.
     pub key: std::sync::Arc<Ed25519KeyPair>,
+    /// The key as stored (PKCS#8), for the TLS certificate.
+    pkcs8: Vec<u8>,
 }
 
 impl Identity {
@@ -46,20 +48,17 @@ impl Identity {
         persist::ensure_private_dir(state_dir)?;
         let id_path = state_dir.join(NODE_ID_FILE);
         let key_path = state_dir.join(IDENTITY_KEY_FILE);
-        let key = match persist::read_optional(&key_path)? {
-            Some(pk8) => {
-                Ed25519KeyPair::from_pkcs8(&pk8).map_err(|_| IdentityError::CorruptKey {
-                    path: key_path.display().to_string(),
-                })?
-            }
+        let pkcs8 = match persist::read_optional(&key_path)? {
+            Some(pk8) => pk8,
             None => {
                 let pk8 = Ed25519KeyPair::generate_pkcs8(rng).map_err(|_| IdentityError::Random)?;
                 persist::write_atomic(&key_path, pk8.as_ref())?;
-                Ed25519KeyPair::from_pkcs8(pk8.as_ref()).map_err(|_| IdentityError::CorruptKey {
-                    path: key_path.display().to_string(),
-                })?
+                pk8.as_ref().to_vec()
             }
         };
+        let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| IdentityError::CorruptKey {
+            path: key_path.display().to_string(),
+        })?;
         let node_id = node_id_of(key.public_key().as_ref());
         match persist::read_optional(&id_path)? {
             Some(raw) => {
@@ -91,7 +90,13 @@ impl Identity {
         Ok(Self {
             node_id,
             key: std::sync::Arc::new(key),
+            pkcs8,
         })
+    }
+
+    /// The identity key as PKCS#8 (secret: never log it).
+    pub fn pkcs8(&self) -> &[u8] {
+        &self.pkcs8
     }
 
     pub fn public_key(&self) -> &[u8] {

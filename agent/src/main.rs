@@ -11,12 +11,11 @@ use ovl_agent::core::{Core, Ipam};
 use ovl_agent::dataplane::Dataplane;
 use ovl_agent::identity::Identity;
 use ovl_agent::metrics::Counters;
-use ovl_agent::peer::PeerService;
+use ovl_agent::peer::{self, PeerService, TlsIdentity};
 use ovl_agent::store::Store;
 use ovl_proto::peer::peer_server::PeerServer;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
 fn main() -> ExitCode {
@@ -76,6 +75,10 @@ fn init_tracing(level: &str) {
 async fn run(config: Config) -> anyhow::Result<()> {
     let rng = ring::rand::SystemRandom::new();
     let identity = Identity::load_or_create(&config.state_dir, &rng)?;
+    // The peer channel's certificate: self-signed by the identity key,
+    // pinned by peers to our node id.
+    let tls = Arc::new(TlsIdentity::from_pkcs8(identity.pkcs8()).context("peer TLS certificate")?);
+    let peer_tls = tls.server_config().context("peer TLS configuration")?;
     info!(node = %identity.node_id, name = %config.node_name, advertise = %config.advertise_addr,
           data_path = %config.data_path_addr, state_dir = %config.state_dir.display(), "agent starting");
 
@@ -104,7 +107,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ipam,
         default_pool,
     );
-    let channels = Arc::new(ovl_agent::sync::Channels::default());
+    let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     core.set_channels(channels.clone());
     let mut sync_task = tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
     let mut reconcile_task = tokio::spawn(ovl_agent::reconcile::run(core.clone()));
@@ -118,9 +121,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let peer_server = tonic::transport::Server::builder()
-        .add_service(PeerServer::new(PeerService::new(core.clone(), counters)))
+        .add_service(PeerServer::new(PeerService::new(
+            core.clone(),
+            counters.clone(),
+        )))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(peer_listener),
+            peer::incoming(peer_listener, peer_tls, counters),
             stopped(stop_rx.clone()),
         );
     let api_server = api::serve(api_listener, core.clone(), stopped(stop_rx.clone()));

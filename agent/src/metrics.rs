@@ -35,8 +35,14 @@ counters! {
     GossipDropRemoved => "gossip_drop_removed",
     GossipDigestDropped => "gossip_digest_entry_dropped",
     HelloServed => "peer_hello_served",
+    // A call refused by this server: caller not an admitted member, or
+    // claiming another node id than its certificate's.
     PeerRefused => "peer_call_refused",
+    // A callee whose certificate is not the node we called (pin failure).
     PeerReplyRefused => "peer_reply_refused",
+    // A peer TLS connection refused at handshake: no or bad certificate,
+    // not TLS 1.3 (e.g. the old plaintext gRPC), a replayed byte stream.
+    PeerTlsRefused => "peer_tls_refused",
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     RecordsRefused => "records_refused",

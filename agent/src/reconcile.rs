@@ -94,7 +94,7 @@ fn ack(
             .iter()
             .find(|n| n.id == *owner && !n.is_self && n.status == NodeStatus::Alive)
         {
-            crate::sync::ack_programmed(core, channels, n, *version, acked.clone());
+            crate::sync::ack_programmed(channels, n, *version, acked.clone());
         }
     }
 }

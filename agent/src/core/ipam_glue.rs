@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 use ovl_proto::peer::SpaceRequest;
-use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::records::{IpamRing, table_entry::Value};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -24,7 +23,6 @@ use crate::membership::NodeStatus;
 use crate::persist::{self, PersistError};
 use crate::store::networks::PoolSpec;
 use crate::store::{NetworkView, key};
-use crate::sync::{self, auth};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamLoadError {
@@ -316,11 +314,9 @@ impl Core {
         exact: Option<Ipv4Addr>,
         asked: &mut Vec<String>,
     ) -> Result<bool, CoreError> {
-        let (Some(membership), Some(keys), Some(channels)) = (
-            self.cluster.membership().await,
-            self.cluster.keys(),
-            self.channels.get(),
-        ) else {
+        let (Some(membership), Some(channels)) =
+            (self.cluster.membership().await, self.channels.get())
+        else {
             return Err(CoreError::NotClustered);
         };
         let nodes = membership.nodes().await;
@@ -338,37 +334,15 @@ impl Core {
                 ));
                 continue;
             }
-            let channel = channels
-                .get(node.gossip_addr)
-                .map_err(|e| CoreError::Ipam(id.short(), e))?;
-            let mut req = tonic::Request::new(SpaceRequest {
+            let req = SpaceRequest {
                 network_id: id.as_bytes().to_vec(),
                 exact_ip: exact.map(|i| i.to_string()).unwrap_or_default(),
-            });
-            let mac =
-                auth::stamp_request(&mut req, &keys, self.cluster.node_id(), sync::REQUEST_SPACE);
-            let grant = match PeerClient::new(channel).request_space(req).await {
-                Ok(r) => {
-                    match auth::verify_response(&r, &keys, sync::REQUEST_SPACE, *donor, &mac) {
-                        Ok(()) => r.into_inner().grant_json,
-                        Err(e) => {
-                            self.counters.inc(crate::metrics::Counter::PeerReplyRefused);
-                            asked.push(format!(
-                                "{} ({}): reply refused: {e}",
-                                node.name,
-                                donor.short()
-                            ));
-                            continue;
-                        }
-                    }
-                }
-                Err(s) => {
-                    asked.push(format!(
-                        "{} ({}): {}",
-                        node.name,
-                        donor.short(),
-                        s.message()
-                    ));
+            };
+            // Pinned to the donor's node id: only the donor can grant.
+            let grant = match channels.request_space(node.gossip_addr, *donor, req).await {
+                Ok(g) => g.grant_json,
+                Err(e) => {
+                    asked.push(format!("{} ({}): {e}", node.name, donor.short()));
                     continue;
                 }
             };

@@ -5,59 +5,19 @@
 //! removals learned from peers are republished in our own table, so a
 //! network outlives the node that created it.
 
-pub mod auth;
-
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ovl_proto::peer::PullRequest;
-use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::records::table_entry::Value;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
 use crate::membership::{NodeStatus, NodeView};
+pub use crate::peer::Channels;
 use crate::store::key;
 
 const REPAIR_TICK: Duration = Duration::from_secs(1);
-const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-
-pub const PULL: &str = "/ovl.peer.v1.Peer/Pull";
-pub const REQUEST_SPACE: &str = "/ovl.peer.v1.Peer/RequestSpace";
-pub const NOTIFY: &str = "/ovl.peer.v1.Peer/Notify";
-pub const PROGRAMMED: &str = "/ovl.peer.v1.Peer/Programmed";
-
-/// Reused connections to peers' gRPC servers.
-#[derive(Default)]
-pub struct Channels {
-    map: std::sync::Mutex<HashMap<SocketAddr, Channel>>,
-}
-
-impl Channels {
-    pub fn get(&self, addr: SocketAddr) -> Result<Channel, String> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(&addr) {
-            return Ok(c.clone());
-        }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| e.to_string())?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        map.insert(addr, ch.clone());
-        Ok(ch)
-    }
-
-    pub fn forget(&self, addr: SocketAddr) {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&addr);
-    }
-}
 
 /// Runs until the process ends.
 pub async fn run(core: Arc<Core>, channels: Arc<Channels>) {
@@ -162,7 +122,7 @@ async fn pusher(core: Arc<Core>, channels: Arc<Channels>) {
             Some(m) => {
                 let version = core.store().own().version();
                 if pushed != Some(version) {
-                    push(&core, &channels, &m.nodes().await, version);
+                    push(&channels, &m.nodes().await, version);
                     pushed = Some(version);
                 }
             }
@@ -177,24 +137,15 @@ async fn pusher(core: Arc<Core>, channels: Arc<Channels>) {
 
 /// Tells every live peer our table moved, so they pull now (fire and
 /// forget: a lost notify only costs latency, gossip still carries `tv`).
-fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
-    let Some(keys) = core.cluster.keys() else {
-        return;
-    };
-    let me = core.cluster.node_id();
+fn push(channels: &Arc<Channels>, nodes: &[NodeView], version: u64) {
     for n in nodes
         .iter()
         .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
     {
-        let Ok(channel) = channels.get(n.gossip_addr) else {
-            continue;
-        };
-        let mut req = tonic::Request::new(ovl_proto::peer::NotifyRequest { version });
-        auth::stamp_request(&mut req, &keys, me, NOTIFY);
-        let peer = n.id;
+        let (addr, peer, channels) = (n.gossip_addr, n.id, channels.clone());
         tokio::spawn(async move {
-            if let Err(s) = PeerClient::new(channel).notify(req).await {
-                debug!(peer = %peer, error = s.message(), "notify failed; gossip will carry the version");
+            if let Err(e) = channels.notify(addr, peer, version).await {
+                debug!(peer = %peer, error = %e, "notify failed; gossip will carry the version");
             }
         });
     }
@@ -204,36 +155,22 @@ fn push(core: &Core, channels: &Channels, nodes: &[NodeView], version: u64) {
 /// reconcile pass). `acked` records what the peer confirmed, so an ack lost
 /// to a failed call is sent again after the next pass.
 pub fn ack_programmed(
-    core: &Core,
-    channels: &Channels,
+    channels: &Arc<Channels>,
     peer: &NodeView,
     version: u64,
     acked: Arc<std::sync::Mutex<HashMap<crate::ids::NodeId, u64>>>,
 ) {
-    let Some(keys) = core.cluster.keys() else {
-        return;
-    };
-    let Ok(channel) = channels.get(peer.gossip_addr) else {
-        return;
-    };
-    let mut req = tonic::Request::new(ovl_proto::peer::ProgrammedRequest { version });
-    let mac = auth::stamp_request(&mut req, &keys, core.cluster.node_id(), PROGRAMMED);
-    let (id, counters) = (peer.id, core.counters.clone());
+    let (addr, id, channels) = (peer.gossip_addr, peer.id, channels.clone());
     tokio::spawn(async move {
-        match PeerClient::new(channel).programmed(req).await {
-            Ok(r) => match auth::verify_response(&r, &keys, PROGRAMMED, id, &mac) {
-                Ok(()) => {
-                    let mut a = acked.lock().unwrap_or_else(|e| e.into_inner());
-                    let v = a.entry(id).or_default();
-                    *v = (*v).max(version);
-                }
-                Err(e) => {
-                    counters.inc(crate::metrics::Counter::PeerReplyRefused);
-                    debug!(peer = %id, error = %e, "programmed ack reply refused");
-                }
-            },
-            Err(s) => {
-                debug!(peer = %id, error = s.message(), "programmed ack failed; sent again after the next pass")
+        // The channel is pinned to `id`: only that node can take the ack.
+        match channels.programmed(addr, id, version).await {
+            Ok(()) => {
+                let mut a = acked.lock().unwrap_or_else(|e| e.into_inner());
+                let v = a.entry(id).or_default();
+                *v = (*v).max(version);
+            }
+            Err(e) => {
+                debug!(peer = %id, error = %e, "programmed ack failed; sent again after the next pass")
             }
         }
     });
@@ -241,36 +178,18 @@ pub fn ack_programmed(
 
 /// Pulls `peer`'s table delta; true when the replica changed.
 async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) -> bool {
-    let Some(keys) = core.cluster.keys() else {
+    if core.cluster.keys().is_none() {
         return false;
-    };
+    }
     let since = core.store().replica_version(peer.id);
     if force {
         debug!(peer = %peer.id, since, "read-repair pull");
     }
-    let channel = match channels.get(peer.gossip_addr) {
-        Ok(c) => c,
+    // The channel is pinned to `peer.id`: only that node can answer.
+    let resp = match channels.pull(peer.gossip_addr, peer.id, since).await {
+        Ok(r) => r,
         Err(e) => {
-            warn!(peer = %peer.id, error = %e, "bad peer address");
-            return false;
-        }
-    };
-    let mut req = tonic::Request::new(PullRequest { since });
-    let mac = auth::stamp_request(&mut req, &keys, core.cluster.node_id(), PULL);
-    let resp = match PeerClient::new(channel).pull(req).await {
-        Ok(r) => match auth::verify_response(&r, &keys, PULL, peer.id, &mac) {
-            Ok(()) => r.into_inner(),
-            Err(e) => {
-                core.counters.inc(crate::metrics::Counter::PeerReplyRefused);
-                warn!(peer = %peer.id, error = %e, "pull reply refused");
-                return false;
-            }
-        },
-        Err(s) => {
-            debug!(peer = %peer.id, code = ?s.code(), error = s.message(), "pull failed; retrying next round");
-            if s.code() == tonic::Code::Unavailable {
-                channels.forget(peer.gossip_addr);
-            }
+            debug!(peer = %peer.id, code = ?e.code(), error = %e, "pull failed; retrying next round");
             return false;
         }
     };
