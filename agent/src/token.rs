@@ -188,13 +188,11 @@ impl FromStr for JoinToken {
     }
 }
 
-/// Keys every member derives from the token.
+/// Keys every member derives from the cluster secret.
 pub struct ClusterKeys {
     pub cluster_id: ClusterId,
     /// AES-256-GCM key sealing gossip datagrams.
     pub gossip: aead::LessSafeKey,
-    /// HMAC-SHA256 key for proofs between peers (join hello).
-    pub peer_auth: hmac::Key,
 }
 
 /// Output length carrier for `Prk::expand` into raw bytes.
@@ -210,15 +208,10 @@ impl ClusterKeys {
     pub fn derive(cluster_id: ClusterId, secret: &[u8; 32]) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
         let gossip = expand(&prk, b"ovl gossip aead", cluster_id);
-        let peer = expand(&prk, b"ovl peer auth", cluster_id);
         let gossip = aead::UnboundKey::new(&aead::AES_256_GCM, &gossip)
             .map(aead::LessSafeKey::new)
             .expect("AES-256-GCM takes a 32-byte key");
-        Self {
-            cluster_id,
-            gossip,
-            peer_auth: hmac::Key::new(hmac::HMAC_SHA256, &peer),
-        }
+        Self { cluster_id, gossip }
     }
 }
 
@@ -286,7 +279,7 @@ mod tests {
         let a = JoinToken::generate(&rng).unwrap();
         let mut b = a.clone();
         b.secret[0] ^= 1;
-        let tag = |t: &JoinToken| hmac::sign(&t.keys().peer_auth, b"x").as_ref().to_vec();
+        let tag = |t: &JoinToken| hmac::sign(&t.admission().proof, b"x").as_ref().to_vec();
         assert_ne!(tag(&a), tag(&b));
         assert_eq!(tag(&a), tag(&a.clone()));
     }
