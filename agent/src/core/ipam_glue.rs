@@ -182,7 +182,7 @@ impl Core {
                 let a = nets
                     .entry(net.id)
                     .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
-                let before = serde_json::to_vec(a.ring()).ok();
+                let before = serde_json::to_vec(a.ring().entries()).ok();
                 for (publisher, json) in views {
                     if publisher == self.ipam.me {
                         continue;
@@ -195,7 +195,12 @@ impl Core {
                         warn!(network = %net.id, peer = %publisher, error = %e, "IPAM ring merge refused: replicas disagree; investigate before allocating");
                     }
                 }
-                if serde_json::to_vec(a.ring()).ok() != before {
+                // Only a change of ranges is persisted and republished. Free-
+                // space reports (advisory: they pick donors) change with
+                // every allocation anywhere, and each owner publishes its own;
+                // every peer republishing them made each attach cost N²
+                // notifies, pulls and disk writes.
+                if serde_json::to_vec(a.ring().entries()).ok() != before {
                     if let Err(e) = self.ipam.persist(net.id, a) {
                         warn!(network = %net.id, error = %e, "could not persist merged IPAM ring");
                         continue;
