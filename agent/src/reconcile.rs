@@ -71,6 +71,7 @@ pub async fn run(core: Arc<Core>) {
         // persisted and republished (a disk write under the store lock),
         // and no kernel entry depends on it.
         core.merge_rings().await;
+        core.publish_own_reports().await;
     }
 }
 

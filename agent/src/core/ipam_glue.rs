@@ -154,6 +154,9 @@ impl Ipam {
     }
 }
 
+/// How often a host's own free-space report alone is republished.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
 impl Core {
     /// Publishes our view of a network's ring in our table.
     pub(super) async fn publish_ring(&self, id: NetworkId) -> Result<(), CoreError> {
@@ -168,6 +171,46 @@ impl Core {
             self.notify();
         }
         Ok(())
+    }
+
+    /// Publishes our ring view where our own free-space report in it moved
+    /// since we last published, at most once per `REPORT_INTERVAL` per
+    /// network (reports are advisory: they pick donors).
+    pub async fn publish_own_reports(&self) {
+        let me = self.ipam.me;
+        let now = std::time::Instant::now();
+        let due: Vec<NetworkId> = {
+            let nets = self.ipam.nets.lock().await;
+            let store = self.store();
+            nets.iter()
+                .filter(|(id, a)| {
+                    let published = match store.own().get(&key::ipam(**id)) {
+                        Some(Value::Ipam(r)) => serde_json::from_slice::<Ring>(&r.ring_json).ok(),
+                        _ => None,
+                    };
+                    published.is_some_and(|p| p.reports().get(&me) != a.ring().reports().get(&me))
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in due {
+            {
+                let mut last = self
+                    .reports_published
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if last
+                    .get(&id)
+                    .is_some_and(|t| now.duration_since(*t) < REPORT_INTERVAL)
+                {
+                    continue;
+                }
+                last.insert(id, now);
+            }
+            if let Err(e) = self.publish_ring(id).await {
+                warn!(network = %id, error = %e, "could not publish IPAM ring");
+            }
+        }
     }
 
     /// Merges every ring view peers published into ours; a network's merge
@@ -245,6 +288,7 @@ impl Core {
                 let a = nets
                     .entry(net.id)
                     .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
+                let ranges = serde_json::to_vec(a.ring().entries()).ok();
                 a.release_quarantine(horizon);
                 let r = match exact {
                     Some(ip) => a.allocate_exact(ip, ep).map(|()| ip),
@@ -253,11 +297,19 @@ impl Core {
                 if r.is_ok() {
                     self.ipam.persist(net.id, a)?;
                 }
-                r
+                let ranges_moved = serde_json::to_vec(a.ring().entries()).ok() != ranges;
+                r.map(|ip| (ip, ranges_moved))
             };
             let donors: Vec<NodeId> = match attempt {
-                Ok(ip) => {
-                    self.publish_ring(net.id).await?;
+                Ok((ip, ranges_moved)) => {
+                    // An allocation from ranges we already hold changes only
+                    // our free-space report, which the reconciler publishes
+                    // at most once a second (`publish_own_reports`): published
+                    // here, it would be a second table version every peer
+                    // pulls and reconciles before it acks the endpoint.
+                    if ranges_moved {
+                        self.publish_ring(net.id).await?;
+                    }
                     return Ok(ip);
                 }
                 Err(AllocError::Exhausted) => return Err(CoreError::IpamExhausted(name)),

@@ -52,6 +52,9 @@ pub struct Core {
     hinted: tokio::sync::Notify,
     /// Connections to peers, shared with the sync loop.
     channels: std::sync::OnceLock<Arc<Channels>>,
+    /// When each network's ring was last published for our free-space
+    /// report alone (rate limit, see `publish_own_reports`).
+    reports_published: Mutex<std::collections::HashMap<crate::ids::NetworkId, Instant>>,
     /// Endpoint rows already counted as refused by the owner checks.
     refused_seen: Mutex<std::collections::HashSet<(NodeId, crate::ids::EndpointId)>>,
     /// Our own table version each peer's kernel holds (its `Programmed`
@@ -94,6 +97,7 @@ impl Core {
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
             refused_seen: Mutex::new(std::collections::HashSet::new()),
+            reports_published: Mutex::new(std::collections::HashMap::new()),
             acks: watch::channel(Default::default()).0,
         })
     }
