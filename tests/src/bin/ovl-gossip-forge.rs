@@ -128,14 +128,27 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
         last_gc_version: 0,
         max_version: 1,
     }];
-    let signed = |facts: NodeFacts| {
-        record::sign(
+    // A newer incarnation of the victim whose record (claiming the
+    // victim's id) is signed with the attacker's own key.
+    let newer_signed = |addr: String, left: bool| {
+        let value = record::sign(
             &args.key,
             cluster,
             newer.generation,
             1,
             newer.gossip_addr,
-            &facts,
+            &NodeFacts {
+                name: "forged".into(),
+                advertise_addr: addr.clone(),
+                data_path_addr: addr,
+                left,
+                ..NodeFacts::default()
+            },
+        );
+        encode_message(
+            Kind::SynAck,
+            &digest_newer,
+            &[node_op(&newer), kv(RECORD_KEY, value, 1)],
         )
     };
     let ip = args.victim.gossip_addr.ip().to_string();
@@ -145,46 +158,8 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
             &digest_newer,
             &[node_op(&newer), kv("left", "1".into(), 1)],
         ),
-        "newer-left-signed" => encode_message(
-            Kind::SynAck,
-            &digest_newer,
-            &[
-                node_op(&newer),
-                kv(
-                    RECORD_KEY,
-                    signed(NodeFacts {
-                        name: "forged".into(),
-                        advertise_addr: ip.clone(),
-                        data_path_addr: ip,
-                        table_version: 0,
-                        left: true,
-                        token: None,
-                        removed: Default::default(),
-                    }),
-                    1,
-                ),
-            ],
-        ),
-        "newer-addrs-signed" => encode_message(
-            Kind::SynAck,
-            &digest_newer,
-            &[
-                node_op(&newer),
-                kv(
-                    RECORD_KEY,
-                    signed(NodeFacts {
-                        name: "forged".into(),
-                        advertise_addr: "198.18.0.99".into(),
-                        data_path_addr: "198.18.0.99".into(),
-                        table_version: 0,
-                        left: false,
-                        token: None,
-                        removed: Default::default(),
-                    }),
-                    1,
-                ),
-            ],
-        ),
+        "newer-left-signed" => newer_signed(ip, true),
+        "newer-addrs-signed" => newer_signed("198.18.0.99".into(), false),
         "trip-assert" => encode_message(
             Kind::SynAck,
             &[],
