@@ -382,14 +382,6 @@ impl Cluster {
         Ok(creds.token.reveal())
     }
 
-    /// Whether `id` was removed from the cluster (`node rm`).
-    pub fn is_removed(&self, id: NodeId) -> bool {
-        self.removed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
-    }
-
     /// Removes a node (like `docker node rm`): every member stops hearing
     /// its gossip and refuses its peer calls, its records are withdrawn
     /// everywhere, and the join token is rotated so it cannot come back

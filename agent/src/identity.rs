@@ -11,7 +11,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use tracing::info;
 
-use crate::ids::{IdParseError, NodeId, encode_hex};
+use crate::ids::{IdParseError, NodeId};
 use crate::persist::{self, PersistError};
 
 const NODE_ID_FILE: &str = "node-id";
@@ -102,10 +102,6 @@ impl Identity {
     pub fn public_key(&self) -> &[u8] {
         self.key.public_key().as_ref()
     }
-
-    pub fn public_key_hex(&self) -> String {
-        encode_hex(self.key.public_key().as_ref())
-    }
 }
 
 /// The node id a public key stands for: SHA-256(pk)[..16].
@@ -127,7 +123,7 @@ mod tests {
         let a = Identity::load_or_create(&dir, &rng).unwrap();
         let b = Identity::load_or_create(&dir, &rng).unwrap();
         assert_eq!(a.node_id, b.node_id);
-        assert_eq!(a.public_key_hex(), b.public_key_hex());
+        assert_eq!(a.public_key(), b.public_key());
         assert_eq!(a.node_id, node_id_of(a.public_key()));
         // A random id from the earlier format is refused, not adopted.
         let old = NodeId::random(&rng).unwrap();
