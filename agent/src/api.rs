@@ -255,6 +255,7 @@ impl ClusterApi for Api {
             generation: s.generation,
             nodes_alive: alive as u32,
             nodes_total: s.nodes.len() as u32,
+            cluster_key: s.cluster_key.map(|k| k.to_string()).unwrap_or_default(),
             counters: self
                 .cluster
                 .counters()

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod identity;
 pub mod ids;
 pub mod ipam;
+pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod peer;

@@ -98,7 +98,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let store = Store::load(&state_dir, node_id)?;
     let ipam = Ipam::load(&state_dir, node_id)?;
     let dataplane = Dataplane::new().await.context("open netlink")?;
-    let cluster = Cluster::start(config, identity, counters.clone()).await?;
+    let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
+    let cluster = Cluster::start(config, identity, counters.clone(), channels.clone()).await?;
     let core = Core::new(
         cluster.clone(),
         store,
@@ -107,7 +108,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ipam,
         default_pool,
     );
-    let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     core.set_channels(channels.clone());
     let mut sync_task = tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
     let mut reconcile_task = tokio::spawn(ovl_agent::reconcile::run(core.clone()));

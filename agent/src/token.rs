@@ -2,13 +2,12 @@
 //!
 //! A token is `OVLTKN-1-<cluster id, 32 hex>-<secret, 64 hex>`, like Swarm's
 //! `SWMTKN-1-…`. Whoever holds it may join. The token only *admits*: what
-//! members share (gossip sealing, peer proofs) comes from the **cluster
-//! secret**, which a seed hands a joiner sealed under the token (see
-//! [`Admission`]). A cluster's first token secret doubles as its cluster
-//! secret (so clusters made by earlier versions keep working);
-//! `cluster rotate-token` replaces the token and keeps the cluster secret,
-//! so members stay. Every key is HKDF-SHA256 with a distinct label per use,
-//! so no key serves two purposes.
+//! members share (gossip sealing) comes from the **cluster key**
+//! (`keys::ClusterKey`), which a seed hands a joiner sealed under the token
+//! (see [`Admission`]). A cluster's first token secret doubles as its first
+//! cluster secret; `cluster rotate-token` replaces the token and keeps the
+//! cluster key, so members stay; `node rm` replaces both. Every key is
+//! HKDF-SHA256 with a distinct label per use, so no key serves two purposes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -17,6 +16,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::{aead, hkdf, hmac};
 
 use crate::ids::{ClusterId, decode_hex, encode_hex};
+use crate::keys::ClusterKey;
 
 const PREFIX: &str = "OVLTKN";
 const VERSION: &str = "1";
@@ -62,10 +62,10 @@ impl JoinToken {
         )
     }
 
-    /// The keys of a cluster whose secret is this token's (a cluster's
-    /// first token).
-    pub fn keys(&self) -> ClusterKeys {
-        ClusterKeys::derive(self.cluster_id, &self.secret)
+    /// The first cluster key of a cluster whose first token this is (its
+    /// secret doubles as the cluster secret at epoch 0).
+    pub fn first_cluster_key(&self) -> ClusterKey {
+        ClusterKey::derive(self.cluster_id, 0, self.secret)
     }
 
     /// The secret, for a new cluster's cluster secret and the state file.
@@ -188,30 +188,11 @@ impl FromStr for JoinToken {
     }
 }
 
-/// Keys every member derives from the cluster secret.
-pub struct ClusterKeys {
-    pub cluster_id: ClusterId,
-    /// AES-256-GCM key sealing gossip datagrams.
-    pub gossip: aead::LessSafeKey,
-}
-
 /// Output length carrier for `Prk::expand` into raw bytes.
 struct Len(usize);
 impl hkdf::KeyType for Len {
     fn len(&self) -> usize {
         self.0
-    }
-}
-
-impl ClusterKeys {
-    /// The keys of the cluster whose cluster secret is `secret`.
-    pub fn derive(cluster_id: ClusterId, secret: &[u8; 32]) -> Self {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
-        let gossip = expand(&prk, b"ovl gossip aead", cluster_id);
-        let gossip = aead::UnboundKey::new(&aead::AES_256_GCM, &gossip)
-            .map(aead::LessSafeKey::new)
-            .expect("AES-256-GCM takes a 32-byte key");
-        Self { cluster_id, gossip }
     }
 }
 

@@ -78,6 +78,7 @@ pub fn status(f: Format, r: &StatusResponse) {
                 ("State", r.state.clone()),
                 ("Reason", r.reason.clone()),
                 ("Cluster", dash(&r.cluster_id)),
+                ("Key", dash(&r.cluster_key)),
                 ("Advertise", r.advertise_addr.clone()),
                 ("Data path", r.data_path_addr.clone()),
                 ("Gossip", r.gossip_addr.clone()),
@@ -111,7 +112,7 @@ pub fn status(f: Format, r: &StatusResponse) {
                 "advertise_addr": r.advertise_addr, "data_path_addr": r.data_path_addr,
                 "gossip_addr": r.gossip_addr, "generation": r.generation,
                 "nodes_alive": r.nodes_alive, "nodes_total": r.nodes_total,
-                "counters": counters,
+                "cluster_key": r.cluster_key, "counters": counters,
             }))
         }
     }

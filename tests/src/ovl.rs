@@ -48,6 +48,9 @@ pub struct Status {
     pub nodes_total: Option<u64>,
     #[serde(default)]
     pub counters: Value,
+    /// "epoch N (fingerprint)": the cluster key in use.
+    #[serde(default)]
+    pub cluster_key: Option<String>,
 }
 
 /// `ovlctl cluster init --format json`.

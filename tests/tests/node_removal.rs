@@ -161,3 +161,155 @@ fn a_removed_node_is_withdrawn_everywhere_and_refused_on_every_channel() {
     });
     f.finish();
 }
+
+fn cluster_key(lab: &Lab, k: usize) -> String {
+    lab.status(k)
+        .ok()
+        .and_then(|s| s.cluster_key)
+        .unwrap_or_default()
+}
+
+fn join_token(lab: &Lab, k: usize) -> String {
+    lab.ctl_ok(k, &["cluster", "join-token"])
+        .map(|o| o.stdout.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether host k lists every one of `names` as alive.
+fn sees_alive(lab: &Lab, k: usize, names: &[String]) -> anyhow::Result<()> {
+    let rows = lab.nodes(k)?;
+    for name in names {
+        ensure!(
+            rows.iter().any(|r| &r.name == name && r.status == "alive"),
+            "h{k} does not list {name} alive: {:?}",
+            rows.iter()
+                .map(|r| format!("{} {}", r.name, r.status))
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+/// `node rm` replaces the cluster key (memberlist-keyring style: install on
+/// every live member, then switch): the removed node, still running, never
+/// reads gossip again, so it never learns the new join token published
+/// there; members keep gossiping through the switch; and a member that was
+/// offline during the rotation fetches the new key when it comes back.
+#[test]
+fn removal_rotates_the_cluster_key_and_an_offline_member_catches_up() {
+    let (mut lab, net) = cluster_with_network(4, "rk", &[]);
+    let (_c1, e1) = attached(&mut lab, 1, "c1", "rk", &[]);
+    let (_c2, e2) = attached(&mut lab, 2, "c2", "rk", &[]);
+    let (_c4, e4) = attached(&mut lab, 4, "c4", "rk", &[]);
+    lab.wait_dataplane(&[1, 2, 4], net.vni, &[e1.clone(), e2.clone(), e4.clone()])
+        .expect("data plane programmed");
+    let names: Vec<String> = (1..=4).map(|k| lab.node_name(k)).collect();
+    let first_key = cluster_key(&lab, 1);
+    let old_token = join_token(&lab, 1);
+    println!("cluster key before: {first_key}");
+    let mut f = Findings::new();
+    f.check(first_key.starts_with("epoch 0"), || {
+        format!("a new cluster's key is not epoch 0: {first_key:?}")
+    });
+
+    // h4 goes offline for the rotation: it can neither install nor see it.
+    lab.stop_agent(4).expect("stop h4");
+    let h3_id = lab
+        .nodes(1)
+        .expect("nodes")
+        .into_iter()
+        .find(|r| r.name == names[2])
+        .expect("h3 listed")
+        .id;
+    let t = Instant::now();
+    let out = lab.ctl(1, &["node", "rm", &h3_id]).expect("ovlctl runs");
+    f.check(out.success(), || format!("node rm: {out}"));
+    let rotated = wait_until(Duration::from_secs(10), POLL, || {
+        let (k1, k2) = (cluster_key(&lab, 1), cluster_key(&lab, 2));
+        ensure!(k1 != first_key && k1 == k2, "h1 {k1:?}, h2 {k2:?}");
+        Ok(true)
+    });
+    match &rotated {
+        Ok(d) => println!(
+            "h1 and h2 on the new key {} {d:.2?} after node rm returned ({:.2?} in all)",
+            cluster_key(&lab, 1),
+            t.elapsed()
+        ),
+        Err(e) => {
+            f.check(false, || {
+                format!("the key did not rotate on h1 and h2: {e:#}")
+            });
+        }
+    }
+    let new_key = cluster_key(&lab, 1);
+    f.check(new_key.starts_with("epoch 1"), || {
+        format!("the rotated key is not epoch 1: {new_key:?}")
+    });
+    let new_token = join_token(&lab, 1);
+    f.check(new_token != old_token, || {
+        "node rm did not rotate the token".into()
+    });
+
+    // Members gossip on through the switch; the removed node learns
+    // nothing of what is gossiped after it (the new token).
+    let steady = always_for(Duration::from_secs(5), POLL, || {
+        sees_alive(&lab, 1, &names[1..2])?;
+        sees_alive(&lab, 2, &names[..1])?;
+        ensure!(cluster_key(&lab, 3) == first_key, "h3 holds the new key");
+        ensure!(
+            join_token(&lab, 3) == old_token,
+            "h3 learned the new join token"
+        );
+        Ok(())
+    });
+    f.ok(
+        "h1 and h2 stay alive to each other; h3 never sees the new key or token",
+        steady.map(|_| ()),
+    );
+    println!(
+        "h3: gossip_drop_newer_key {}, cluster_key_fetched {}; h1+h2 peer_call_refused {}",
+        counter(&lab, 3, "gossip_drop_newer_key"),
+        counter(&lab, 3, "cluster_key_fetched"),
+        counter(&lab, 1, "peer_call_refused") + counter(&lab, 2, "peer_call_refused"),
+    );
+    f.check(counter(&lab, 3, "cluster_key_fetched") == 0, || {
+        "the removed h3 fetched a cluster key".into()
+    });
+
+    // h4 comes back with the old key only and catches up by fetching.
+    let t = Instant::now();
+    lab.start_agent(4, &[]).expect("restart h4");
+    let caught_up = wait_until(Duration::from_secs(20), POLL, || {
+        ensure!(
+            cluster_key(&lab, 4) == new_key,
+            "h4 on {:?}",
+            cluster_key(&lab, 4)
+        );
+        sees_alive(&lab, 4, &[names[0].clone(), names[1].clone()])?;
+        sees_alive(&lab, 1, &names[3..4])?;
+        Ok(true)
+    });
+    match caught_up {
+        Ok(d) => println!("h4 back on the new key and alive everywhere {d:.2?} after restart"),
+        Err(e) => {
+            f.check(false, || format!("h4 did not catch up: {e:#}"));
+        }
+    }
+    f.check(counter(&lab, 4, "cluster_key_fetched") >= 1, || {
+        "h4 did not count a fetched key".into()
+    });
+    f.check(join_token(&lab, 4) == new_token, || {
+        "h4 did not learn the new token after catching up".into()
+    });
+    f.ok(
+        "h4's endpoint and the others' programmed after it returned",
+        lab.wait_dataplane(&[1, 2, 4], net.vni, &[e1, e2, e4])
+            .map(|d| {
+                println!(
+                    "data plane on h1, h2, h4 converged {d:.2?} after restart ({:.2?})",
+                    t.elapsed()
+                )
+            }),
+    );
+    f.finish();
+}

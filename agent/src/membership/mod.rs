@@ -81,6 +81,23 @@ pub struct MembershipConfig {
     pub counters: Arc<Counters>,
     pub tuning: Tuning,
     pub removed: Removed,
+    pub key_events: tokio::sync::mpsc::Sender<KeyEvent>,
+}
+
+/// What gossip learns about the cluster key, for the cluster module.
+#[derive(Debug)]
+pub enum KeyEvent {
+    /// We now seal with `key`: a member (`by`) was seen using it.
+    Switched {
+        key: Box<crate::keys::ClusterKey>,
+        by: Option<NodeId>,
+    },
+    /// `from` sealed a datagram under a key newer than ours that we do
+    /// not hold: we missed a rotation and must fetch the key.
+    MissedRotation {
+        from: SocketAddr,
+        id: crate::keys::KeyId,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +126,7 @@ pub struct Membership {
 }
 
 /// Builds the gossip sealer for a cluster key.
-pub fn sealer(key: ring::aead::LessSafeKey) -> Arc<Sealer> {
+pub fn sealer(key: crate::keys::ClusterKey) -> Arc<Sealer> {
     Arc::new(Sealer::new(key, MAX_CLOCK_SKEW_MS))
 }
 
@@ -148,6 +165,7 @@ impl Membership {
             key: cfg.identity.clone(),
             guard: Arc::new(std::sync::Mutex::new(guard::Guard::new(cfg.cluster_id, me))),
             removed: cfg.removed.clone(),
+            key_events: cfg.key_events.clone(),
         });
         let transport = SealedUdpTransport::new(cfg.sealer, cfg.counters, signing);
         // No initial key-values: the record is signed for the version

@@ -1,18 +1,27 @@
 //! Sealing of gossip datagrams with the cluster key (sans-IO).
 //!
 //! Wire format, one UDP datagram:
-//! `magic "OVG1" (4) | sent-at unix ms (8, BE) | nonce (12) | ciphertext | tag (16)`
-//! AES-256-GCM with AAD = magic ‖ sent-at. Nonces are random: memberlist does
-//! the same, and at gossip rates the 2^32-message birthday bound per key is
-//! decades away. The timestamp bounds replay of captured datagrams to the
-//! skew window; within it, chitchat's versioned state makes a replay harmless.
+//! `magic "OVG2" (4) | key id (8) | sent-at unix ms (8, BE) | nonce (12) |
+//! ciphertext | tag (16)`
+//! AES-256-GCM with AAD = magic ‖ key id ‖ sent-at. The key id names which
+//! cluster key sealed it (see `keys::cluster_key`), so a rotation never
+//! costs trial decryptions and a member that missed one can tell. Nonces
+//! are random: memberlist does the same, and at gossip rates the 2^32-
+//! message birthday bound per key is decades away. The timestamp bounds
+//! replay of captured datagrams to the skew window; within it, chitchat's
+//! versioned state makes a replay harmless.
 
-use ring::aead::{Aad, LessSafeKey, Nonce};
+use std::sync::Mutex;
 
+use ring::aead::{Aad, Nonce};
+
+use crate::keys::{ClusterKey, KeyId, Keyring, Lookup};
 use crate::metrics::Counter;
 
-const MAGIC: &[u8; 4] = b"OVG1";
-const HEADER_LEN: usize = 4 + 8;
+const MAGIC: &[u8; 4] = b"OVG2";
+const KEY_ID_AT: usize = 4;
+const SENT_AT: usize = KEY_ID_AT + KeyId::LEN;
+const HEADER_LEN: usize = SENT_AT + 8;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 pub const OVERHEAD: usize = HEADER_LEN + NONCE_LEN + TAG_LEN;
@@ -28,6 +37,10 @@ pub enum GossipDrop {
     BadMagic,
     #[error("sent-at outside the allowed clock skew (replay or bad clock)")]
     Stale,
+    #[error("sealed with a cluster key newer than ours ({0}): this node missed a key rotation")]
+    NewerKey(KeyId),
+    #[error("sealed with a cluster key this node does not hold (a retired one, or made up)")]
+    UnknownKey,
     #[error("authentication failed (wrong cluster key or tampered)")]
     BadTag,
 }
@@ -38,6 +51,8 @@ impl GossipDrop {
             Self::Short => Counter::GossipDropShort,
             Self::BadMagic => Counter::GossipDropBadMagic,
             Self::Stale => Counter::GossipDropStale,
+            Self::NewerKey(_) => Counter::GossipDropNewerKey,
+            Self::UnknownKey => Counter::GossipDropUnknownKey,
             Self::BadTag => Counter::GossipDropBadTag,
         }
     }
@@ -46,70 +61,110 @@ impl GossipDrop {
 /// The sent-at stamp of a datagram, before opening it (it is checked by
 /// [`Sealer::open`], which binds it to the ciphertext as AAD).
 pub fn sent_at(datagram: &[u8]) -> Option<u64> {
-    let ts: [u8; 8] = datagram.get(4..HEADER_LEN)?.try_into().ok()?;
+    let ts: [u8; 8] = datagram.get(SENT_AT..HEADER_LEN)?.try_into().ok()?;
     Some(u64::from_be_bytes(ts))
 }
 
+/// Seals and opens gossip with the node's cluster keyring. The ring is
+/// shared with the cluster module, which installs and switches keys.
 pub struct Sealer {
-    key: LessSafeKey,
+    ring: Mutex<Keyring>,
     max_skew_ms: u64,
 }
 
 impl Sealer {
-    pub fn new(key: LessSafeKey, max_skew_ms: u64) -> Self {
-        Self { key, max_skew_ms }
+    pub fn new(primary: ClusterKey, max_skew_ms: u64) -> Self {
+        Self {
+            ring: Mutex::new(Keyring::new(primary)),
+            max_skew_ms,
+        }
     }
 
-    /// Seals `plaintext` into `out` (cleared first).
+    /// Runs `f` on the keyring (install, switch, read the primary).
+    pub fn with_ring<T>(&self, f: impl FnOnce(&mut Keyring) -> T) -> T {
+        f(&mut self.ring.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Seals `plaintext` into `out` (cleared first) with the primary key.
     pub fn seal(&self, now_ms: u64, nonce: [u8; NONCE_LEN], plaintext: &[u8], out: &mut Vec<u8>) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let key = ring.primary();
         out.clear();
         out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&key.id().to_bytes());
         out.extend_from_slice(&now_ms.to_be_bytes());
         out.extend_from_slice(&nonce);
         let body_at = out.len();
         out.extend_from_slice(plaintext);
         let (head, body) = out.split_at_mut(body_at);
         let aad = Aad::from(&head[..HEADER_LEN]);
-        let tag = self
-            .key
+        let tag = key
+            .gossip()
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), aad, body)
             // ring fails only past 2^36 bytes of plaintext; datagrams are < 64 KiB.
             .expect("AES-GCM seals a datagram-sized buffer");
         out.extend_from_slice(tag.as_ref());
     }
 
-    /// Opens a datagram in place and returns the plaintext slice.
-    pub fn open<'a>(&self, now_ms: u64, datagram: &'a mut [u8]) -> Result<&'a [u8], GossipDrop> {
+    /// Opens a datagram in place; returns the key id it was sealed under
+    /// and the plaintext slice.
+    pub fn open<'a>(
+        &self,
+        now_ms: u64,
+        datagram: &'a mut [u8],
+    ) -> Result<(KeyId, &'a [u8]), GossipDrop> {
         if datagram.len() < OVERHEAD {
             return Err(GossipDrop::Short);
         }
-        if &datagram[..4] != MAGIC {
+        if &datagram[..KEY_ID_AT] != MAGIC {
             return Err(GossipDrop::BadMagic);
         }
         let mut ts = [0u8; 8];
-        ts.copy_from_slice(&datagram[4..HEADER_LEN]);
+        ts.copy_from_slice(&datagram[SENT_AT..HEADER_LEN]);
         if now_ms.abs_diff(u64::from_be_bytes(ts)) > self.max_skew_ms {
             return Err(GossipDrop::Stale);
         }
+        let mut id = [0u8; KeyId::LEN];
+        id.copy_from_slice(&datagram[KEY_ID_AT..SENT_AT]);
+        let id = KeyId::from_bytes(id);
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&datagram[HEADER_LEN..HEADER_LEN + NONCE_LEN]);
         let (head, body) = datagram.split_at_mut(HEADER_LEN + NONCE_LEN);
         let aad = Aad::from(&head[..HEADER_LEN]);
-        self.key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), aad, body)
-            .map(|p| &*p)
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let key = match ring.lookup(id, now_ms) {
+            Lookup::Key(k) => k,
+            Lookup::Newer(id) => return Err(GossipDrop::NewerKey(id)),
+            Lookup::Unknown => return Err(GossipDrop::UnknownKey),
+        };
+        key.open_in_place(Nonce::assume_unique_for_key(nonce), aad, body)
+            .map(|p| (id, &*p))
             .map_err(|_| GossipDrop::BadTag)
+    }
+
+    /// A member's datagram, sealed under `id`, was fully verified: if `id`
+    /// is installed and newer than the primary, the member has switched,
+    /// so we switch too. Returns the new primary if it changed.
+    pub fn verified(&self, id: KeyId, now_ms: u64) -> Option<ClusterKey> {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        if id <= ring.primary().id() {
+            return None;
+        }
+        ring.switch_to(id, now_ms).cloned()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::aead::{AES_256_GCM, UnboundKey};
+    use crate::ids::ClusterId;
+
+    fn key(epoch: u32, k: u8) -> ClusterKey {
+        ClusterKey::derive(ClusterId::from_bytes([3; 16]), epoch, [k; 32])
+    }
 
     fn sealer(k: u8) -> Sealer {
-        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[k; 32]).unwrap());
-        Sealer::new(key, 60_000)
+        Sealer::new(key(0, k), 60_000)
     }
 
     #[test]
@@ -118,10 +173,10 @@ mod tests {
         let mut out = Vec::new();
         s.seal(1_000_000, [7; 12], b"hello gossip", &mut out);
         assert_eq!(out.len(), b"hello gossip".len() + OVERHEAD);
-        assert_eq!(
-            s.open(1_000_500, &mut out.clone()).unwrap(),
-            b"hello gossip"
-        );
+        let mut d = out.clone();
+        let (id, plain) = s.open(1_000_500, &mut d).unwrap();
+        assert_eq!(plain, b"hello gossip");
+        assert_eq!(id, key(0, 1).id());
     }
 
     #[test]
@@ -129,34 +184,70 @@ mod tests {
         let s = sealer(1);
         let mut out = Vec::new();
         s.seal(1_000_000, [7; 12], b"payload", &mut out);
+        let open =
+            |s: &Sealer, now, d: &[u8]| s.open(now, &mut d.to_vec()).map(|(_, p)| p.to_vec());
 
-        assert_eq!(
-            s.open(1_000_000, &mut out[..10].to_vec()),
-            Err(GossipDrop::Short)
-        );
+        assert_eq!(open(&s, 1_000_000, &out[..10]), Err(GossipDrop::Short));
         let mut m = out.clone();
         m[0] = b'X';
-        assert_eq!(s.open(1_000_000, &mut m), Err(GossipDrop::BadMagic));
-        assert_eq!(
-            s.open(1_000_000 + 60_001, &mut out.clone()),
-            Err(GossipDrop::Stale)
+        assert_eq!(open(&s, 1_000_000, &m), Err(GossipDrop::BadMagic));
+        assert_eq!(open(&s, 1_000_000 + 60_001, &out), Err(GossipDrop::Stale));
+        assert_eq!(open(&s, 1_000_000 - 60_001, &out), Err(GossipDrop::Stale));
+        // Same epoch, another secret: a key this node does not hold.
+        let other = sealer(2);
+        let r = open(&other, 1_000_000, &out);
+        assert!(
+            matches!(
+                r,
+                Err(GossipDrop::NewerKey(_)) | Err(GossipDrop::UnknownKey)
+            ),
+            "{r:?}"
         );
-        assert_eq!(
-            s.open(1_000_000 - 60_001, &mut out.clone()),
-            Err(GossipDrop::Stale)
-        );
-        assert_eq!(
-            sealer(2).open(1_000_000, &mut out.clone()),
-            Err(GossipDrop::BadTag)
-        );
-        for i in [5, HEADER_LEN + 1, out.len() - 20, out.len() - 1] {
-            let mut t = out.clone();
-            t[i] ^= 0x40;
-            let r = s.open(1_000_000, &mut t);
+        for i in [SENT_AT + 1, HEADER_LEN + 1, out.len() - 20, out.len() - 1] {
+            let r = open(&s, 1_000_000, &{
+                let mut t = out.clone();
+                t[i] ^= 0x40;
+                t
+            });
             assert!(
                 r == Err(GossipDrop::BadTag) || r == Err(GossipDrop::Stale),
                 "byte {i}: {r:?}"
             );
         }
+        // A forged key id is refused before any decryption.
+        let mut t = out.clone();
+        t[KEY_ID_AT] ^= 0x80;
+        assert!(matches!(
+            open(&s, 1_000_000, &t),
+            Err(GossipDrop::NewerKey(_))
+        ));
+    }
+
+    #[test]
+    fn a_rotation_needs_no_lost_datagram() {
+        // a installs and switches first; b, installed, still seals with
+        // the old key until it opens one of a's.
+        let (a, b) = (sealer(1), sealer(1));
+        let next = key(1, 9);
+        for s in [&a, &b] {
+            s.with_ring(|r| r.install(next.clone()));
+        }
+        a.with_ring(|r| r.switch_to(next.id(), 0).cloned());
+        let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
+        a.seal(1_000, [1; 12], b"new", &mut from_a);
+        b.seal(1_000, [2; 12], b"old", &mut from_b);
+        assert_eq!(a.open(1_000, &mut from_b).unwrap().1, b"old");
+        let (id, _) = b.open(1_000, &mut from_a).unwrap();
+        assert_eq!(b.verified(id, 1_000), Some(next.clone()));
+        assert_eq!(b.verified(id, 1_000), None, "already switched");
+        b.seal(1_000, [3; 12], b"new too", &mut from_b);
+        assert_eq!(a.open(1_000, &mut from_b).unwrap().1, b"new too");
+        // A node without the new key learns it missed a rotation.
+        let c = sealer(1);
+        a.seal(2_000, [4; 12], b"x", &mut from_a);
+        assert_eq!(
+            c.open(2_000, &mut from_a),
+            Err(GossipDrop::NewerKey(next.id()))
+        );
     }
 }

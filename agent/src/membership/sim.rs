@@ -45,7 +45,6 @@ pub async fn run(n: usize, tuning: Tuning, limit: Duration) -> Result<SimReport,
     }
     let rng = SystemRandom::new();
     let token = JoinToken::generate(&rng).map_err(|_| "random source failed")?;
-    let keys = token.keys();
     let port = 20_000 + (std::process::id() % 30_000) as u16;
     let mut members: Vec<(NodeId, Membership)> = Vec::with_capacity(n);
     for i in 0..n {
@@ -66,10 +65,11 @@ pub async fn run(n: usize, tuning: Tuning, limit: Duration) -> Result<SimReport,
                 ..Default::default()
             },
             identity: Arc::new(identity),
-            sealer: sealer(keys.gossip.clone()),
+            sealer: sealer(token.first_cluster_key()),
             counters: Arc::new(Counters::default()),
             tuning: tuning.clone(),
             removed: Default::default(),
+            key_events: tokio::sync::mpsc::channel(1).0,
         })
         .await
         .map_err(|e| e.to_string())?;

@@ -21,8 +21,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use tracing::warn;
 
+use super::KeyEvent;
 use super::guard::{Guard, Refusal};
-use super::seal::{MAX_DATAGRAM, OVERHEAD, Sealer};
+use super::seal::{GossipDrop, MAX_DATAGRAM, OVERHEAD, Sealer};
 use crate::identity::node_id_of;
 use crate::ids::ClusterId;
 use crate::metrics::{Counter, Counters, RateLimit};
@@ -47,6 +48,9 @@ pub struct Signing {
     pub guard: Arc<std::sync::Mutex<Guard>>,
     /// Nodes removed from the cluster: their datagrams are refused.
     pub removed: super::Removed,
+    /// Where key switches and missed rotations are reported (never blocks:
+    /// a full channel drops the event, and the next datagram reports again).
+    pub key_events: tokio::sync::mpsc::Sender<KeyEvent>,
 }
 
 pub struct SealedUdpTransport {
@@ -227,10 +231,16 @@ impl Socket for SealedSocket {
                 anyhow::bail!("{FAULT_ENV}=gossip-recv: injected gossip socket failure");
             }
             let sent_at = super::seal::sent_at(&self.recv_buf[..len]);
-            let plain = match self.sealer.open(unix_ms(), &mut self.recv_buf[..len]) {
+            let (key_id, plain) = match self.sealer.open(unix_ms(), &mut self.recv_buf[..len]) {
                 Ok(p) => p,
                 Err(reason) => {
                     self.counters.inc(reason.counter());
+                    if let GossipDrop::NewerKey(id) = reason {
+                        let _ = self
+                            .signing
+                            .key_events
+                            .try_send(KeyEvent::MissedRotation { from, id });
+                    }
                     if let Some(n) = DROP_LOG.check(Instant::now()) {
                         warn!(peer = %from, %reason, suppressed = n, "gossip datagram dropped");
                     }
@@ -257,6 +267,14 @@ impl Socket for SealedSocket {
                 Ok(a) => {
                     for _ in 0..a.dropped_entries {
                         self.counters.inc(Counter::GossipDigestDropped);
+                    }
+                    // A member seals with a newer key we hold: it switched,
+                    // so do we (see `keys::cluster_key`).
+                    if let Some(key) = self.sealer.verified(key_id, unix_ms()) {
+                        let _ = self.signing.key_events.try_send(KeyEvent::Switched {
+                            key: Box::new(key),
+                            by: Some(sender),
+                        });
                     }
                 }
                 Err(refusal) => {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use ovl_proto::peer::peer_client::PeerClient;
 use ovl_proto::peer::{
-    HelloRequest, NotifyRequest, ProgrammedRequest, PullRequest, PullResponse, SpaceGrant,
-    SpaceRequest,
+    ClusterKeyMessage, FetchClusterKeyRequest, HelloRequest, NotifyRequest, ProgrammedRequest,
+    PullRequest, PullResponse, SpaceGrant, SpaceRequest,
 };
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -248,6 +248,64 @@ impl Channels {
             .map(|r| r.into_inner())
             .map_err(|s| self.failed(addr, node, s))
     }
+
+    /// Hands `node` a new cluster key (and the removals behind it).
+    pub async fn install_cluster_key(
+        &self,
+        addr: SocketAddr,
+        node: NodeId,
+        key: ClusterKeyMessage,
+    ) -> Result<(), CallError> {
+        let ch = self.get(addr, node)?;
+        PeerClient::new(ch)
+            .install_cluster_key(self.request(key))
+            .await
+            .map(|_| ())
+            .map_err(|s| self.failed(addr, node, s))
+    }
+
+    /// `node`'s current cluster key.
+    pub async fn fetch_cluster_key(
+        &self,
+        addr: SocketAddr,
+        node: NodeId,
+    ) -> Result<ClusterKeyMessage, CallError> {
+        let ch = self.get(addr, node)?;
+        PeerClient::new(ch)
+            .fetch_cluster_key(self.request(FetchClusterKeyRequest {}))
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.failed(addr, node, s))
+    }
+
+    /// The current cluster key of whichever node answers at `addr`, and
+    /// that node's id (from its certificate). For a member that missed a
+    /// rotation and knows only an address: the caller must check the id
+    /// is a member it knows before using the key.
+    pub async fn fetch_cluster_key_at(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(NodeId, ClusterKeyMessage), CallError> {
+        let pin = PinnedServer::learn();
+        let config = self
+            .tls
+            .client_config(pin.clone())
+            .map_err(|e| CallError::Tls(addr, e))?;
+        let ch = endpoint(addr, CALL_TIMEOUT)?.connect_with_connector_lazy(connector(
+            config,
+            addr,
+            Some(self.counters.clone()),
+        ));
+        let key = PeerClient::new(ch)
+            .fetch_cluster_key(self.request(FetchClusterKeyRequest {}))
+            .await
+            .map_err(CallError::Status)?
+            .into_inner();
+        let node = pin
+            .learned()
+            .ok_or_else(|| CallError::Status(Status::unauthenticated("no TLS certificate seen")))?;
+        Ok((node, key))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,7 +330,7 @@ impl HelloError {
 }
 
 /// Asks `seed` to prove it holds the token behind `keys`; returns the
-/// seed's node id and the cluster secret it handed over. Before joining we
+/// seed's node id and the cluster key (epoch, secret) it handed over. Before joining we
 /// do not know the seed's id: the TLS handshake accepts any Ed25519 key and
 /// records its node id, and the seed's answer must name that same id (the
 /// proof covers it).
@@ -281,7 +339,7 @@ pub async fn hello(
     keys: &Admission,
     tls: &TlsIdentity,
     rng: &SystemRandom,
-) -> Result<(NodeId, [u8; 32]), HelloError> {
+) -> Result<(NodeId, u32, [u8; 32]), HelloError> {
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill(&mut nonce)
         .map_err(|_| HelloError::Protocol(seed, "local random source failed".into()))?;
@@ -334,7 +392,7 @@ pub async fn hello(
     let secret = keys
         .open_secret(&nonce, &resp.sealed_cluster_secret)
         .map_err(|_| HelloError::BadProof(seed))?;
-    Ok((server, secret))
+    Ok((server, resp.cluster_key_epoch, secret))
 }
 
 fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {

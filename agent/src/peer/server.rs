@@ -7,7 +7,7 @@
 //! request extensions: the caller's identity comes from TLS, never from
 //! what the request says. `Hello` is open to any certificate holder (a
 //! joiner is not a member yet; its token proof is the HMAC exchange);
-//! `Pull`, `Notify` and `RequestSpace` need an admitted member.
+//! every other call needs an admitted member.
 
 use std::io;
 use std::net::SocketAddr;
@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use ovl_proto::peer::peer_server::Peer;
 use ovl_proto::peer::{
-    HelloRequest, HelloResponse, NotifyRequest, NotifyResponse, ProgrammedRequest,
+    ClusterKeyMessage, FetchClusterKeyRequest, HelloRequest, HelloResponse,
+    InstallClusterKeyResponse, NotifyRequest, NotifyResponse, ProgrammedRequest,
     ProgrammedResponse, PullRequest, PullResponse, SpaceGrant, SpaceRequest,
 };
 use ring::hmac;
@@ -245,7 +246,7 @@ impl PeerService {
         let Some(conn) = req.extensions().get::<PeerConn>().copied() else {
             return self.refuse(None, Status::unauthenticated("no TLS peer identity"));
         };
-        if self.core.cluster.keys().is_none() {
+        if !self.core.cluster.in_cluster() {
             return self.refuse(
                 Some(&conn),
                 Status::failed_precondition("this agent is not in a cluster"),
@@ -284,6 +285,23 @@ impl PeerService {
     }
 }
 
+impl PeerService {
+    /// An authenticated member's id and the cluster key keeper.
+    async fn member_and_keeper<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<(NodeId, Arc<crate::cluster::KeyKeeper>), Status> {
+        let caller = self.authenticate(req).await?;
+        match self.core.cluster.keeper() {
+            Some(k) => Ok((caller, k)),
+            None => self.refuse(
+                req.extensions().get::<PeerConn>(),
+                Status::failed_precondition("this agent is not in a cluster"),
+            ),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
@@ -319,7 +337,9 @@ impl Peer for PeerService {
             server_node_id: me.as_bytes().to_vec(),
             proof: tag.as_ref().to_vec(),
             // Useless without the token: sealed under it and the nonce.
-            sealed_cluster_secret: keys.seal_secret(&req.client_nonce, &current.cluster_secret),
+            sealed_cluster_secret: keys
+                .seal_secret(&req.client_nonce, &current.cluster_key.secret()),
+            cluster_key_epoch: current.cluster_key.id().epoch,
         }))
     }
 
@@ -374,5 +394,29 @@ impl Peer for PeerService {
                 _ => Status::internal(e.to_string()),
             })?;
         Ok(Response::new(SpaceGrant { grant_json: grant }))
+    }
+
+    async fn install_cluster_key(
+        &self,
+        req: Request<ClusterKeyMessage>,
+    ) -> Result<Response<InstallClusterKeyResponse>, Status> {
+        let (caller, keeper) = self.member_and_keeper(&req).await?;
+        match keeper.install(caller, req.get_ref()).await {
+            Ok(_) => Ok(Response::new(InstallClusterKeyResponse {})),
+            Err(e) => self.refuse(
+                req.extensions().get::<PeerConn>(),
+                Status::invalid_argument(e.to_string()),
+            ),
+        }
+    }
+
+    async fn fetch_cluster_key(
+        &self,
+        req: Request<FetchClusterKeyRequest>,
+    ) -> Result<Response<ClusterKeyMessage>, Status> {
+        let (caller, keeper) = self.member_and_keeper(&req).await?;
+        self.counters.inc(Counter::ClusterKeyServed);
+        debug!(node = %caller, "cluster key handed to a member that missed a rotation");
+        Ok(Response::new(keeper.current()))
     }
 }

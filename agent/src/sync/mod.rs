@@ -178,7 +178,7 @@ pub fn ack_programmed(
 
 /// Pulls `peer`'s table delta; true when the replica changed.
 async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) -> bool {
-    if core.cluster.keys().is_none() {
+    if !core.cluster.in_cluster() {
         return false;
     }
     let since = core.store().replica_version(peer.id);

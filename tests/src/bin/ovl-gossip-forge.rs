@@ -186,8 +186,8 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let rng = SystemRandom::new();
-    let keys = args.token.keys();
-    let sealer = sealer(keys.gossip.clone());
+    // The cluster's first key: the forging tests run before any rotation.
+    let sealer = sealer(args.token.first_cluster_key());
     let bind: SocketAddr = if args.to.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {

@@ -22,13 +22,17 @@ use crate::config::Config;
 use crate::identity::Identity;
 use crate::ids::decode_hex;
 use crate::ids::{ClusterId, NodeId};
+use crate::keys::ClusterKey;
 use crate::membership::{
     self, Membership, MembershipConfig, NodeFacts, NodeStatus, NodeView, Tuning, view,
 };
 use crate::metrics::Counters;
 use crate::peer::{self, HelloError};
 use crate::persist::{self, PersistError};
-use crate::token::{ClusterKeys, JoinToken, TokenError};
+use crate::token::{JoinToken, TokenError};
+
+mod rekey;
+pub use rekey::KeyKeeper;
 
 const CLUSTER_FILE: &str = "cluster.json";
 /// Known peers remembered for rejoining after a restart.
@@ -75,21 +79,29 @@ struct ClusterFile {
     /// the token's.
     #[serde(default)]
     cluster_secret: Option<String>,
+    /// The cluster key's epoch (0 until the first `node rm`).
+    #[serde(default)]
+    cluster_key_epoch: u32,
     #[serde(default)]
     peers: Vec<SocketAddr>,
+    /// Node ids of the members last seen (hex): a restarted node that
+    /// missed a key rotation fetches the new key only from one of them.
+    #[serde(default)]
+    members: Vec<String>,
     /// Node ids removed from the cluster (hex).
     #[serde(default)]
     removed: Vec<String>,
 }
 
-/// What a member holds: the token it admits with and the cluster secret
-/// every member shares (see `token.rs`).
+/// What a member holds: the token it admits with and the cluster key every
+/// member shares (see `token.rs`, `keys::cluster_key`).
 #[derive(Clone)]
 pub struct Credentials {
     pub token: JoinToken,
     /// When the token was issued (0: the cluster's first); the newest wins.
     pub issued_at: u64,
-    pub cluster_secret: [u8; 32],
+    /// The key gossip is sealed with now (the keyring's primary).
+    pub cluster_key: ClusterKey,
 }
 
 impl Credentials {
@@ -123,6 +135,8 @@ pub struct Status {
     pub cluster_id: Option<ClusterId>,
     pub generation: u64,
     pub nodes: Vec<NodeView>,
+    /// The cluster key in use ("epoch N (fingerprint)"), never the key.
+    pub cluster_key: Option<crate::keys::KeyId>,
 }
 
 /// How many of `nodes` are alive.
@@ -143,8 +157,9 @@ pub struct Cluster {
     counters: Arc<Counters>,
     rng: SystemRandom,
     phase: Mutex<Phase>,
-    /// Snapshots for the peer server, which must not wait on `phase`.
-    keys: RwLock<Option<Arc<ClusterKeys>>>,
+    /// Snapshot for the peer server, which must not wait on `phase`.
+    keeper: RwLock<Option<Arc<KeyKeeper>>>,
+    channels: Arc<peer::Channels>,
     credentials: SharedCredentials,
     removed: membership::Removed,
     /// Why gossip died, if it did: `main` ends the agent (no zombie).
@@ -157,6 +172,7 @@ impl Cluster {
         config: Config,
         identity: Identity,
         counters: Arc<Counters>,
+        channels: Arc<peer::Channels>,
     ) -> Result<Arc<Self>, ClusterError> {
         let this = Arc::new(Self {
             config,
@@ -168,7 +184,8 @@ impl Cluster {
                 reason: "not in a cluster: run `ovlctl cluster init` or `ovlctl cluster join`"
                     .into(),
             }),
-            keys: RwLock::new(None),
+            keeper: RwLock::new(None),
+            channels,
             credentials: Arc::new(RwLock::new(None)),
             removed: Default::default(),
             fatal: tokio::sync::watch::channel(None).0,
@@ -176,7 +193,7 @@ impl Cluster {
         let mut phase = this.phase.lock().await;
         if let Some(file) = this.read_cluster_file()? {
             let token: JoinToken = file.token.parse()?;
-            let cluster_secret = match &file.cluster_secret {
+            let secret = match &file.cluster_secret {
                 Some(hex) => decode_hex::<32>(hex).map_err(|_| {
                     ClusterError::Refused(format!(
                         "{}: corrupt cluster secret; remove it to start unclustered",
@@ -195,9 +212,9 @@ impl Cluster {
             seeds.extend(this.config.seeds.iter().copied());
             info!(cluster = %token.cluster_id(), peers = seeds.len(), "rejoining persisted cluster");
             let creds = Credentials {
+                cluster_key: ClusterKey::derive(token.cluster_id(), file.cluster_key_epoch, secret),
                 token,
                 issued_at: file.token_issued_at_ms,
-                cluster_secret,
             };
             *this.removed.write().unwrap_or_else(|e| e.into_inner()) =
                 file.removed.iter().filter_map(|h| h.parse().ok()).collect();
@@ -253,7 +270,7 @@ impl Cluster {
         let id = token.cluster_id();
         cancel_join(&phase);
         let creds = Credentials {
-            cluster_secret: token.secret(),
+            cluster_key: token.first_cluster_key(),
             token,
             issued_at: 0,
         };
@@ -303,7 +320,7 @@ impl Cluster {
                 ..
             } => {
                 remember.abort();
-                *self.keys.write().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.keeper.write().unwrap_or_else(|e| e.into_inner()) = None;
                 *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = None;
                 self.removed
                     .write()
@@ -320,9 +337,17 @@ impl Cluster {
         Ok(())
     }
 
-    /// The cluster keys, while the node is in a cluster.
-    pub fn keys(&self) -> Option<Arc<ClusterKeys>> {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// True while the node is in a cluster (answers without waiting).
+    pub fn in_cluster(&self) -> bool {
+        self.keeper().is_some()
+    }
+
+    /// What rotates and hands out the cluster key, while in a cluster.
+    pub fn keeper(&self) -> Option<Arc<KeyKeeper>> {
+        self.keeper
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Every node as membership sees it; empty when not in a cluster.
@@ -341,7 +366,7 @@ impl Cluster {
         }
     }
 
-    /// The token and cluster secret, while the node is in a cluster.
+    /// The token and cluster key, while the node is in a cluster.
     pub fn admission(&self) -> Option<Credentials> {
         self.credentials
             .read()
@@ -372,12 +397,12 @@ impl Cluster {
             .token
             .rotated(&self.rng)
             .map_err(|_| ClusterError::Random)?;
-        let creds = Credentials {
-            token,
-            issued_at: crate::core::now_ms().max(current.issued_at + 1),
-            cluster_secret: current.cluster_secret,
-        };
-        adopt(&self.credentials, membership, &self.cluster_file(), &creds).await?;
+        let issued_at = crate::core::now_ms().max(current.issued_at + 1);
+        let creds = adopt(&self.credentials, membership, &self.cluster_file(), |c| {
+            c.token = token;
+            c.issued_at = issued_at;
+        })
+        .await?;
         info!(cluster = %creds.token.cluster_id(), issued_at = creds.issued_at, "join token rotated here; the old token stops admitting as members learn of it");
         Ok(creds.token.reveal())
     }
@@ -411,14 +436,12 @@ impl Cluster {
         if node.is_self {
             return Err(ClusterError::RemoveSelf);
         }
-        let removed = {
-            let mut set = self.removed.write().unwrap_or_else(|e| e.into_inner());
-            set.insert(node.id);
-            set.clone()
-        };
-        persist_removed(&self.cluster_file(), &removed)?;
-        membership.publish(|f| f.removed = removed).await;
+        let keeper = self.keeper().ok_or(ClusterError::NotClustered)?;
+        keeper.add_removals(&[node.id], None).await?;
         warn!(peer = %node.id, name = %node.name, "node removed from the cluster here: its gossip and peer calls are refused everywhere, its records withdrawn");
+        // The new key first, so the new token only ever travels in gossip
+        // the removed node cannot open.
+        keeper.rotate(&membership).await?;
         let token = self.rotate_token().await?;
         Ok((node, token))
     }
@@ -456,6 +479,7 @@ impl Cluster {
             cluster_id,
             generation: self.generation.load(Ordering::Relaxed),
             nodes,
+            cluster_key: self.admission().map(|c| c.cluster_key.id()),
         }
     }
 
@@ -535,12 +559,13 @@ impl Cluster {
         let mut failures: Vec<HelloError> = Vec::new();
         for &seed in seeds {
             match peer::hello(seed, &keys, &tls, &self.rng).await {
-                Ok((node, cluster_secret)) => {
-                    info!(seed = %seed, seed_node = %node, "seed proved the join token and handed over the cluster key");
+                Ok((node, epoch, secret)) => {
+                    let cluster_key = ClusterKey::derive(token.cluster_id(), epoch, secret);
+                    info!(seed = %seed, seed_node = %node, key = %cluster_key.id(), "seed proved the join token and handed over the cluster key");
                     let creds = Credentials {
                         token: token.clone(),
                         issued_at: 0,
-                        cluster_secret,
+                        cluster_key,
                     };
                     return Ok((seed, creds));
                 }
@@ -602,10 +627,11 @@ impl Cluster {
     ) -> Result<Phase, ClusterError> {
         let file = self.cluster_file();
         if persist_now {
-            write_cluster_file(&file, &creds, &seeds)?;
+            write_cluster_file(&file, &creds, Some(&seeds), None)?;
         }
         let cluster_id = creds.token.cluster_id();
-        let keys = Arc::new(ClusterKeys::derive(cluster_id, &creds.cluster_secret));
+        let sealer = membership::sealer(creds.cluster_key.clone());
+        let (key_events_tx, key_events) = tokio::sync::mpsc::channel(16);
         let facts = NodeFacts {
             name: self.config.node_name.clone(),
             advertise_addr: self.config.advertise_addr.to_string(),
@@ -627,13 +653,14 @@ impl Cluster {
             seeds,
             facts,
             identity: self.identity.key.clone(),
-            sealer: membership::sealer(keys.gossip.clone()),
+            sealer: sealer.clone(),
             counters: self.counters.clone(),
             tuning: Tuning {
                 gossip_interval: self.config.gossip_interval,
                 ..Tuning::default()
             },
             removed: self.removed.clone(),
+            key_events: key_events_tx,
         })
         .await;
         let membership = match started {
@@ -646,8 +673,19 @@ impl Cluster {
                 return Err(e.into());
             }
         };
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Some(keys);
         *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Some(creds);
+        let keeper = Arc::new(KeyKeeper {
+            sealer,
+            credentials: self.credentials.clone(),
+            path: file.clone(),
+            channels: self.channels.clone(),
+            membership: membership.clone(),
+            removed: self.removed.clone(),
+            me: self.identity.node_id,
+            rng: SystemRandom::new(),
+            counters: self.counters.clone(),
+        });
+        *self.keeper.write().unwrap_or_else(|e| e.into_inner()) = Some(keeper.clone());
         let fatal = self.fatal.clone();
         let credentials = self.credentials.clone();
         let removed = self.removed.clone();
@@ -656,6 +694,7 @@ impl Cluster {
         let remember = tokio::spawn(async move {
             tokio::select! {
                 () = watch_members(watched.clone(), file, credentials, removed, me) => {}
+                () = keeper.run(key_events) => {}
                 reason = watched.failed() => {
                     let _ = fatal.send(Some(reason));
                 }
@@ -701,18 +740,32 @@ fn set_join_reason(phase: &mut Phase, text: String) {
     }
 }
 
+/// Serialises read-modify-writes of the state file (several tasks update
+/// parts of it).
+static FILE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Writes the state file with `creds`, and `peers`/`members` when given;
+/// what is not given is kept from the file as it is.
 fn write_cluster_file(
     path: &std::path::Path,
     creds: &Credentials,
-    peers: &[SocketAddr],
+    peers: Option<&[SocketAddr]>,
+    members: Option<&[NodeId]>,
 ) -> Result<(), PersistError> {
-    // Removals are rewritten by `persist_removed`; keep what is there.
-    let removed = current_file(path).map(|f| f.removed).unwrap_or_default();
+    let _lock = FILE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let current = current_file(path);
+    let (old_peers, old_members, removed) = current
+        .map(|f| (f.peers, f.members, f.removed))
+        .unwrap_or_default();
     let file = ClusterFile {
         token: creds.token.reveal(),
         token_issued_at_ms: creds.issued_at,
-        cluster_secret: Some(crate::ids::encode_hex(&creds.cluster_secret)),
-        peers: peers.to_vec(),
+        cluster_secret: Some(crate::ids::encode_hex(&creds.cluster_key.secret())),
+        cluster_key_epoch: creds.cluster_key.id().epoch,
+        peers: peers.map(<[_]>::to_vec).unwrap_or(old_peers),
+        members: members
+            .map(|m| m.iter().map(ToString::to_string).collect())
+            .unwrap_or(old_members),
         removed,
     };
     // Serialising plain strings and addresses cannot fail.
@@ -731,7 +784,7 @@ async fn watch_members(
     me: NodeId,
 ) {
     let mut changes = membership.watch().await;
-    let mut persisted: BTreeSet<SocketAddr> = BTreeSet::new();
+    let mut persisted: (BTreeSet<SocketAddr>, BTreeSet<NodeId>) = Default::default();
     let mut seen = view::Seen::new();
     loop {
         let nodes = membership.nodes().await;
@@ -740,20 +793,23 @@ async fn watch_members(
         }
         adopt_newest_token(&membership, &path, &creds, &nodes).await;
         adopt_removals(&membership, &path, &removed, me).await;
-        let peers: BTreeSet<SocketAddr> = nodes
+        let others = nodes
             .iter()
             .filter(|n| !n.is_self && n.status != NodeStatus::Left)
-            .map(|n| n.gossip_addr)
-            .take(MAX_REMEMBERED_PEERS)
-            .collect();
+            .take(MAX_REMEMBERED_PEERS);
+        let known: (BTreeSet<SocketAddr>, BTreeSet<NodeId>) = (
+            others.clone().map(|n| n.gossip_addr).collect(),
+            others.map(|n| n.id).collect(),
+        );
         let current = creds.read().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(current) = current
-            && !peers.is_empty()
-            && peers != persisted
+            && !known.0.is_empty()
+            && known != persisted
         {
-            let list: Vec<SocketAddr> = peers.iter().copied().collect();
-            match write_cluster_file(&path, &current, &list) {
-                Ok(()) => persisted = peers,
+            let peers: Vec<SocketAddr> = known.0.iter().copied().collect();
+            let members: Vec<NodeId> = known.1.iter().copied().collect();
+            match write_cluster_file(&path, &current, Some(&peers), Some(&members)) {
+                Ok(()) => persisted = known,
                 Err(e) => warn!(error = %e, "could not persist known peers"),
             }
         }
@@ -815,6 +871,7 @@ fn persist_removed(
     path: &std::path::Path,
     removed: &std::collections::BTreeSet<NodeId>,
 ) -> Result<(), PersistError> {
+    let _lock = FILE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // No file: the node left meanwhile, and there is nothing to keep.
     let Some(mut file) = current_file(path) else {
         return Ok(());
@@ -846,13 +903,16 @@ async fn adopt_newest_token(
     if (issued_at, secret) <= (current.issued_at, current.token.secret()) {
         return;
     }
-    let next = Credentials {
-        token: JoinToken::from_parts(current.token.cluster_id(), secret),
-        issued_at,
-        cluster_secret: current.cluster_secret,
-    };
-    match adopt(creds, membership, path, &next).await {
-        Ok(()) => {
+    let token = JoinToken::from_parts(current.token.cluster_id(), secret);
+    let adopted = adopt(creds, membership, path, |c| {
+        // Re-checked under the lock: another task may have moved on.
+        if (issued_at, secret) > (c.issued_at, c.token.secret()) {
+            c.token = token;
+            c.issued_at = issued_at;
+        }
+    });
+    match adopted.await {
+        Ok(_) => {
             let name = nodes
                 .iter()
                 .find(|n| n.id == by)
@@ -866,20 +926,28 @@ async fn adopt_newest_token(
     }
 }
 
-/// Makes `next` this node's credentials: persisted first, then used, then
-/// published so the rotation survives the node that made it.
+/// Changes this node's credentials with `change`: persisted first, then
+/// used, then the token published so a rotation survives the node that
+/// made it. The change is applied to the credentials as they are under the
+/// lock, so concurrent changes (a token here, a key there) never undo each
+/// other. Returns the new credentials.
 async fn adopt(
     shared: &SharedCredentials,
     membership: &Membership,
     path: &std::path::Path,
-    next: &Credentials,
-) -> Result<(), PersistError> {
-    let peers = current_file(path).map(|f| f.peers).unwrap_or_default();
-    write_cluster_file(path, next, &peers)?;
-    *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(next.clone());
+    change: impl FnOnce(&mut Credentials),
+) -> Result<Credentials, ClusterError> {
+    let next = {
+        let mut guard = shared.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = guard.clone().ok_or(ClusterError::NotClustered)?;
+        change(&mut next);
+        write_cluster_file(path, &next, None, None)?;
+        *guard = Some(next.clone());
+        next
+    };
     let token = next.facts_token();
     membership.publish(|f| f.token = token).await;
-    Ok(())
+    Ok(next)
 }
 
 fn log_change(nodes: &[NodeView], change: view::Change) {

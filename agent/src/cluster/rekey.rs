@@ -1,0 +1,347 @@
+//! Cluster key rotation and recovery: the I/O around `keys::Keyring`.
+//!
+//! `node rm` calls [`KeyKeeper::rotate`]: a fresh key is installed on every
+//! live member over the TLS peer channel, then this node switches to it,
+//! and members follow as they open its gossip (see `keys::cluster_key`).
+//! A member that missed the install sees gossip under a key it lacks and
+//! [fetches](KeyKeeper::run) it from a member it knows. Both calls are
+//! member-only on the server side, so a removed node gets neither.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ovl_proto::peer::ClusterKeyMessage;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{ClusterError, SharedCredentials, adopt, current_file, persist_removed};
+use crate::ids::NodeId;
+use crate::keys::{ClusterKey, KeyId};
+use crate::membership::{self, KeyEvent, Membership, NodeStatus};
+use crate::metrics::{Counter, Counters, RateLimit};
+use crate::peer::Channels;
+
+/// How long the remover waits for each member to install a new key.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// At most one fetch round per this interval: every datagram under the
+/// newer key reports the miss, and a stranger can forge such headers.
+const FETCH_EVERY: Duration = Duration::from_secs(2);
+/// Members asked per fetch round.
+const FETCH_CANDIDATES: usize = 4;
+
+static FETCH_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+/// Holds what rotating, installing and fetching the cluster key touch.
+pub struct KeyKeeper {
+    pub(super) sealer: Arc<membership::seal::Sealer>,
+    pub(super) credentials: SharedCredentials,
+    pub(super) path: PathBuf,
+    pub(super) channels: Arc<Channels>,
+    pub(super) membership: Arc<Membership>,
+    pub(super) removed: membership::Removed,
+    pub(super) me: NodeId,
+    pub(super) rng: SystemRandom,
+    pub(super) counters: Arc<Counters>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cluster key secret must be 32 bytes")]
+    BadSecret,
+    #[error("removed node ids must be 16 bytes each")]
+    BadRemoved,
+    #[error("{0}")]
+    Cluster(#[from] ClusterError),
+}
+
+impl KeyKeeper {
+    fn cluster_id(&self) -> Option<crate::ids::ClusterId> {
+        self.credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.token.cluster_id())
+    }
+
+    fn primary(&self) -> ClusterKey {
+        self.sealer.with_ring(|r| r.primary().clone())
+    }
+
+    /// The key this node seals with, and its removals, for a member.
+    pub fn current(&self) -> ClusterKeyMessage {
+        let key = self.primary();
+        ClusterKeyMessage {
+            epoch: key.id().epoch,
+            secret: key.secret().to_vec(),
+            removed: self.removed_ids(),
+        }
+    }
+
+    fn removed_ids(&self) -> Vec<Vec<u8>> {
+        self.removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|id| id.as_bytes().to_vec())
+            .collect()
+    }
+
+    /// Unions `ids` into the removed set: persisted first, then in force,
+    /// then published so removals outlive the node that made them.
+    pub async fn add_removals(
+        &self,
+        ids: &[NodeId],
+        by: Option<NodeId>,
+    ) -> Result<(), ClusterError> {
+        let (next, learned) = {
+            let set = self.removed.read().unwrap_or_else(|e| e.into_inner());
+            let mut next = set.clone();
+            let learned: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|id| {
+                    *id != self.me
+                        && next.len() < membership::record::MAX_REMOVED
+                        && next.insert(*id)
+                })
+                .collect();
+            (next, learned)
+        };
+        if learned.is_empty() {
+            return Ok(());
+        }
+        persist_removed(&self.path, &next)?;
+        *self.removed.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        if let Some(by) = by {
+            for id in &learned {
+                warn!(peer = %id, by = %by, "node removed from the cluster by a member: its gossip and peer calls are refused");
+            }
+        }
+        self.membership.publish(|f| f.removed = next).await;
+        Ok(())
+    }
+
+    /// A fresh cluster key, installed on every live member, then used here.
+    /// Members that do not answer in time catch up by fetching it.
+    pub async fn rotate(&self, membership: &Membership) -> Result<KeyId, ClusterError> {
+        let cluster_id = self.cluster_id().ok_or(ClusterError::NotClustered)?;
+        let mut secret = [0u8; 32];
+        self.rng
+            .fill(&mut secret)
+            .map_err(|_| ClusterError::Random)?;
+        let newest = self.sealer.with_ring(|r| r.newest_epoch());
+        let key = ClusterKey::derive(cluster_id, newest.saturating_add(1), secret);
+        self.sealer.with_ring(|r| r.install(key.clone()));
+        let msg = ClusterKeyMessage {
+            epoch: key.id().epoch,
+            secret: secret.to_vec(),
+            removed: self.removed_ids(),
+        };
+        let targets: Vec<_> = membership
+            .nodes()
+            .await
+            .into_iter()
+            .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
+            .collect();
+        let calls = targets.iter().map(|n| {
+            let msg = msg.clone();
+            async move {
+                let r = tokio::time::timeout(
+                    INSTALL_TIMEOUT,
+                    self.channels.install_cluster_key(n.gossip_addr, n.id, msg),
+                )
+                .await;
+                match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{} ({}): {e}", n.name, n.id)),
+                    Err(_) => Some(format!("{} ({}): timed out", n.name, n.id)),
+                }
+            }
+        });
+        let lagging: Vec<String> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let now = crate::core::now_ms();
+        self.sealer
+            .with_ring(|r| r.switch_to(key.id(), now).cloned());
+        self.switched(key.clone(), None).await;
+        if lagging.is_empty() {
+            info!(key = %key.id(), members = targets.len(), "cluster key rotated: installed on every live member, now in use");
+        } else {
+            warn!(key = %key.id(), installed = targets.len() - lagging.len(), lagging = ?lagging,
+                  "cluster key rotated; members that did not install it fetch it when they see it in use");
+        }
+        Ok(key.id())
+    }
+
+    /// A member hands us a new key (`by` is authenticated by TLS).
+    pub async fn install(&self, by: NodeId, msg: &ClusterKeyMessage) -> Result<bool, InstallError> {
+        let key = self.key_of(msg)?;
+        self.add_removals(&removed_of(msg)?, Some(by)).await?;
+        let fresh = self.sealer.with_ring(|r| r.install(key.clone()));
+        if fresh {
+            self.counters.inc(Counter::ClusterKeyInstalled);
+            info!(by = %by, key = %key.id(), "cluster key installed; switching when members use it");
+        }
+        Ok(fresh)
+    }
+
+    fn key_of(&self, msg: &ClusterKeyMessage) -> Result<ClusterKey, InstallError> {
+        let secret: [u8; 32] = msg
+            .secret
+            .as_slice()
+            .try_into()
+            .map_err(|_| InstallError::BadSecret)?;
+        let cluster_id = self.cluster_id().ok_or(ClusterError::NotClustered)?;
+        Ok(ClusterKey::derive(cluster_id, msg.epoch, secret))
+    }
+
+    /// We seal with `key` now: persist it and hand it to joiners.
+    async fn switched(&self, key: ClusterKey, by: Option<NodeId>) {
+        let id = key.id();
+        let r = adopt(&self.credentials, &self.membership, &self.path, |c| {
+            if key.id() > c.cluster_key.id() {
+                c.cluster_key = key;
+            }
+        })
+        .await;
+        match (r, by) {
+            (Ok(_), Some(by)) => {
+                info!(key = %id, seen_from = %by, "switched to the new cluster key a member uses")
+            }
+            (Ok(_), None) => {}
+            (Err(e), _) => {
+                warn!(key = %id, error = %e, "switched to a new cluster key but could not persist it; a restart would need to fetch it again")
+            }
+        }
+    }
+
+    /// Follows gossip's key events until the channel closes.
+    pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<KeyEvent>) {
+        let mut last_fetch: Option<Instant> = None;
+        while let Some(ev) = events.recv().await {
+            match ev {
+                KeyEvent::Switched { key, by } => self.switched(*key, by).await,
+                KeyEvent::MissedRotation { from, id } => {
+                    if last_fetch.is_some_and(|t| t.elapsed() < FETCH_EVERY) {
+                        continue;
+                    }
+                    self.fetch(from, id).await;
+                    last_fetch = Some(Instant::now());
+                }
+            }
+            self.sealer.with_ring(|r| r.expire(crate::core::now_ms()));
+        }
+    }
+
+    /// Asks members for the key we missed: the datagram's sender first,
+    /// then members we know. A key is taken only from a node whose
+    /// certificate names a member we know and have not removed.
+    async fn fetch(&self, from: SocketAddr, id: KeyId) {
+        let known = self.known_members().await;
+        let mut candidates = vec![from];
+        for a in self.known_addrs().await {
+            if !candidates.contains(&a) {
+                candidates.push(a);
+            }
+        }
+        let mut failures = Vec::new();
+        for addr in candidates.into_iter().take(FETCH_CANDIDATES) {
+            let (node, msg) = match self.channels.fetch_cluster_key_at(addr).await {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{addr}: {e}"));
+                    continue;
+                }
+            };
+            if !known.contains(&node) {
+                self.counters.inc(Counter::ClusterKeyRefused);
+                failures.push(format!(
+                    "{addr}: node {node} is not a member this node knows"
+                ));
+                continue;
+            }
+            let key = match self.key_of(&msg) {
+                Ok(k) => k,
+                Err(e) => {
+                    self.counters.inc(Counter::ClusterKeyRefused);
+                    failures.push(format!("{addr}: {e}"));
+                    continue;
+                }
+            };
+            if let Ok(removed) = removed_of(&msg) {
+                let _ = self.add_removals(&removed, Some(node)).await;
+            }
+            let now = crate::core::now_ms();
+            match self
+                .sealer
+                .with_ring(|r| r.adopt(key.clone(), now).cloned())
+            {
+                Some(k) => {
+                    self.counters.inc(Counter::ClusterKeyFetched);
+                    info!(key = %k.id(), from = %node, "missed a cluster key rotation; fetched the key from a member");
+                    self.switched(k, None).await;
+                    return;
+                }
+                None if self.primary().id() >= id => return,
+                None => failures.push(format!("{addr}: member {node} does not have {id} either")),
+            }
+        }
+        if let Some(n) = FETCH_LOG.check(Instant::now()) {
+            warn!(missed = %id, failures = ?failures, suppressed = n,
+                  "gossip uses a cluster key this node lacks and no member handed it over (removed from the cluster?)");
+        }
+    }
+
+    /// Members we may take a key from: the current view and the persisted
+    /// list, less the removed.
+    async fn known_members(&self) -> BTreeSet<NodeId> {
+        let mut known: BTreeSet<NodeId> = self
+            .membership
+            .nodes()
+            .await
+            .into_iter()
+            .filter(|n| !n.is_self)
+            .map(|n| n.id)
+            .collect();
+        if let Some(f) = current_file(&self.path) {
+            known.extend(f.members.iter().filter_map(|h| h.parse::<NodeId>().ok()));
+        }
+        let removed = self.removed.read().unwrap_or_else(|e| e.into_inner());
+        known.retain(|id| !removed.contains(id) && *id != self.me);
+        known
+    }
+
+    async fn known_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> = self
+            .membership
+            .nodes()
+            .await
+            .into_iter()
+            .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
+            .map(|n| n.gossip_addr)
+            .collect();
+        if let Some(f) = current_file(&self.path) {
+            addrs.extend(f.peers);
+        }
+        addrs
+    }
+}
+
+fn removed_of(msg: &ClusterKeyMessage) -> Result<Vec<NodeId>, InstallError> {
+    msg.removed
+        .iter()
+        .take(membership::record::MAX_REMOVED)
+        .map(|b| {
+            <[u8; 16]>::try_from(b.as_slice())
+                .map(NodeId::from_bytes)
+                .map_err(|_| InstallError::BadRemoved)
+        })
+        .collect()
+}
