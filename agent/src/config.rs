@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::token::{JoinToken, TokenError};
+use crate::keys::token::{JoinToken, TokenError};
 
 pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
 

@@ -2,20 +2,20 @@
 //! state, and programs the kernel (see DESIGN.md for the architecture).
 
 pub mod api;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dataplane;
-pub mod identity;
 pub mod ids;
 pub mod ipam;
 pub mod keys;
 pub mod membership;
 pub mod metrics;
 pub mod peer;
+pub mod peer_api;
 pub mod persist;
 pub mod reconcile;
 pub mod repair;
 pub mod store;
 pub mod sync;
-pub mod token;

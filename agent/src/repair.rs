@@ -99,7 +99,7 @@ pub async fn run(core: Arc<Core>) {
                 }
                 last_pull = Some(Instant::now());
                 let changed = match core.channels() {
-                    Some(ch) => crate::sync::pull_all(&core, ch).await,
+                    Some(ch) => core.pull_all(ch).await,
                     None => false,
                 };
                 let now = classify(&core, vni, &miss);

@@ -19,17 +19,17 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::identity::Identity;
 use crate::ids::decode_hex;
 use crate::ids::{ClusterId, NodeId};
 use crate::keys::ClusterKey;
+use crate::keys::identity::Identity;
+use crate::keys::token::{JoinToken, TokenError};
 use crate::membership::{
     self, Membership, MembershipConfig, NodeFacts, NodeStatus, NodeView, Tuning, view,
 };
 use crate::metrics::Counters;
 use crate::peer::{self, HelloError};
 use crate::persist::{self, PersistError};
-use crate::token::{JoinToken, TokenError};
 
 mod rekey;
 pub use rekey::KeyKeeper;
@@ -397,7 +397,7 @@ impl Cluster {
             .token
             .rotated(&self.rng)
             .map_err(|_| ClusterError::Random)?;
-        let issued_at = crate::core::now_ms().max(current.issued_at + 1);
+        let issued_at = crate::clock::now_ms().max(current.issued_at + 1);
         let creds = adopt(&self.credentials, membership, &self.cluster_file(), |c| {
             c.token = token;
             c.issued_at = issued_at;

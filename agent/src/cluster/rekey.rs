@@ -167,7 +167,7 @@ impl KeyKeeper {
             .into_iter()
             .flatten()
             .collect();
-        let now = crate::core::now_ms();
+        let now = crate::clock::now_ms();
         self.sealer
             .with_ring(|r| r.switch_to(key.id(), now).cloned());
         self.switched(key.clone(), None).await;
@@ -236,7 +236,7 @@ impl KeyKeeper {
                     last_fetch = Some(Instant::now());
                 }
             }
-            self.sealer.with_ring(|r| r.expire(crate::core::now_ms()));
+            self.sealer.with_ring(|r| r.expire(crate::clock::now_ms()));
         }
     }
 
@@ -278,7 +278,7 @@ impl KeyKeeper {
             if let Ok(removed) = removed_of(&msg) {
                 let _ = self.add_removals(&removed, Some(node)).await;
             }
-            let now = crate::core::now_ms();
+            let now = crate::clock::now_ms();
             match self
                 .sealer
                 .with_ring(|r| r.adopt(key.clone(), now).cloned())

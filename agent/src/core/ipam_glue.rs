@@ -556,7 +556,7 @@ impl Core {
                 return false;
             }
             if let Some(ch) = self.channels.get() {
-                crate::sync::pull_all(self, ch).await;
+                self.pull_all(ch).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

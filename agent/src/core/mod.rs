@@ -8,10 +8,11 @@ mod endpoints;
 mod error;
 mod ipam_glue;
 mod networks;
+mod replicas;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use ipnetwork::Ipv4Network;
 use ring::rand::SystemRandom;
@@ -62,12 +63,7 @@ pub struct Core {
     acks: acks::Acks,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 impl Core {
     pub fn new(

@@ -185,7 +185,7 @@ impl Core {
         match self.find_network(name) {
             Err(CoreError::NoNetwork(_)) => {
                 if let Some(ch) = self.channels.get() {
-                    crate::sync::pull_all(self, ch).await;
+                    self.pull_all(ch).await;
                 }
                 self.find_network(name)
             }

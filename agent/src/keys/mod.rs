@@ -1,5 +1,10 @@
-//! Key material the cluster shares. Sans-IO: time comes in as an argument.
+//! All key material: the node's identity key (`identity`), the join token
+//! and what it derives (`token`), and the cluster key with its rotating
+//! keyring (`cluster_key`). Derivations and the keyring are sans-IO (time
+//! comes in as an argument); only `identity` touches a file, the key's own.
 
 pub mod cluster_key;
+pub mod identity;
+pub mod token;
 
 pub use cluster_key::{ClusterKey, KeyId, Keyring, Lookup};

@@ -278,7 +278,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::node_id_of;
+    use crate::keys::identity::node_id_of;
     use crate::membership::record::NodeFacts;
     use crate::membership::wire::{Kind, encode_message};
     use ring::rand::SystemRandom;

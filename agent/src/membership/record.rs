@@ -16,8 +16,8 @@ use ovl_proto::records::{NodeRecord, SignedNodeRecord};
 use prost::Message;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
-use crate::identity::node_id_of;
 use crate::ids::{ClusterId, NodeId};
+use crate::keys::identity::node_id_of;
 
 /// The chitchat key the record lives under; no other key is accepted.
 pub const RECORD_KEY: &str = "rec";

@@ -11,8 +11,8 @@ use ring::rand::SystemRandom;
 
 use super::{Membership, MembershipConfig, NodeStatus, Tuning, sealer};
 use crate::ids::NodeId;
+use crate::keys::token::JoinToken;
 use crate::metrics::Counters;
-use crate::token::JoinToken;
 
 #[derive(Debug, Clone)]
 pub struct SimReport {
@@ -52,8 +52,9 @@ pub async fn run(n: usize, tuning: Tuning, limit: Duration) -> Result<SimReport,
             .map_err(|_| "random source failed")?;
         let identity = ring::signature::Ed25519KeyPair::from_pkcs8(pk8.as_ref())
             .map_err(|_| "generated key does not load")?;
-        let node_id =
-            crate::identity::node_id_of(ring::signature::KeyPair::public_key(&identity).as_ref());
+        let node_id = crate::keys::identity::node_id_of(
+            ring::signature::KeyPair::public_key(&identity).as_ref(),
+        );
         let m = Membership::start(MembershipConfig {
             node_id,
             generation: 1,

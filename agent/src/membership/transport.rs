@@ -24,8 +24,8 @@ use tracing::warn;
 use super::KeyEvent;
 use super::guard::{Guard, Refusal};
 use super::seal::{GossipDrop, MAX_DATAGRAM, OVERHEAD, Sealer};
-use crate::identity::node_id_of;
 use crate::ids::ClusterId;
+use crate::keys::identity::node_id_of;
 use crate::metrics::{Counter, Counters, RateLimit};
 
 const SIGN_DOMAIN: &[u8] = b"ovl gossip v1";

@@ -31,8 +31,8 @@ use tracing::warn;
 use super::tls::{PinnedServer, TlsError, TlsIdentity, server_name};
 use super::{CLAIM_HEADER, NONCE_LEN, proof_input};
 use crate::ids::NodeId;
+use crate::keys::token::Admission;
 use crate::metrics::{Counter, Counters, RateLimit};
-use crate::token::Admission;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);

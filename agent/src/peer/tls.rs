@@ -27,8 +27,8 @@ use rustls::{
     SignatureScheme,
 };
 
-use crate::identity::node_id_of;
 use crate::ids::NodeId;
+use crate::keys::identity::node_id_of;
 
 /// ALPN for gRPC over our own TLS (tonic speaks HTTP/2 on the stream).
 pub const ALPN_H2: &[u8] = b"h2";

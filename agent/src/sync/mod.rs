@@ -1,21 +1,19 @@
 //! Table replication. Each node gossips its own table's version (`tv`);
 //! when a peer's version moves past our replica, we pull the delta from it
-//! over peer gRPC. The pull path converges whatever was lost: it runs on
-//! every membership change and on a repair tick. Network records and
-//! removals learned from peers are republished in our own table, so a
-//! network outlives the node that created it.
+//! over peer gRPC (`core::replicas` does the pull). The pull path converges
+//! whatever was lost: it runs on every membership change and on a repair
+//! tick. Network records and removals learned from peers are republished in
+//! our own table, so a network outlives the node that created it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ovl_proto::records::table_entry::Value;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::core::Core;
 use crate::membership::{NodeStatus, NodeView};
 pub use crate::peer::Channels;
-use crate::store::key;
 
 const REPAIR_TICK: Duration = Duration::from_secs(1);
 
@@ -77,37 +75,14 @@ async fn round(core: &Core, channels: &Channels, nodes: &[NodeView]) {
             n.table_version.max(core.hinted_version(n.id)) > core.store().replica_version(n.id)
         })
         .collect();
-    let pulls = behind.iter().map(|n| pull(core, channels, n, false));
+    let pulls = behind.iter().map(|n| core.pull_from(channels, n, false));
     for r in futures::future::join_all(pulls).await {
         changed |= r;
     }
     if changed {
-        republish_networks(core);
+        core.republish_networks();
         core.notify();
     }
-}
-
-/// Read-repair: pulls from every live peer now, whatever gossip says. For
-/// a lookup that missed (e.g. an attach right after `network create` on
-/// another host, before the push arrived). True when anything changed.
-pub async fn pull_all(core: &Core, channels: &Channels) -> bool {
-    let Some(m) = core.cluster.membership().await else {
-        return false;
-    };
-    let nodes = m.nodes().await;
-    let me = core.cluster.node_id();
-    let live: Vec<&NodeView> = nodes
-        .iter()
-        .filter(|n| n.id != me && n.status == NodeStatus::Alive)
-        .collect();
-    let results =
-        futures::future::join_all(live.iter().map(|n| pull(core, channels, n, true))).await;
-    let changed = results.into_iter().any(|c| c);
-    if changed {
-        republish_networks(core);
-        core.notify();
-    }
-    changed
 }
 
 /// Notifies the live peers each time our own table moves.
@@ -174,112 +149,4 @@ pub fn ack_programmed(
             }
         }
     });
-}
-
-/// Pulls `peer`'s table delta; true when the replica changed.
-async fn pull(core: &Core, channels: &Channels, peer: &NodeView, force: bool) -> bool {
-    if !core.cluster.in_cluster() {
-        return false;
-    }
-    let since = core.store().replica_version(peer.id);
-    if force {
-        debug!(peer = %peer.id, since, "read-repair pull");
-    }
-    // The channel is pinned to `peer.id`: only that node can answer.
-    let resp = match channels.pull(peer.gossip_addr, peer.id, since).await {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(peer = %peer.id, code = ?e.code(), error = %e, "pull failed; retrying next round");
-            return false;
-        }
-    };
-    if resp.owner.as_slice() != peer.id.as_bytes() {
-        warn!(peer = %peer.id, "pull answered by another node (address reused?); ignored");
-        return false;
-    }
-    let count = resp.entries.len();
-    count_invalid(core, peer.id, &resp.entries);
-    let mut store = core.store();
-    match store.apply_replica(peer.id, since, resp.version, resp.full, resp.entries) {
-        Ok(changed) => {
-            debug!(peer = %peer.id, since, version = resp.version, entries = count, full = resp.full, "pulled");
-            changed
-        }
-        Err(e) => {
-            warn!(peer = %peer.id, error = %e, "delta refused; pulling the whole table next round");
-            store.drop_replica(peer.id);
-            false
-        }
-    }
-}
-
-/// Counts received records the views will skip (a member running a buggy
-/// or incompatible version): they are kept in the replica, never used.
-fn count_invalid(
-    core: &Core,
-    owner: crate::ids::NodeId,
-    entries: &[ovl_proto::records::TableEntry],
-) {
-    let invalid = entries
-        .iter()
-        .filter(|e| match &e.value {
-            Some(Value::Network(r)) => {
-                crate::store::networks::effective(std::slice::from_ref(r), &Default::default()).1
-                    > 0
-            }
-            Some(Value::Endpoint(r)) => crate::store::EndpointView::parse(owner, r).is_none(),
-            _ => false,
-        })
-        .count();
-    for _ in 0..invalid {
-        core.counters.inc(crate::metrics::Counter::RecordsInvalid);
-    }
-    if invalid > 0
-        && let Some(suppressed) = INVALID_LOG.check(std::time::Instant::now())
-    {
-        warn!(peer = %owner, invalid, suppressed, "peer published records that do not validate; they are ignored");
-    }
-}
-
-static INVALID_LOG: crate::metrics::RateLimit =
-    crate::metrics::RateLimit::new(Duration::from_secs(10));
-
-/// Copies network records and removals known from replicas into our own
-/// table (two-phase set: a removal, once seen, is kept and the record goes).
-fn republish_networks(core: &Core) {
-    let mut store = core.store();
-    let (records, removed) = store.network_records();
-    let mut writes: Vec<(String, Option<Value>)> = Vec::new();
-    for r in records {
-        let Ok(id) = <[u8; 16]>::try_from(r.id.as_slice()) else {
-            continue;
-        };
-        let id = crate::ids::NetworkId::from_bytes(id);
-        if !removed.contains(&id) && store.own().get(&key::network(id)).is_none() {
-            writes.push((key::network(id), Some(Value::Network(r))));
-        }
-    }
-    for id in removed {
-        if store.own().get(&key::removal(id)).is_none() {
-            writes.push((
-                key::removal(id),
-                Some(Value::Removal(ovl_proto::records::NetworkRemoval {
-                    network_id: id.as_bytes().to_vec(),
-                    removed_at_ms: crate::core::now_ms(),
-                })),
-            ));
-        }
-        if store.own().get(&key::network(id)).is_some() {
-            writes.push((key::network(id), None));
-        }
-    }
-    for (k, v) in writes {
-        let r = match v {
-            Some(v) => store.put(&k, v),
-            None => store.delete(&k),
-        };
-        if let Err(e) = r {
-            warn!(key = %k, error = %e, "could not republish network record");
-        }
-    }
 }

@@ -27,11 +27,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use ovl_agent::ids::ClusterId;
+use ovl_agent::keys::token::JoinToken;
 use ovl_agent::membership::record::{self, NodeFacts, RECORD_KEY};
 use ovl_agent::membership::transport::signed_plaintext;
 use ovl_agent::membership::wire::{DeltaOp, DigestEntry, Kind, WireId, encode_message};
 use ovl_agent::membership::{seal, sealer};
-use ovl_agent::token::JoinToken;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::Ed25519KeyPair;
 

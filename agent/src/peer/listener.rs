@@ -1,0 +1,211 @@
+//! The peer listener: TLS 1.3 on 7946/tcp in front of the gRPC service
+//! (served by `peer_api`).
+//!
+//! Accepted TCP connections are handshaken off the accept loop (bounded in
+//! number and time); each finished handshake reaches tonic as a [`TlsConn`]
+//! whose connect info ([`PeerConn`]) carries the caller's address and the
+//! node id derived from its certificate key. Handlers read it from the
+//! request extensions: the caller's identity comes from TLS, never from
+//! what the request says. `Hello` is open to any certificate holder (a
+//! joiner is not a member yet; its token proof is the HMAC exchange);
+//! every other call needs an admitted member.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tracing::{debug, warn};
+
+use super::tls::node_id_of_cert;
+use crate::ids::NodeId;
+use crate::metrics::{Counter, Counters, RateLimit};
+
+/// A handshake not finished by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes in flight at once; more connections are closed at once.
+const MAX_HANDSHAKES: usize = 128;
+
+/// The start of a plaintext HTTP/2 connection (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+static TLS_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+/// Who is on the other end of a peer connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerConn {
+    pub remote: SocketAddr,
+    /// Derived from the certificate's Ed25519 key, which the handshake
+    /// proved the caller holds.
+    pub node: NodeId,
+}
+
+/// A TLS connection as tonic serves it.
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerConn,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerConn;
+
+    fn connect_info(&self) -> PeerConn {
+        self.info
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+fn tls_refused(counters: &Counters, remote: SocketAddr, node: Option<NodeId>, reason: &str) {
+    counters.inc(Counter::PeerTlsRefused);
+    if let Some(suppressed) = TLS_REFUSE_LOG.check(Instant::now()) {
+        match node {
+            Some(node) => {
+                warn!(peer = %remote, node = %node, reason, suppressed, "peer TLS connection refused")
+            }
+            None => warn!(peer = %remote, reason, suppressed, "peer TLS connection refused"),
+        }
+    }
+}
+
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    counters: &Counters,
+) -> Option<TlsConn> {
+    let _ = tcp.set_nodelay(true);
+    // An agent from before TLS opens with the plaintext HTTP/2 preface;
+    // say so instead of rustls's "corrupt message".
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    if let Ok(Ok(n)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await
+        && n > 0
+        && HTTP2_PREFACE.starts_with(&first[..n])
+    {
+        tls_refused(
+            counters,
+            remote,
+            None,
+            "plaintext HTTP/2, not TLS: an ovl agent from before the TLS peer channel?",
+        );
+        return None;
+    }
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tls_refused(counters, remote, None, &e.to_string());
+            return None;
+        }
+        Err(_) => {
+            tls_refused(counters, remote, None, "handshake timed out");
+            return None;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    // The verifier required an Ed25519 certificate; derive its node id.
+    let node = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(cert) => match node_id_of_cert(cert) {
+            Ok(n) => n,
+            Err(e) => {
+                tls_refused(counters, remote, None, &e.to_string());
+                return None;
+            }
+        },
+        None => {
+            tls_refused(counters, remote, None, "no client certificate");
+            return None;
+        }
+    };
+    debug!(peer = %remote, node = %node, "peer TLS connection");
+    Some(TlsConn {
+        inner: tls,
+        info: PeerConn { remote, node },
+    })
+}
+
+/// The stream of authenticated TLS connections for
+/// `serve_with_incoming_shutdown`. It ends when tonic drops it.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    counters: Arc<Counters>,
+) -> ReceiverStream<io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off.
+                        warn!(error = %e, "peer accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tls_refused(&counters, remote, None, "too many handshakes in flight");
+                continue;
+            };
+            let (acceptor, counters, tx) = (acceptor.clone(), counters.clone(), tx.clone());
+            tokio::spawn(async move {
+                let conn = handshake(acceptor, tcp, remote, &counters).await;
+                drop(slot);
+                if let Some(conn) = conn {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
