@@ -97,7 +97,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let default_pool = config.default_address_pool;
     let node_id = identity.node_id;
     let store = Store::load(&state_dir, node_id)?;
-    let ipam = Ipam::load(&state_dir, node_id)?;
+    let ipam = Ipam::load(&state_dir, identity.key.clone())?;
     let dataplane = Dataplane::new().await.context("open netlink")?;
     let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     let cluster = Cluster::start(config, identity, counters.clone(), channels.clone()).await?;

@@ -52,6 +52,9 @@ counters! {
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     RecordsRefused => "records_refused",
+    // An IPAM ring entry whose writer had no authority over its addresses
+    // (or whose signature is bad), refused by the merge.
+    IpamForged => "ipam_forged",
     ReconcileErrors => "reconcile_errors",
     AttachWaitTimeouts => "attach_wait_timeouts",
     DataplaneMiss => "dataplane_miss",

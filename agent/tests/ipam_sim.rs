@@ -22,13 +22,15 @@
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnetwork::Ipv4Network;
-use ovl_agent::ids::{EndpointId, NodeId};
+use ovl_agent::ids::{EndpointId, NetworkId, NodeId};
 use ovl_agent::ipam::{
-    AcceptError, AllocError, Allocator, DonationRequest, Grant, HandOffError, Pool, Ring, Want,
-    check_converged, check_disjoint, check_unique_addresses,
+    AcceptError, AllocError, Allocator, DonationRequest, Grant, HandOffError, MergeReport, Pool,
+    Ring, Signer, Want, check_converged, check_disjoint, check_unique_addresses,
 };
+use ring::signature::Ed25519KeyPair;
 
 const SEEDS: u64 = 20;
 const STEPS: usize = 5_000;
@@ -79,6 +81,8 @@ enum Status {
 
 struct Host {
     id: NodeId,
+    /// Its identity key (not part of any snapshot).
+    signer: Signer,
     state: Allocator,
     /// What is on disk: a crash restores it through JSON.
     disk: Allocator,
@@ -153,6 +157,9 @@ struct Sim {
     hosts: Vec<Host>,
     /// Left or died; may still own blocks in replicas until reclaimed.
     departed: Vec<NodeId>,
+    /// Every host that ever left or died (the cluster's "departed": their
+    /// space may be moved by anyone's signed write).
+    gone: Vec<NodeId>,
     net: Vec<Msg>,
     tick: u64,
     next_ep: u32,
@@ -177,10 +184,26 @@ impl Drop for Sim {
     }
 }
 
-fn node(n: u32) -> NodeId {
-    let mut b = [0u8; 16];
-    b[..4].copy_from_slice(&n.to_be_bytes());
-    NodeId::from_bytes(b)
+/// Host `n`'s key (deterministic per seed run), bound to the network.
+fn signer(n: u32) -> Signer {
+    let mut seed = [0x5au8; 32];
+    seed[..4].copy_from_slice(&n.to_be_bytes());
+    let key = Ed25519KeyPair::from_seed_unchecked(&seed).expect("32-byte seed");
+    Signer::new(Arc::new(key), NetworkId::from_bytes([9; 16]))
+}
+
+/// The view `from` published, merged by `state`; refusals of whole views
+/// are bugs in the simulation (no host lies).
+fn merge(state: &mut Allocator, from: NodeId, ring: &Ring, gone: &[NodeId]) -> MergeReport {
+    let rep = state.merge_views(&[(from, ring)], &|n| gone.contains(&n));
+    if let Some((p, e)) = rep.errors.first() {
+        panic!("{} refused the view of {p}: {e}", state.me());
+    }
+    assert!(
+        rep.forged.is_empty(),
+        "honest writes refused as forged: {rep:?}"
+    );
+    rep
 }
 
 fn random_pool(rng: &mut Rng) -> Pool {
@@ -208,6 +231,7 @@ impl Sim {
             pool: pool.clone(),
             hosts: Vec::new(),
             departed: Vec::new(),
+            gone: Vec::new(),
             net: Vec::new(),
             tick: 0,
             next_ep: 0,
@@ -216,7 +240,7 @@ impl Sim {
             stats: Stats::default(),
             chaos: true,
         };
-        let creator = sim.new_id();
+        let creator = sim.new_signer();
         sim.add_host(Allocator::create(creator, pool), 0);
         let extra = MIN_HOSTS - 1 + sim.rng.below(MAX_HOSTS - MIN_HOSTS + 1);
         for _ in 0..extra {
@@ -225,9 +249,9 @@ impl Sim {
         sim
     }
 
-    fn new_id(&mut self) -> NodeId {
+    fn new_signer(&mut self) -> Signer {
         self.next_id += 1;
-        node(self.next_id)
+        signer(self.next_id)
     }
 
     fn new_ep(&mut self) -> EndpointId {
@@ -247,6 +271,7 @@ impl Sim {
     fn add_host(&mut self, state: Allocator, group: u8) {
         self.hosts.push(Host {
             id: state.me(),
+            signer: signer(self.next_id),
             disk: state.clone(),
             state,
             status: Status::Up,
@@ -469,6 +494,7 @@ impl Sim {
     fn crash_host(&mut self, i: usize) {
         let h = &mut self.hosts[i];
         h.state = wire(&h.disk);
+        h.state.set_signer(h.signer.clone());
         h.status = Status::Down;
         self.stats.crashes += 1;
         let me = self.hosts[i].id.short();
@@ -518,6 +544,7 @@ impl Sim {
                 // Never heard of the pool, so owns nothing: just go.
                 let h = self.hosts.remove(i);
                 self.departed.push(h.id);
+                self.gone.push(h.id);
                 self.log(format!("{} left without a ring", h.id.short()));
                 return;
             }
@@ -584,6 +611,7 @@ impl Sim {
         }
         let h = self.hosts.remove(i);
         self.departed.push(h.id);
+        self.gone.push(h.id);
         self.stats.deaths += 1;
         self.log(format!("{} died", h.id.short()));
     }
@@ -602,9 +630,10 @@ impl Sim {
         } else {
             Ring::default()
         };
-        let id = self.new_id();
+        let key = self.new_signer();
+        let id = key.id();
         let group = self.hosts[src].group;
-        self.add_host(Allocator::join(id, ring), group);
+        self.add_host(Allocator::join(key, ring), group);
         self.stats.joins += 1;
         self.log(format!("{} joined", id.short()));
     }
@@ -713,11 +742,20 @@ impl Sim {
                 }
             }
             Body::Grant(grant) => {
-                match self.hosts[r].state.accept(&grant) {
+                let gone = self.gone.clone();
+                match self.hosts[r]
+                    .state
+                    .accept(&grant, msg.from, &|n| gone.contains(&n))
+                {
                     Ok(()) => {}
                     // No ring yet (reclaimed for a host that never heard of
                     // the pool): gossip brings both.
                     Err(AcceptError::NoRing) => return,
+                    // The recipient's replica does not yet know the donor
+                    // owned the block (it missed steps): the grant's
+                    // entries reach it by gossip once the owner it knows
+                    // vouches for them.
+                    Err(AcceptError::Unauthorized(_)) => return,
                     Err(e) => panic!("{me} refused a grant from {}: {e}", msg.from),
                 }
                 if self.chaos && self.rng.percent(3) {
@@ -738,22 +776,18 @@ impl Sim {
                 self.rehand_off(r);
             }
             Body::Gossip(ring) => {
-                match self.hosts[r].state.merge(&ring) {
-                    Ok(changed) => {
-                        self.stats.merges += 1;
-                        // Merges only add knowledge: persisted lazily.
-                        if changed && self.rng.percent(50) {
-                            self.hosts[r].persist();
-                        }
-                    }
-                    Err(e) => panic!("{me} refused gossip from {}: {e}", msg.from),
+                let gone = self.gone.clone();
+                let changed = merge(&mut self.hosts[r].state, msg.from, &ring, &gone).changed;
+                self.stats.merges += 1;
+                // Merges only add knowledge: persisted lazily.
+                if changed && self.rng.percent(50) {
+                    self.hosts[r].persist();
                 }
                 self.rehand_off(r);
             }
             Body::HandOff(ring, seq) => {
-                if let Err(e) = self.hosts[r].state.merge(&ring) {
-                    panic!("{me} refused a hand-off from {}: {e}", msg.from);
-                }
+                let gone = self.gone.clone();
+                merge(&mut self.hosts[r].state, msg.from, &ring, &gone);
                 // Adopted and on disk before the ack.
                 self.hosts[r].persist();
                 self.rehand_off(r);
@@ -763,6 +797,7 @@ impl Sim {
                 if self.hosts[r].status == (Status::Leaving { to: msg.from, seq }) {
                     let h = self.hosts.remove(r);
                     self.departed.push(h.id);
+                    self.gone.push(h.id);
                     self.log(format!("{} left", h.id.short()));
                 }
             }
@@ -812,16 +847,10 @@ impl Sim {
                         continue;
                     }
                     let ring = self.hosts[j].state.ring().clone();
-                    match self.hosts[i].state.merge(&ring) {
-                        Ok(true) => {
-                            changed = true;
-                            self.hosts[i].persist();
-                        }
-                        Ok(false) => {}
-                        Err(e) => panic!(
-                            "sync: {} refused {}: {e}",
-                            self.hosts[i].id, self.hosts[j].id
-                        ),
+                    let (from, gone) = (self.hosts[j].id, self.gone.clone());
+                    if merge(&mut self.hosts[i].state, from, &ring, &gone).changed {
+                        changed = true;
+                        self.hosts[i].persist();
                     }
                     self.rehand_off(i);
                 }
@@ -920,7 +949,10 @@ impl Sim {
                 want: Want::Half,
             };
             if let Ok(g) = self.hosts[d].state.donate(req) {
-                self.hosts[i].state.accept(&g).expect("fill: accept");
+                self.hosts[i]
+                    .state
+                    .accept(&g, *donor, &|_| false)
+                    .expect("fill: accept");
                 return true;
             }
         }

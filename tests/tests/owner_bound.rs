@@ -252,3 +252,159 @@ fn a_member_cannot_take_over_another_endpoints_mac_ip_or_vtep() {
     });
     f.finish();
 }
+
+/// Issue #6, "IPAM ring entries change only by their owner or by a grant
+/// the donor signed": h3 publishes a ring view in which it owns h1's block
+/// one version up, signed with its own key, plus an endpoint row in that
+/// block. No other host takes the entry: h1's endpoint stays reachable,
+/// h3's row stays refused, and the forgery is counted.
+#[test]
+fn a_member_cannot_steal_a_third_hosts_address_block() {
+    let (mut lab, net) = cluster_with_network(3, "ring", &[]);
+    let (c1, e1) = attached(&mut lab, 1, "c1", "ring", &[]);
+    let (c2, e2) = attached(&mut lab, 2, "c2", "ring", &[]);
+    let (_c3, e3) = attached(&mut lab, 3, "c3", "ring", &[]);
+    lab.wait_dataplane(&[1, 2, 3], net.vni, &[e1.clone(), e2.clone(), e3.clone()])
+        .expect("data plane programmed");
+    let mut f = Findings::new();
+    let detail = lab.network_inspect(2, "ring").expect("inspect");
+    let names: Vec<String> = (0..=3)
+        .map(|k| {
+            if k == 0 {
+                String::new()
+            } else {
+                lab.node_name(k)
+            }
+        })
+        .collect();
+    let ranges_of = |d: &ovl_e2e::NetworkDetail, k: usize| {
+        d.peers
+            .iter()
+            .find(|p| p.node_name == names[k])
+            .map(|p| p.ranges.clone())
+            .unwrap_or_default()
+    };
+    let h1_ranges = ranges_of(&detail, 1);
+    // h1's block holding its endpoint.
+    let e1_ip: Ipv4Addr = e1.ip.parse().expect("ip");
+    let block = h1_ranges
+        .iter()
+        .find(|r| {
+            r.parse::<ipnetwork::Ipv4Network>()
+                .is_ok_and(|b| b.contains(e1_ip))
+        })
+        .cloned()
+        .expect("h1 holds the block of its endpoint");
+    let used: Vec<String> = [&e1, &e2, &e3].iter().map(|e| e.ip.clone()).collect();
+    let stolen_ip = free_in(std::slice::from_ref(&block), &used).expect("a free h1 address");
+    println!(
+        "h3 forges {block} (h1's, holding {}) and a row at {stolen_ip}",
+        e1.ip
+    );
+
+    lab.stop_agent(3).expect("stop h3");
+    let tool = ovl_e2e::binary("ovl-table-forge").expect("forge tool");
+    let table = lab.state_dir(3).join("table.pb");
+    let key = lab.state_dir(3).join("identity.pk8");
+    let out = std::process::Command::new(&tool)
+        .args([
+            "--table",
+            &table.display().to_string(),
+            "--network",
+            &net.id,
+        ])
+        .args(["--steal", &block, "--key", &key.display().to_string()])
+        .output()
+        .expect("run forge");
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    f.check(out.status.success(), || {
+        format!("forging the ring: {out:?}")
+    });
+    let id = "f4000000000000000000000000000004";
+    let out = std::process::Command::new(&tool)
+        .args([
+            "--table",
+            &table.display().to_string(),
+            "--network",
+            &net.id,
+        ])
+        .args(["--id", id, "--name", "fg-steal", "--ip", &stolen_ip])
+        .args(["--mac", &mac_for_ip(&stolen_ip).expect("mac")])
+        .args(["--vtep", &lab.addr(3).to_string()])
+        .output()
+        .expect("run forge");
+    f.check(out.status.success(), || format!("forging the row: {out:?}"));
+    f.ok(
+        "veth for the forged row",
+        lab.exec_ok(
+            3,
+            &[
+                "ip",
+                "link",
+                "add",
+                &host_veth(id),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "fgpeer9",
+            ],
+        )
+        .map(|_| ()),
+    );
+    let forged_before = [1, 2].map(|k| counter(&lab, k, "ipam_forged"));
+    lab.start_agent(3, &[]).expect("restart h3");
+
+    let counted = wait_until(Duration::from_secs(20), POLL, || {
+        for (i, k) in [1, 2].into_iter().enumerate() {
+            let c = counter(&lab, k, "ipam_forged");
+            ensure!(c > forged_before[i], "h{k} ipam_forged still {c}");
+        }
+        Ok(true)
+    });
+    f.ok(
+        "h1 and h2 count the forged ring entry",
+        counted.map(|t| println!("forgery counted on h1 and h2 after {t:.2?}")),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for k in [1, 2] {
+        let d = lab.network_inspect(k, "ring").expect("inspect");
+        let h1 = ranges_of(&d, 1);
+        let h3 = ranges_of(&d, 3);
+        println!("h{k}: h1 holds {h1:?}, h3 holds {h3:?}");
+        f.check(h1.contains(&block) && !h3.contains(&block), || {
+            format!("h{k} moved {block} away from h1: h1 {h1:?}, h3 {h3:?}")
+        });
+        let rows = lab.endpoints(k, Some("ring")).unwrap_or_default();
+        let row = rows.iter().find(|r| r.name == "fg-steal");
+        f.check(
+            row.is_some_and(|r| r.status.starts_with("refused:")),
+            || format!("h{k} shows fg-steal as {:?}", row.map(|r| r.status.clone())),
+        );
+        let e1_row = rows.iter().find(|r| r.name == e1.name);
+        f.check(
+            e1_row.is_some_and(|r| !r.status.starts_with("refused:")),
+            || {
+                format!(
+                    "h{k} shows h1's endpoint as {:?}",
+                    e1_row.map(|r| r.status.clone())
+                )
+            },
+        );
+        let neigh = lab.neigh(k, net.vni).unwrap_or_default();
+        f.check(!neigh.iter().any(|n| n.dst == stolen_ip), || {
+            format!("h{k}'s neighbour table holds the forged row's IP {stolen_ip}")
+        });
+    }
+    let echos_before = lab.icmp_in_echos(&c1).unwrap_or(0);
+    let reached = lab.ping_once(&c2, &e1.ip).unwrap_or(false);
+    let echos_after = lab.icmp_in_echos(&c1).unwrap_or(0);
+    println!(
+        "c2 -> c1 ({}) after the forgery: reply {reached}, c1 InEchos {echos_before} -> {echos_after}",
+        e1.ip
+    );
+    f.check(reached && echos_after > echos_before, || {
+        format!("traffic to the victim did not reach it: reply {reached}, InEchos {echos_before} -> {echos_after}")
+    });
+    f.finish();
+}

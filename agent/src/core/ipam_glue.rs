@@ -3,11 +3,13 @@
 //! The `ipam` module is pure; here its state meets the disk (one file per
 //! network, ring and allocations in one atomic write, before any effect),
 //! the store (each node publishes its view of every network's ring; views
-//! merge by version) and peers (asking an owner with free space to donate).
+//! merge by version, each newer state only from someone with authority over
+//! it: `ipam::ring`) and peers (asking an owner with free space to donate).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
@@ -17,9 +19,14 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::{Core, CoreError};
+use ring::signature::Ed25519KeyPair;
+
 use crate::ids::{EndpointId, NetworkId, NodeId};
-use crate::ipam::{AllocError, Allocator, DonateError, DonationRequest, Grant, Pool, Ring, Want};
-use crate::membership::NodeStatus;
+use crate::ipam::{
+    AllocError, Allocator, DonateError, DonationRequest, Grant, Pool, Ring, Signer, Want,
+};
+use crate::membership::{NodeStatus, NodeView};
+use crate::metrics::{Counter, RateLimit};
 use crate::persist::{self, PersistError};
 use crate::store::networks::PoolSpec;
 use crate::store::{NetworkView, key};
@@ -41,11 +48,17 @@ const HAND_OFF_ACK: Duration = Duration::from_secs(10);
 pub struct Ipam {
     dir: PathBuf,
     me: NodeId,
+    /// The identity key: every ring write is signed with it.
+    key: Arc<Ed25519KeyPair>,
     nets: Mutex<HashMap<NetworkId, Allocator>>,
+    /// Forged ring entries already counted: (network, publisher, block,
+    /// version), so a forgery is counted once, not once per merge pass.
+    forged_seen: std::sync::Mutex<HashSet<(NetworkId, NodeId, Ipv4Network, u64)>>,
 }
 
 impl Ipam {
-    pub fn load(state_dir: &Path, me: NodeId) -> Result<Self, IpamLoadError> {
+    pub fn load(state_dir: &Path, key: Arc<Ed25519KeyPair>) -> Result<Self, IpamLoadError> {
+        let me = crate::identity::node_id_of(ring::signature::KeyPair::public_key(&*key).as_ref());
         let dir = state_dir.join("ipam");
         persist::ensure_private_dir(&dir)?;
         let mut nets = HashMap::new();
@@ -65,7 +78,8 @@ impl Ipam {
                 match persist::read_optional(&path)?
                     .map(|b| serde_json::from_slice::<Allocator>(&b))
                 {
-                    Some(Ok(a)) => {
+                    Some(Ok(mut a)) => {
+                        a.set_signer(Signer::new(key.clone(), id));
                         nets.insert(id, a);
                     }
                     // Starting without our allocations, under the same
@@ -79,8 +93,19 @@ impl Ipam {
         Ok(Self {
             dir,
             me,
+            key,
             nets: Mutex::new(nets),
+            forged_seen: std::sync::Mutex::new(HashSet::new()),
         })
+    }
+
+    fn signer(&self, id: NetworkId) -> Signer {
+        Signer::new(self.key.clone(), id)
+    }
+
+    /// A host that allocated nothing in network `id` yet.
+    fn fresh(&self, id: NetworkId) -> Allocator {
+        Allocator::join(self.signer(id), Ring::default())
     }
 
     fn path(&self, id: NetworkId) -> PathBuf {
@@ -95,7 +120,7 @@ impl Ipam {
     pub async fn create(&self, id: NetworkId, pool: &PoolSpec) -> Result<(), CoreError> {
         let pool = Pool::new(pool.subnet, pool.ip_range, Some(pool.gateway))
             .map_err(|e| CoreError::Ipam(id.short(), e.to_string()))?;
-        let a = Allocator::create(self.me, pool);
+        let a = Allocator::create(self.signer(id), pool);
         self.persist(id, &a)?;
         self.nets.lock().await.insert(id, a);
         Ok(())
@@ -153,6 +178,22 @@ impl Ipam {
         nets.clear();
     }
 }
+
+/// Nodes gone from the cluster, as far as ring writes go: neither a member
+/// (alive or dead within its grace period) nor a node whose table we still
+/// hold. Their space may be moved by anyone's signed write (hand-off
+/// recipients, the operator's reclaim).
+fn departed_fn(nodes: Vec<NodeView>, replicas: Vec<NodeId>) -> impl Fn(NodeId) -> bool {
+    let present: HashSet<NodeId> = nodes
+        .iter()
+        .filter(|n| n.status != NodeStatus::Left)
+        .map(|n| n.id)
+        .chain(replicas)
+        .collect();
+    move |n| !present.contains(&n)
+}
+
+static FORGED_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// How often a host's own free-space report alone is republished.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -213,31 +254,42 @@ impl Core {
         }
     }
 
-    /// Merges every ring view peers published into ours; a network's merge
-    /// that finds corruption is refused whole and reported.
+    /// Merges every ring view peers published into ours (each from its
+    /// publisher's own table); forged entries are refused, counted once and
+    /// logged; a view that finds corruption is refused whole and reported.
     pub async fn merge_rings(&self) {
         let networks = self.store().networks();
+        let nodes = self.cluster.members().await;
+        let departed = departed_fn(nodes, self.store().replica_owners());
         let mut touched = Vec::new();
         {
             let mut nets = self.ipam.nets.lock().await;
             for net in &networks {
-                let views = self.store().ipam_rings(net.id);
-                let a = nets
-                    .entry(net.id)
-                    .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
-                let before = serde_json::to_vec(a.ring().entries()).ok();
-                for (publisher, json) in views {
+                let raw = self.store().ipam_rings(net.id);
+                let mut views: Vec<(NodeId, Ring)> = Vec::new();
+                for (publisher, json) in raw {
                     if publisher == self.ipam.me {
                         continue;
                     }
-                    let Ok(ring) = serde_json::from_slice::<Ring>(&json) else {
-                        warn!(network = %net.id, peer = %publisher, "undecodable IPAM ring ignored");
-                        continue;
-                    };
-                    if let Err(e) = a.merge(&ring) {
-                        warn!(network = %net.id, peer = %publisher, error = %e, "IPAM ring merge refused: replicas disagree; investigate before allocating");
+                    match serde_json::from_slice::<Ring>(&json) {
+                        Ok(r) => views.push((publisher, r)),
+                        Err(e) => {
+                            if let Some(suppressed) = FORGED_LOG.check(std::time::Instant::now()) {
+                                warn!(network = %net.id, peer = %publisher, error = %e, suppressed, "undecodable IPAM ring ignored");
+                            }
+                        }
                     }
                 }
+                let a = nets
+                    .entry(net.id)
+                    .or_insert_with(|| self.ipam.fresh(net.id));
+                let before = serde_json::to_vec(a.ring().entries()).ok();
+                let refs: Vec<(NodeId, &Ring)> = views.iter().map(|(p, r)| (*p, r)).collect();
+                let report = a.merge_views(&refs, &departed);
+                for (publisher, e) in &report.errors {
+                    warn!(network = %net.id, peer = %publisher, error = %e, "IPAM ring merge refused: replicas disagree; investigate before allocating");
+                }
+                self.count_forged(net.id, &report.forged);
                 // Only a change of ranges is persisted and republished. Free-
                 // space reports (advisory: they pick donors) change with
                 // every allocation anywhere, and each owner publishes its own;
@@ -255,6 +307,25 @@ impl Core {
         for id in touched {
             if let Err(e) = self.publish_ring(id).await {
                 warn!(network = %id, error = %e, "could not publish IPAM ring");
+            }
+        }
+    }
+
+    fn count_forged(&self, id: NetworkId, forged: &[(NodeId, crate::ipam::Refused)]) {
+        let mut seen = self
+            .ipam
+            .forged_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (publisher, r) in forged {
+            if !seen.insert((id, *publisher, r.theirs.block, r.theirs.version)) {
+                continue;
+            }
+            self.counters.inc(Counter::IpamForged);
+            if let Some(suppressed) = FORGED_LOG.check(std::time::Instant::now()) {
+                warn!(network = %id, peer = %publisher, writer = %r.theirs.proof.writer,
+                      theirs = %r.theirs, ours = %r.ours, bad_signature = r.bad_proof, suppressed,
+                      "forged IPAM ring entry refused: its writer had no authority over those addresses");
             }
         }
     }
@@ -287,7 +358,7 @@ impl Core {
                 let mut nets = self.ipam.nets.lock().await;
                 let a = nets
                     .entry(net.id)
-                    .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
+                    .or_insert_with(|| self.ipam.fresh(net.id));
                 let ranges = serde_json::to_vec(a.ring().entries()).ok();
                 a.release_quarantine(horizon);
                 let r = match exact {
@@ -377,6 +448,7 @@ impl Core {
             return Err(CoreError::NotClustered);
         };
         let nodes = membership.nodes().await;
+        let departed = departed_fn(nodes.clone(), self.store().replica_owners());
         for donor in donors {
             let Some(node) = nodes.iter().find(|n| n.id == *donor) else {
                 asked.push(format!("{}: unknown host", donor.short()));
@@ -407,16 +479,34 @@ impl Core {
                 asked.push(format!("{}: undecodable grant", node.name));
                 continue;
             };
-            {
-                let mut nets = self.ipam.nets.lock().await;
-                let a = nets
-                    .entry(id)
-                    .or_insert_with(|| Allocator::join(self.ipam.me, Ring::default()));
-                if let Err(e) = a.accept(&grant) {
-                    asked.push(format!("{}: grant refused: {e}", node.name));
-                    continue;
+            // A replica that missed steps may not yet know the donor owns
+            // what it gave: merge the views (the owners we know vouch for
+            // the donor first-hand) and try once more.
+            let mut accepted = Err(String::new());
+            for attempt in 0..2 {
+                if attempt == 1 {
+                    self.merge_rings().await;
                 }
-                self.ipam.persist(id, a)?;
+                let mut nets = self.ipam.nets.lock().await;
+                let a = nets.entry(id).or_insert_with(|| self.ipam.fresh(id));
+                match a.accept(&grant, *donor, &departed) {
+                    Ok(()) => {
+                        self.ipam.persist(id, a)?;
+                        accepted = Ok(());
+                        break;
+                    }
+                    Err(e @ crate::ipam::AcceptError::Unauthorized(_)) => {
+                        accepted = Err(e.to_string())
+                    }
+                    Err(e) => {
+                        accepted = Err(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = accepted {
+                asked.push(format!("{}: grant refused: {e}", node.name));
+                continue;
             }
             info!(network = %id, donor = %donor, "address space received");
             self.publish_ring(id).await?;

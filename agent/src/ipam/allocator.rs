@@ -8,13 +8,14 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
-use super::ring::{self, MergeError, Ring, RingError};
+use super::proof::Signer;
+use super::ring::{self, Authority, MergeError, RangeEntry, Refused, Ring, RingError};
 use super::wire::text;
 use super::{
     AcceptError, AllocError, DonateError, DonationRequest, FreeError, Grant, HandOffError, Pool,
     ReclaimError, Want,
 };
-use crate::ids::{EndpointId, NodeId};
+use crate::ids::{EndpointId, NetworkId, NodeId};
 
 /// A snapshot or a live state that breaks an invariant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -34,21 +35,71 @@ pub enum StateError {
 }
 
 /// `me`'s state for one network. Serialize it (one atomic write) after
-/// every call that changes it, before acting on the result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// every call that changes it, before acting on the result. The signer is
+/// not serialised: after loading, `set_signer` before any write (a write
+/// without one carries an empty signature that every receiver refuses).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(try_from = "AllocatorRepr", into = "AllocatorRepr")]
 pub struct Allocator {
     me: NodeId,
+    signer: Option<Signer>,
     ring: Ring,
     allocations: BTreeMap<Ipv4Addr, EndpointId>,
     /// Freed address → the caller's tick when it was freed.
     quarantine: BTreeMap<Ipv4Addr, u64>,
 }
 
+impl PartialEq for Allocator {
+    fn eq(&self, o: &Self) -> bool {
+        self.me == o.me
+            && self.ring == o.ring
+            && self.allocations == o.allocations
+            && self.quarantine == o.quarantine
+    }
+}
+impl Eq for Allocator {}
+
+/// The outcome of `merge_views`.
+#[derive(Debug, Default)]
+pub struct MergeReport {
+    pub changed: bool,
+    /// Newer states refused because the owner this host knows still
+    /// claims the addresses first-hand (or this host is the owner), or
+    /// because the signature is bad: forgeries. (publisher, refusal)
+    pub forged: Vec<(NodeId, Refused)>,
+    /// Newer states not (yet) attributable: their writer is not the owner
+    /// known here and that owner's own view has not vouched for them yet.
+    /// Retried on the next merge; not an attack by itself.
+    pub deferred: usize,
+    /// Views refused whole (pool mismatch, same-version conflict).
+    pub errors: Vec<(NodeId, MergeError)>,
+}
+
 impl Allocator {
     /// The creating host: owns the whole pool at version 1.
-    pub fn create(me: NodeId, pool: Pool) -> Self {
-        Self::join(me, Ring::new(pool, me))
+    pub fn create(signer: Signer, pool: Pool) -> Self {
+        let ring = Ring::new(pool, &signer);
+        Self::join(signer, ring)
+    }
+
+    /// Sets the key writes are signed with (after deserialising).
+    pub fn set_signer(&mut self, signer: Signer) {
+        self.signer = Some(signer);
+    }
+
+    fn network(&self) -> Option<NetworkId> {
+        self.signer.as_ref().map(Signer::network)
+    }
+
+    /// Writes `block` to `owner` in my ring, signed by me.
+    fn assign(&mut self, block: Ipv4Network, owner: NodeId) {
+        let signer = match &self.signer {
+            Some(s) => s.clone(),
+            // No key: an unsigned write nobody will accept (a bug, shown by
+            // every receiver's refusal count).
+            None => Signer::unsigned(self.me),
+        };
+        self.ring.assign(block, owner, &signer);
     }
 
     /// A host that allocated nothing in this network yet, with the ring
@@ -58,9 +109,10 @@ impl Allocator {
     /// handed to us by gossip. A host that lost its IPAM state must
     /// therefore come back under a new identity (DESIGN.md), or it would
     /// re-allocate addresses it handed out before.
-    pub fn join(me: NodeId, ring: Ring) -> Self {
+    pub fn join(signer: Signer, ring: Ring) -> Self {
         let mut a = Self {
-            me,
+            me: signer.id(),
+            signer: Some(signer),
             ring,
             allocations: BTreeMap::new(),
             quarantine: BTreeMap::new(),
@@ -238,14 +290,24 @@ impl Allocator {
                 Ipv4Network::from(ip)
             }
         };
-        self.ring.assign(block, req.to);
+        self.assign(block, req.to);
         self.refresh_report();
         Ok(self.grant(self.me, req.to, &[block], pool))
     }
 
-    /// Adopts a grant naming me. Stale or duplicate grants change nothing
-    /// (versions decide); a conflicting one is refused whole.
-    pub fn accept(&mut self, grant: &Grant) -> Result<(), AcceptError> {
+    /// Adopts a grant naming me, which `sender` stands behind (it came
+    /// over the sender's authenticated channel: the donor, or whoever
+    /// reclaimed for me). Stale or duplicate grants
+    /// change nothing (versions decide); a conflicting one is refused
+    /// whole, and so is one with an entry its writer had no right to write
+    /// (`departed`: nodes gone from the cluster, whose space anyone's
+    /// signed write may move).
+    pub fn accept(
+        &mut self,
+        grant: &Grant,
+        sender: NodeId,
+        departed: &dyn Fn(NodeId) -> bool,
+    ) -> Result<(), AcceptError> {
         if grant.to != self.me {
             return Err(AcceptError::NotForMe(grant.to));
         }
@@ -256,11 +318,24 @@ impl Allocator {
             return Err(AcceptError::PoolMismatch(Box::new(grant.pool.clone())));
         }
         if let Some(e) = grant.entries.iter().find(|e| e.owner != self.me) {
-            return Err(AcceptError::ForeignEntry(*e));
+            return Err(AcceptError::ForeignEntry(Box::new(*e)));
         }
         let mut entries = grant.entries.clone();
         ring::validate_partial(pool, &mut entries).map_err(AcceptError::Invalid)?;
-        self.ring.merge_granted(&entries, self.me)?;
+        let Some(network) = self.network() else {
+            return Err(AcceptError::NoRing);
+        };
+        let auth = Authority {
+            network,
+            publisher: sender,
+            departed,
+        };
+        let mut trial = self.ring.clone();
+        let (_, refused) = trial.merge_granted(&entries, &auth)?;
+        if let Some(r) = refused.first() {
+            return Err(AcceptError::Unauthorized(Box::new(r.theirs)));
+        }
+        self.ring = trial;
         self.coalesce();
         self.refresh_report();
         Ok(())
@@ -283,14 +358,16 @@ impl Allocator {
         }
         let blocks = self.ring.ranges_of(self.me);
         for b in &blocks {
-            self.ring.assign(*b, to);
+            self.assign(*b, to);
         }
         self.refresh_report();
         Ok(self.grant(self.me, to, &blocks, pool))
     }
 
     /// Operator command: every block of `dead` to `by` (usually `me`), one
-    /// version up. Run it once, on one host, after the dead host's blocks
+    /// version up, signed by me. Receivers take it only once they consider
+    /// `dead` departed (left, removed or forgotten): any member may reclaim
+    /// a departed node's space, no one a present node's. Run it once, on one host, after the dead host's blocks
     /// have stopped changing in this replica: running it on two hosts with
     /// different `by` writes two owners at one version, which every merge
     /// then refuses as `MergeError::Conflict`; a "dead" host that is alive
@@ -308,7 +385,7 @@ impl Allocator {
         };
         let blocks = self.ring.ranges_of(dead);
         for b in &blocks {
-            self.ring.assign(*b, by);
+            self.assign(*b, by);
         }
         if by == self.me {
             self.coalesce();
@@ -317,12 +394,73 @@ impl Allocator {
         Ok(self.grant(dead, by, &blocks, pool))
     }
 
-    /// Merges a peer's replica; refused whole (nothing changes) on a pool
-    /// mismatch, a same-version conflict, or an entry taking away one of my
-    /// blocks. Returns whether anything changed.
-    pub fn merge(&mut self, remote: &Ring) -> Result<bool, MergeError> {
-        let changed = self.ring.merge_guarded(remote, Some(self.me))?;
-        Ok(self.refresh_report() | changed)
+    /// Merges the views peers published (`(publisher, ring)`, each taken
+    /// from the publisher's own table), under the attribution rule of
+    /// `ring`: a newer state is taken only from its writer's authority.
+    /// A host that knows no ring yet bootstraps from all views at once
+    /// (`Ring::bootstrap`). Views are merged until nothing changes, so an
+    /// owner's first-hand view unlocks the states relayed by others in the
+    /// same call. `departed`: nodes gone from the cluster.
+    pub fn merge_views(
+        &mut self,
+        views: &[(NodeId, &Ring)],
+        departed: &dyn Fn(NodeId) -> bool,
+    ) -> MergeReport {
+        let mut report = MergeReport::default();
+        let Some(network) = self.network() else {
+            return report;
+        };
+        let views: Vec<(NodeId, &Ring)> = views
+            .iter()
+            .filter(|(p, r)| *p != self.me && !r.is_empty())
+            .copied()
+            .collect();
+        if self.ring.is_empty()
+            && let Some(r) = Ring::bootstrap(&views, network)
+        {
+            self.ring = r;
+            report.changed = true;
+        }
+        let mut refused: Vec<(NodeId, Refused)> = Vec::new();
+        for _round in 0..=views.len() {
+            let mut moved = false;
+            refused.clear();
+            report.errors.clear();
+            for (publisher, ring) in &views {
+                let auth = Authority {
+                    network,
+                    publisher: *publisher,
+                    departed,
+                };
+                match self.ring.merge(ring, &auth) {
+                    Ok((changed, r)) => {
+                        moved |= changed;
+                        refused.extend(r.into_iter().map(|r| (*publisher, r)));
+                    }
+                    Err(e) => report.errors.push((*publisher, e)),
+                }
+            }
+            report.changed |= moved;
+            if !moved {
+                break;
+            }
+        }
+        for (publisher, r) in refused {
+            // Still refused after every view merged: forged if the owner we
+            // know stands by the addresses first-hand (or is us).
+            let owner = r.ours.owner;
+            let claimed = owner == self.me
+                || views
+                    .iter()
+                    .any(|(p, ring)| *p == owner && claims(ring, owner, &r.ours));
+            if r.bad_proof || claimed {
+                report.forged.push((publisher, r));
+            } else {
+                report.deferred += 1;
+            }
+        }
+        report.changed |= self.refresh_report();
+        report
     }
 
     /// Every invariant of one host's state (tests; cheap enough to run on
@@ -462,7 +600,7 @@ impl Allocator {
                 });
             }
             match target {
-                Some(b) => self.ring.assign(b, self.me),
+                Some(b) => self.assign(b, self.me),
                 None => return,
             }
         }
@@ -514,6 +652,7 @@ impl TryFrom<AllocatorRepr> for Allocator {
     fn try_from(r: AllocatorRepr) -> Result<Self, StateError> {
         let mut a = Self {
             me: r.me,
+            signer: None,
             ring: r.ring,
             allocations: BTreeMap::new(),
             quarantine: BTreeMap::new(),
@@ -551,4 +690,12 @@ impl From<Allocator> for AllocatorRepr {
                 .collect(),
         }
     }
+}
+
+/// Whether `ring` (published by `owner`) still gives `owner` some address
+/// of `ours` at `ours.version` or later.
+fn claims(ring: &Ring, owner: NodeId, ours: &RangeEntry) -> bool {
+    ring.entries().iter().any(|e| {
+        e.owner == owner && e.version >= ours.version && ring::overlaps(e.block, ours.block)
+    })
 }

@@ -6,13 +6,15 @@
 //!   broadcast and gateway addresses, and everything outside the ip-range,
 //!   are never allocatable;
 //! - every block of the ring has one owner and a version; only the owner
-//!   changes it (`donate`, `hand_off_all`), bumping the version; replicas
-//!   merge by union and, per address, the higher version (`Ring::merge`);
-//!   same version with a different owner is corruption: that network's
-//!   merge is refused whole (`MergeError::Conflict`);
+//!   changes it (`donate`, `hand_off_all`), bumping the version and signing
+//!   the write with its identity key (`proof`); replicas merge by union
+//!   and, per address, the higher version, taken only from someone with
+//!   authority over it (`Allocator::merge_views`, rule in `ring`); same
+//!   version with a different owner is corruption: that view's merge is
+//!   refused whole (`MergeError::Conflict`);
 //! - a host allocates only inside blocks it owns; otherwise `allocate` says
 //!   whom to ask (`AllocError::NeedDonation`) and the owner `donate`s;
-//! - the operator reclaims a dead host's blocks (`reclaim`), run once.
+//! - the operator reclaims a departed host's blocks (`reclaim`), run once.
 //!
 //! Sans-IO: no sockets, no clock, no files. The caller persists the
 //! `Allocator` (serde; ring and allocations in one value, so one atomic
@@ -24,6 +26,7 @@
 mod allocator;
 mod check;
 mod pool;
+mod proof;
 mod ring;
 mod wire;
 
@@ -37,10 +40,11 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{EndpointId, NodeId};
 use wire::text;
 
-pub use allocator::{Allocator, StateError};
+pub use allocator::{Allocator, MergeReport, StateError};
 pub use check::{InvariantError, check_converged, check_disjoint, check_unique_addresses};
 pub use pool::{MAX_PREFIX, MIN_PREFIX, Pool, PoolError};
-pub use ring::{FreeReport, MergeError, RangeEntry, Ring, RingError};
+pub use proof::{Proof, Signer};
+pub use ring::{Authority, FreeReport, MergeError, RangeEntry, Refused, Ring, RingError};
 
 /// `allocate` and `allocate_exact`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,9 +111,11 @@ pub enum AcceptError {
     #[error("grant is for a different pool ({0})")]
     PoolMismatch(Box<Pool>),
     #[error("grant entry {0} does not name this host as owner")]
-    ForeignEntry(RangeEntry),
+    ForeignEntry(Box<RangeEntry>),
     #[error("grant entries are malformed: {0}")]
     Invalid(RingError),
+    #[error("grant entry {0} is not signed by someone who owned those addresses")]
+    Unauthorized(Box<RangeEntry>),
     #[error(transparent)]
     Merge(#[from] MergeError),
 }

@@ -4,18 +4,40 @@
 //!
 //! Semantics are pointwise: every address has the `(owner, version)` of the
 //! entry covering it, and a merge takes, per address, the higher version.
-//! That is a join-semilattice (commutative, associative, idempotent), so
-//! replicas converge whatever order, loss or duplication gossip suffers.
-//! Writes (`assign`) give the written block and every leftover piece of a
-//! split entry `version + 1`, so each address's history is a chain of
-//! strictly increasing versions, each written by the previous owner. Two
-//! different owners at the same version of one address therefore means
-//! corruption (or the operator reclaiming on two hosts): the merge is
-//! refused whole.
+//! Writes (`assign`) give the written block one more than the highest
+//! version it covers, so each address's history is a chain of strictly
+//! increasing versions, each written by the previous owner. Two different
+//! owners at the same version of one address therefore means corruption
+//! (or the operator reclaiming on two hosts): the merge is refused whole.
 //!
-//! The representation is canonical (maximal aligned blocks of equal owner
-//! and version, sorted), so equal meanings are equal values and `==` on
-//! rings is the convergence check.
+//! **Attribution** (DESIGN.md "Trust and keys"). Every entry carries the
+//! signed write behind it (`proof::Proof`: writer, its key, signature over
+//! network, block, owner, version). A receiver takes a newer state for an
+//! address it holds as `(O, v)` only if the proof verifies and one of:
+//! - the writer is `O` (the owner's own rewrite, or its grant);
+//! - the view comes first-hand from `O` (the publisher of the view, over
+//!   its authenticated channel, is `O`): `O` either checked the newer
+//!   state itself or, if `O` lies, the addresses were `O`'s to give. This
+//!   is what lets a replica that missed steps catch up (`v` → `v+2`
+//!   written by someone it never knew owned them);
+//! - `O` has departed (left, removed, forgotten by the cluster): its space
+//!   is whoever's the newest signed write says (hand-offs and reclaims).
+//!
+//! Anything else is refused for that address (`Refused`), the rest of the
+//! view still merges. So a member can only ever move addresses a receiver
+//! attributes to that member or to a departed node. For honest writers the
+//! merge stays order-independent: every refused newer state is eventually
+//! offered again first-hand by the owner the receiver knows.
+//!
+//! The representation is canonical (maximal aligned blocks of equal owner,
+//! version and proof, sorted), so equal meanings are equal values and `==`
+//! on rings is the convergence check.
+//!
+//! Wire format (JSON, `RingRepr`): `{"pool":…, "entries":[{"block":
+//! "a.b.c.d/n", "owner":hex, "version":n, "proof":{"block":"a.b.c.d/m",
+//! "writer":hex, "pk":hex32, "sig":hex64}}], "reports":[…]}`. Rings from
+//! before signed writes (no `proof`) do not parse: there is no
+//! compatibility with them.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -26,8 +48,9 @@ use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 
 use super::pool::Pool;
+use super::proof::{Proof, Signer};
 use super::wire::text;
-use crate::ids::NodeId;
+use crate::ids::{NetworkId, NodeId};
 
 /// One block of the ring. Fields are public for reading; a `Ring` only ever
 /// holds validated entries.
@@ -38,6 +61,8 @@ pub struct RangeEntry {
     #[serde(with = "text")]
     pub owner: NodeId,
     pub version: u64,
+    /// The signed write behind `(block, owner, version)`.
+    pub proof: Proof,
 }
 
 impl fmt::Display for RangeEntry {
@@ -84,16 +109,29 @@ pub enum MergeError {
         "replicas disagree ({ours} here, {theirs} remote): same version, different owner; ring corrupt or reclaimed twice, merge refused"
     )]
     Conflict {
-        ours: RangeEntry,
-        theirs: RangeEntry,
+        ours: Box<RangeEntry>,
+        theirs: Box<RangeEntry>,
     },
-    #[error(
-        "a peer's ring moves our range away ({ours} here, {theirs} remote) but only we may change it (reclaimed while alive?); merge refused"
-    )]
-    Revoked {
-        ours: RangeEntry,
-        theirs: RangeEntry,
-    },
+}
+
+/// What the receiver knows about a view or grant it merges.
+#[derive(Clone, Copy)]
+pub struct Authority<'a> {
+    pub network: NetworkId,
+    /// Who stands behind the remote entries first-hand: the publisher of
+    /// the view (its own table) or the donor of a grant.
+    pub publisher: NodeId,
+    /// Nodes that left, were removed or are forgotten by the cluster.
+    pub departed: &'a dyn Fn(NodeId) -> bool,
+}
+
+/// A newer remote state the receiver did not take for some addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub ours: RangeEntry,
+    pub theirs: RangeEntry,
+    /// The signature does not verify (or its key is not the writer's).
+    pub bad_proof: bool,
 }
 
 /// One network's ring. `Ring::default()` is the empty ring of a node that
@@ -186,6 +224,7 @@ struct Seg {
     end: u64,
     owner: NodeId,
     version: u64,
+    proof: Proof,
 }
 
 impl Seg {
@@ -195,12 +234,18 @@ impl Seg {
             end: end(e.block),
             owner: e.owner,
             version: e.version,
+            proof: e.proof,
         }
+    }
+
+    fn same_state(&self, o: &Seg) -> bool {
+        self.owner == o.owner && self.version == o.version && self.proof == o.proof
     }
 }
 
 /// Canonical entries from sorted, disjoint segments: adjacent runs with the
-/// same owner and version are joined, then cut into maximal aligned blocks.
+/// same owner, version and proof are joined, then cut into maximal aligned
+/// blocks (all inside the proof's signed block, which covered each run).
 fn canonical(segs: impl IntoIterator<Item = Seg>) -> Vec<RangeEntry> {
     let mut out = Vec::new();
     let mut emit = |r: Seg| {
@@ -209,15 +254,14 @@ fn canonical(segs: impl IntoIterator<Item = Seg>) -> Vec<RangeEntry> {
                 block,
                 owner: r.owner,
                 version: r.version,
+                proof: r.proof,
             })
         })
     };
     let mut run: Option<Seg> = None;
     for s in segs {
         match &mut run {
-            Some(r) if r.end == s.start && r.owner == s.owner && r.version == s.version => {
-                r.end = s.end
-            }
+            Some(r) if r.end == s.start && r.same_state(&s) => r.end = s.end,
             _ => {
                 if let Some(r) = run.replace(s) {
                     emit(r);
@@ -232,14 +276,17 @@ fn canonical(segs: impl IntoIterator<Item = Seg>) -> Vec<RangeEntry> {
 }
 
 /// Pointwise merge of a complete `local` partition with sorted, disjoint
-/// (possibly partial) `remote` entries. `guard`: a node whose ranges no
-/// remote entry may take away (the local node: only it writes its ranges).
+/// (possibly partial) `remote` entries, under the attribution rule of the
+/// module comment. Returns the merged entries and what was refused.
 fn merge_entries(
     local: &[RangeEntry],
     remote: &[RangeEntry],
-    guard: Option<NodeId>,
-) -> Result<Vec<RangeEntry>, MergeError> {
+    auth: &Authority<'_>,
+) -> Result<(Vec<RangeEntry>, Vec<Refused>), MergeError> {
     let mut segs = Vec::with_capacity(local.len() + remote.len());
+    let mut refused: Vec<Refused> = Vec::new();
+    // Each remote proof is checked at most once, and only when it would win.
+    let mut verified: Vec<Option<bool>> = vec![None; remote.len()];
     let mut j = 0;
     for l in local {
         let (mut p, lend) = (first(l.block), end(l.block));
@@ -248,61 +295,174 @@ fn merge_entries(
                 j += 1;
             }
             let (stop, winner) = match remote.get(j) {
-                Some(r) if first(r.block) <= p => (lend.min(end(r.block)), pick(l, r, guard)?),
+                Some(r) if first(r.block) <= p => {
+                    let stop = lend.min(end(r.block));
+                    (stop, pick(l, r, auth, &mut verified[j], &mut refused)?)
+                }
                 Some(r) => (lend.min(first(r.block)), l),
                 None => (lend, l),
             };
             segs.push(Seg {
                 start: p,
                 end: stop,
-                owner: winner.owner,
-                version: winner.version,
+                ..Seg::of(winner)
             });
             p = stop;
         }
     }
-    Ok(canonical(segs))
+    refused.dedup();
+    Ok((canonical(segs), refused))
 }
 
 fn pick<'a>(
     l: &'a RangeEntry,
     r: &'a RangeEntry,
-    guard: Option<NodeId>,
+    auth: &Authority<'_>,
+    verified: &mut Option<bool>,
+    refused: &mut Vec<Refused>,
 ) -> Result<&'a RangeEntry, MergeError> {
-    match r.version.cmp(&l.version) {
-        Ordering::Less => Ok(l),
-        Ordering::Equal if r.owner == l.owner => Ok(l),
-        Ordering::Equal => Err(MergeError::Conflict {
+    if r.version < l.version || (r.version == l.version && r.owner == l.owner) {
+        return Ok(l);
+    }
+    let proof_ok = *verified
+        .get_or_insert_with(|| r.proof.verifies(auth.network, r.block, r.owner, r.version));
+    // Same version, another owner, properly signed: two writes of one
+    // address at one version, corruption or a reclaim run twice. Refusing
+    // the whole view is safe: honest views never carry a state they could
+    // not attribute, so only the equivocator's own views are lost.
+    if r.version == l.version && proof_ok {
+        return Err(MergeError::Conflict {
+            ours: Box::new(*l),
+            theirs: Box::new(*r),
+        });
+    }
+    let authorized = proof_ok
+        && (r.proof.writer == l.owner || auth.publisher == l.owner || (auth.departed)(l.owner));
+    if !authorized {
+        refused.push(Refused {
             ours: *l,
             theirs: *r,
-        }),
-        Ordering::Greater => {
-            if guard.is_some_and(|me| l.owner == me && r.owner != me) {
-                return Err(MergeError::Revoked {
-                    ours: *l,
-                    theirs: *r,
-                });
-            }
-            Ok(r)
-        }
+            bad_proof: !proof_ok,
+        });
+        return Ok(l);
     }
+    Ok(r)
 }
 
 impl Ring {
-    /// The creator's ring: it owns the whole space at version 1.
-    pub fn new(pool: Pool, creator: NodeId) -> Self {
+    /// The creator's ring: it owns the whole space at version 1, signed
+    /// by itself (the genesis write every later one descends from).
+    pub fn new(pool: Pool, creator: &Signer) -> Self {
         let space = pool.space();
+        let proof = creator.sign(space, creator.id(), 1);
         let entries = canonical([Seg {
             start: first(space),
             end: end(space),
-            owner: creator,
+            owner: creator.id(),
             version: 1,
+            proof,
         }]);
         Self {
             pool: Some(pool),
             entries,
             reports: BTreeMap::new(),
         }
+    }
+
+    /// The first ring of a node that knew none: there is no earlier state
+    /// to check writers against, so each address takes the state most
+    /// views hold (each publisher counted once), among entries whose
+    /// proofs verify. Ties go to the state whose owner publishes it
+    /// first-hand, then to the lower owner id, then to the higher version.
+    /// One liar among three or more views cannot move an address; with
+    /// two views a tie is possible (see docs/threat-model.md). The caller
+    /// then merges every view normally on top, so a stale majority only
+    /// delays.
+    pub fn bootstrap(views: &[(NodeId, &Ring)], network: NetworkId) -> Option<Ring> {
+        // The pool most views agree on (a view of another pool is refused
+        // by the normal merge afterwards).
+        let mut pools: Vec<(&Pool, usize)> = Vec::new();
+        for (_, r) in views {
+            if let Some(p) = &r.pool {
+                match pools.iter_mut().find(|(q, _)| *q == p) {
+                    Some(c) => c.1 += 1,
+                    None => pools.push((p, 1)),
+                }
+            }
+        }
+        let pool = pools
+            .iter()
+            .max_by_key(|(_, c)| *c)
+            .map(|(p, _)| (*p).clone())?;
+        let views: Vec<(NodeId, &Ring)> = views
+            .iter()
+            .filter(|(_, r)| r.pool.as_ref() == Some(&pool))
+            .copied()
+            .collect();
+        let mut cuts: Vec<u64> = views
+            .iter()
+            .flat_map(|(_, r)| {
+                r.entries
+                    .iter()
+                    .flat_map(|e| [first(e.block), end(e.block)])
+            })
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut ok: std::collections::HashMap<RangeEntry, bool> = std::collections::HashMap::new();
+        let mut segs = Vec::new();
+        for w in cuts.windows(2) {
+            let (start, stop) = (w[0], w[1]);
+            // (state, votes, claimed first-hand by its owner)
+            let mut tally: Vec<(Seg, usize, bool)> = Vec::new();
+            for (publisher, r) in &views {
+                let i = r.entries.partition_point(|e| end(e.block) <= start);
+                let Some(e) = r.entries.get(i).filter(|e| first(e.block) <= start) else {
+                    continue;
+                };
+                let valid = *ok
+                    .entry(*e)
+                    .or_insert_with(|| e.proof.verifies(network, e.block, e.owner, e.version));
+                if !valid {
+                    continue;
+                }
+                let seg = Seg {
+                    start,
+                    end: stop,
+                    ..Seg::of(e)
+                };
+                match tally.iter_mut().find(|t| t.0.same_state(&seg)) {
+                    Some(t) => {
+                        t.1 += 1;
+                        t.2 |= e.owner == *publisher;
+                    }
+                    None => tally.push((seg, 1, e.owner == *publisher)),
+                }
+            }
+            let best = tally.into_iter().max_by(|a, b| {
+                (a.1, a.2, std::cmp::Reverse(a.0.owner), a.0.version).cmp(&(
+                    b.1,
+                    b.2,
+                    std::cmp::Reverse(b.0.owner),
+                    b.0.version,
+                ))
+            })?;
+            segs.push(best.0);
+        }
+        let mut ring = Self {
+            pool: Some(pool),
+            entries: canonical(segs),
+            reports: BTreeMap::new(),
+        };
+        for (_, r) in &views {
+            for (node, rep) in &r.reports {
+                let mine = ring.reports.entry(*node).or_insert(*rep);
+                *mine = (*mine).max(*rep);
+            }
+        }
+        ring.check().ok()?;
+        ring.prune_reports();
+        Some(ring)
     }
 
     /// Builds a ring from untrusted parts: entries must be aligned, inside
@@ -465,24 +625,29 @@ impl Ring {
         ranges.saturating_add(reports)
     }
 
-    /// Merges a replica received from a peer. Refused whole (ring
-    /// unchanged) on a pool mismatch or a same-version conflict. Returns
-    /// whether anything changed.
-    pub fn merge(&mut self, remote: &Ring) -> Result<bool, MergeError> {
-        self.merge_guarded(remote, None)
-    }
-
-    pub(crate) fn merge_guarded(
+    /// Merges a view `auth.publisher` published. Refused whole (ring
+    /// unchanged) on a pool mismatch or a same-version conflict between
+    /// authorised writes; otherwise unauthorised newer states are left out
+    /// address by address and returned. An empty ring bootstraps from the
+    /// view alone (`Ring::bootstrap`). Returns whether anything changed.
+    pub fn merge(
         &mut self,
         remote: &Ring,
-        guard: Option<NodeId>,
-    ) -> Result<bool, MergeError> {
+        auth: &Authority<'_>,
+    ) -> Result<(bool, Vec<Refused>), MergeError> {
         let Some(theirs) = &remote.pool else {
-            return Ok(false);
+            return Ok((false, Vec::new()));
         };
         let Some(ours) = &self.pool else {
-            *self = remote.clone();
-            return Ok(true);
+            return Ok(
+                match Ring::bootstrap(&[(auth.publisher, remote)], auth.network) {
+                    Some(r) => {
+                        *self = r;
+                        (true, Vec::new())
+                    }
+                    None => (false, Vec::new()),
+                },
+            );
         };
         if ours != theirs {
             return Err(MergeError::PoolMismatch {
@@ -490,7 +655,7 @@ impl Ring {
                 theirs: Box::new(theirs.clone()),
             });
         }
-        let entries = merge_entries(&self.entries, &remote.entries, guard)?;
+        let (entries, refused) = merge_entries(&self.entries, &remote.entries, auth)?;
         let mut reports = self.reports.clone();
         for (node, r) in &remote.reports {
             let mine = reports.entry(*node).or_insert(*r);
@@ -503,29 +668,34 @@ impl Ring {
         self.entries = entries;
         self.reports = reports;
         self.prune_reports();
-        Ok(before.0 != self.entries || before.1 != self.reports)
+        Ok((
+            before.0 != self.entries || before.1 != self.reports,
+            refused,
+        ))
     }
 
     /// Merges granted entries (validated by the caller: aligned, inside the
-    /// space, sorted, disjoint).
+    /// space, sorted, disjoint) under the same rule, the donor standing
+    /// behind them.
     pub(crate) fn merge_granted(
         &mut self,
         granted: &[RangeEntry],
-        guard: NodeId,
-    ) -> Result<bool, MergeError> {
-        let entries = merge_entries(&self.entries, granted, Some(guard))?;
+        auth: &Authority<'_>,
+    ) -> Result<(bool, Vec<Refused>), MergeError> {
+        let (entries, refused) = merge_entries(&self.entries, granted, auth)?;
         let changed = entries != self.entries;
         self.entries = entries;
         self.prune_reports();
-        Ok(changed)
+        Ok((changed, refused))
     }
 
     /// The one write: `block` (aligned, inside the space) now belongs to
-    /// `owner` at one more than the highest version it covers; entries it
-    /// splits keep their owner for the rest, at their version + 1.
-    /// Only the owner of every covered entry may call this (or the operator
-    /// acting for a dead owner).
-    pub(crate) fn assign(&mut self, block: Ipv4Network, owner: NodeId) {
+    /// `owner` at one more than the highest version it covers, signed by
+    /// `writer`; entries it splits keep owner, version and proof for the
+    /// rest (their signed block still covers it). Only the owner of every
+    /// covered entry may call this (or the operator acting for a departed
+    /// owner): receivers refuse anyone else's write.
+    pub(crate) fn assign(&mut self, block: Ipv4Network, owner: NodeId, writer: &Signer) {
         let (bs, be) = (first(block), end(block));
         let mut segs = Vec::with_capacity(self.entries.len() + 2);
         let mut top = 0u64;
@@ -536,29 +706,28 @@ impl Ring {
                 continue;
             }
             top = top.max(e.version);
-            let bumped = e.version.saturating_add(1);
             if es < bs {
                 segs.push(Seg {
                     start: es,
                     end: bs,
-                    owner: e.owner,
-                    version: bumped,
+                    ..Seg::of(e)
                 });
             }
             if ee > be {
                 segs.push(Seg {
                     start: be,
                     end: ee,
-                    owner: e.owner,
-                    version: bumped,
+                    ..Seg::of(e)
                 });
             }
         }
+        let version = top.saturating_add(1);
         segs.push(Seg {
             start: bs,
             end: be,
             owner,
-            version: top.saturating_add(1),
+            version,
+            proof: writer.sign(block, owner, version),
         });
         segs.sort_by_key(|s| s.start);
         self.entries = canonical(segs);

@@ -6,14 +6,64 @@
 //! ```text
 //! ovl-table-forge --table STATE_DIR/table.pb --network NETWORK_ID --id ENDPOINT_ID \
 //!     --name NAME --ip IP --mac MAC --vtep IP
+//! ovl-table-forge --table STATE_DIR/table.pb --network NETWORK_ID --steal BLOCK \
+//!     --key STATE_DIR/identity.pk8
 //! ```
-//! Only for tests.
+//! The second form rewrites the agent's published IPAM ring view so that
+//! `BLOCK` (an entry of another host's) belongs to the agent itself one
+//! version up, signed with the agent's own identity key: the forgery a
+//! member can make. Only for tests.
+
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use ovl_agent::ids::{EndpointId, NetworkId};
+use ovl_agent::ipam::{RangeEntry, Ring, Signer};
 use ovl_agent::store::{Table, key};
-use ovl_proto::records::{EndpointRecord, TableSnapshot, table_entry::Value};
+use ovl_proto::records::{EndpointRecord, IpamRing, TableSnapshot, table_entry::Value};
 use prost::Message;
+
+/// Rewrites the ring view in `table` so that `block` is the signer's.
+fn steal(table: &mut Table, network: NetworkId, block: &str, signer: &Signer) -> Result<()> {
+    let Some(Value::Ipam(r)) = table.get(&key::ipam(network)).cloned() else {
+        bail!("the table holds no IPAM ring for {network}");
+    };
+    let ring: Ring = serde_json::from_slice(&r.ring_json).context("decoding the ring")?;
+    let block: ipnetwork::Ipv4Network = block.parse()?;
+    let Some(victim) = ring.entries().iter().find(|e| e.block == block).copied() else {
+        bail!("{block} is not an entry of the ring");
+    };
+    let mut entries: Vec<RangeEntry> = ring
+        .entries()
+        .iter()
+        .filter(|e| e.block != block)
+        .copied()
+        .collect();
+    let version = victim.version + 1;
+    entries.push(RangeEntry {
+        block,
+        owner: signer.id(),
+        version,
+        proof: signer.sign(block, signer.id(), version),
+    });
+    let forged = Ring::from_parts(ring.pool().cloned(), entries, ring.reports().clone())
+        .context("rebuilding the ring")?;
+    let json = serde_json::to_vec(&forged)?;
+    table.put(
+        &key::ipam(network),
+        Value::Ipam(IpamRing {
+            network_id: r.network_id,
+            ring_json: json,
+        }),
+    );
+    println!(
+        "{block}: {} v{} -> {} v{version}",
+        victim.owner,
+        victim.version,
+        signer.id()
+    );
+    Ok(())
+}
 
 fn main() -> Result<()> {
     let mut it = std::env::args().skip(1);
@@ -29,11 +79,25 @@ fn main() -> Result<()> {
     };
     let path = get("--table")?;
     let network: NetworkId = get("--network")?.parse()?;
-    let id: EndpointId = get("--id")?.parse()?;
     let raw = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
     let snapshot = TableSnapshot::decode(raw.as_slice()).context("decoding the table")?;
     let owner = snapshot.owner.clone();
     let mut table = Table::from_snapshot(snapshot);
+    if let Ok(block) = get("--steal") {
+        let pk8 = std::fs::read(get("--key")?).context("reading the identity key")?;
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(&pk8)
+            .map_err(|_| anyhow::anyhow!("bad identity key"))?;
+        steal(
+            &mut table,
+            network,
+            &block,
+            &Signer::new(Arc::new(key), network),
+        )?;
+        std::fs::write(&path, table.snapshot(&owner).encode_to_vec())
+            .with_context(|| format!("writing {path}"))?;
+        return Ok(());
+    }
+    let id: EndpointId = get("--id")?.parse()?;
     let record = EndpointRecord {
         id: id.as_bytes().to_vec(),
         network_id: network.as_bytes().to_vec(),
