@@ -58,7 +58,8 @@ pub struct Ipam {
 
 impl Ipam {
     pub fn load(state_dir: &Path, key: Arc<Ed25519KeyPair>) -> Result<Self, IpamLoadError> {
-        let me = crate::identity::node_id_of(ring::signature::KeyPair::public_key(&*key).as_ref());
+        let me =
+            crate::keys::identity::node_id_of(ring::signature::KeyPair::public_key(&*key).as_ref());
         let dir = state_dir.join("ipam");
         persist::ensure_private_dir(&dir)?;
         let mut nets = HashMap::new();

@@ -22,8 +22,8 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
 
 use super::wire::text;
-use crate::identity::node_id_of;
 use crate::ids::{NetworkId, NodeId, decode_hex, encode_hex};
+use crate::keys::identity::node_id_of;
 
 /// Signature domain: a ring signature can serve no other purpose.
 const DOMAIN: &[u8] = b"ovl ipam write v1";
