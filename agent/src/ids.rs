@@ -27,7 +27,7 @@ macro_rules! hex_id {
                 Ok(Self(b))
             }
 
-            pub fn from_bytes(b: [u8; 16]) -> Self {
+            pub const fn from_bytes(b: [u8; 16]) -> Self {
                 Self(b)
             }
 

@@ -694,7 +694,12 @@ impl Cluster {
         let remember = tokio::spawn(async move {
             tokio::select! {
                 () = watch_members(watched.clone(), file, credentials, removed, me) => {}
-                () = keeper.run(key_events) => {}
+                // The key events end with the gossip transport: then only
+                // `failed` may end this task, with the reason.
+                () = async {
+                    keeper.run(key_events).await;
+                    std::future::pending::<()>().await
+                } => {}
                 reason = watched.failed() => {
                     let _ = fatal.send(Some(reason));
                 }

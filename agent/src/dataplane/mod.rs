@@ -27,6 +27,7 @@ use rtnetlink::Handle;
 use crate::ids::{EndpointId, MacAddr, Vni};
 pub use miss::{Miss, Misses};
 
+pub mod encrypted;
 mod endpoint;
 mod fdb;
 mod miss;

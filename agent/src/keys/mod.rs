@@ -1,10 +1,12 @@
 //! All key material: the node's identity key (`identity`), the join token
-//! and what it derives (`token`), and the cluster key with its rotating
-//! keyring (`cluster_key`). Derivations and the keyring are sans-IO (time
+//! and what it derives (`token`), the cluster key with its rotating
+//! keyring (`cluster_key`), and the per-epoch, per-pair data keys of
+//! encrypted networks (`pair`). Derivations and the keyring are sans-IO (time
 //! comes in as an argument); only `identity` touches a file, the key's own.
 
 pub mod cluster_key;
 pub mod identity;
+pub mod pair;
 pub mod token;
 
 pub use cluster_key::{ClusterKey, KeyId, Keyring, Lookup};
