@@ -12,9 +12,7 @@ use ovl_agent::dataplane::Dataplane;
 use ovl_agent::keys::identity::Identity;
 use ovl_agent::metrics::Counters;
 use ovl_agent::peer::{self, TlsIdentity};
-use ovl_agent::peer_api::PeerService;
 use ovl_agent::store::Store;
-use ovl_proto::peer::peer_server::PeerServer;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -121,11 +119,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let peer_server = tonic::transport::Server::builder()
-        .add_service(PeerServer::new(PeerService::new(
-            core.clone(),
-            counters.clone(),
-        )))
+    let peer_server = ovl_agent::peer_api::server()
+        .add_service(ovl_agent::peer_api::service(core.clone(), counters.clone()))
         .serve_with_incoming_shutdown(
             peer::incoming(peer_listener, peer_tls, counters),
             stopped(stop_rx.clone()),

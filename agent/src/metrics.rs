@@ -33,6 +33,7 @@ counters! {
     ClusterKeyFetched => "cluster_key_fetched",
     ClusterKeyRefused => "cluster_key_refused",
     ClusterKeyServed => "cluster_key_served",
+    PeerConnLimited => "peer_conn_limited",
     GossipDropUndecodable => "gossip_drop_undecodable",
     GossipDropOversize => "gossip_drop_oversize",
     GossipDropBadSender => "gossip_drop_bad_sender",

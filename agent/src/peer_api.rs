@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ovl_proto::peer::peer_server::Peer;
+use ovl_proto::peer::peer_server::{Peer, PeerServer};
 use ovl_proto::peer::{
     ClusterKeyMessage, FetchClusterKeyRequest, HelloRequest, HelloResponse,
     InstallClusterKeyResponse, NotifyRequest, NotifyResponse, ProgrammedRequest,
@@ -25,6 +25,40 @@ use crate::metrics::{Counter, Counters, RateLimit};
 use crate::peer::{CLAIM_HEADER, NONCE_LEN, PeerConn, proof_input};
 
 static CALL_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+/// Largest request the peer API decodes. Requests are small (versions,
+/// ids, an address, a 32-byte key); tonic refuses a larger one from its
+/// length prefix, before buffering it, and before any handler (and so the
+/// membership check) runs.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// HTTP/2 streams one connection may have open (a member uses a few).
+const MAX_STREAMS: u32 = 16;
+/// Per-stream and per-connection receive windows: what a caller can make
+/// us buffer before we read it (RFC 9113 §6.9).
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// A call not answered by then is cancelled.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings on idle connections; a peer that stops answering them is
+/// dropped (its connection slot with it).
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tonic server with the peer API's limits (issue 8).
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .timeout(CALL_TIMEOUT)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
+/// The peer API service with its request size limit.
+pub fn service(core: Arc<Core>, counters: Arc<Counters>) -> PeerServer<PeerService> {
+    PeerServer::new(PeerService::new(core, counters)).max_decoding_message_size(MAX_REQUEST_BYTES)
+}
 
 pub struct PeerService {
     core: Arc<Core>,

@@ -486,3 +486,82 @@ fn strangers_without_a_member_certificate_are_refused() {
     });
     f.finish();
 }
+
+fn rss_kib(lab: &Lab, k: usize) -> u64 {
+    lab.agent_pid(k)
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Issue 8, peer server (7946/tcp): a request larger than any real one is
+/// refused from its length prefix, before any handler runs, for a stranger
+/// and a member alike, without growing the agent; connections from one
+/// address are capped (counted), the slots come back when they close, and
+/// members' traffic carries on meanwhile.
+#[test]
+fn the_peer_server_bounds_what_a_caller_can_make_it_hold() {
+    let (mut lab, net) = cluster_with_network(3, "lim", &[]);
+    let h1 = peer_addr(1);
+    let expect = node_id(&lab, 1);
+    let mut f = Findings::new();
+
+    let rss_before = rss_kib(&lab, 1);
+    for (who, key) in [
+        ("a stranger", "new".to_string()),
+        ("a member", key_of(&lab, 2)),
+    ] {
+        for _ in 0..20 {
+            let p = probe(
+                &lab,
+                2,
+                &[
+                    "--key", &key, "--addr", &h1, "--expect", &expect, "--call", "big",
+                ],
+            )
+            .expect("probe");
+            if p.ok || !p.detail.contains("too large") {
+                f.check(false, || {
+                    format!("a 1 MiB request from {who}: ok={} {}", p.ok, p.detail)
+                });
+                break;
+            }
+        }
+    }
+    let rss_after = rss_kib(&lab, 1);
+    println!("h1 RSS {rss_before} -> {rss_after} KiB after 40 requests of 1 MiB");
+    f.check(rss_after < rss_before + 16 * 1024, || {
+        format!("h1's RSS grew from {rss_before} to {rss_after} KiB")
+    });
+
+    let limited_before = counter(&lab, 1, "peer_conn_limited");
+    let p = probe(&lab, 3, &["--addr", &h1, "--conns", "40"]).expect("probe");
+    let held = p.received.unwrap_or(0);
+    let limited = counter(&lab, 1, "peer_conn_limited") - limited_before;
+    println!("40 connections from h3's address: {held} held, peer_conn_limited +{limited}");
+    f.check(p.ok && held <= 8 && held >= 1, || {
+        format!(
+            "h1 held {held} of 40 connections from one address: {}",
+            p.detail
+        )
+    });
+    f.check(limited >= 32, || {
+        format!("h1 counted {limited} refused connections, want >= 32")
+    });
+    // The slots came back, and members' calls were served meanwhile.
+    let again = probe(&lab, 3, &["--addr", &h1, "--conns", "4"]).expect("probe");
+    f.check(again.received.unwrap_or(0) >= 1, || {
+        format!("slots not freed: {}", again.detail)
+    });
+    let (_c1, e1) = attached(&mut lab, 1, "c1", "lim", &[]);
+    let (_c2, e2) = attached(&mut lab, 2, "c2", "lim", &[]);
+    f.ok(
+        "endpoints attached on h1 and h2 reach each other's data plane",
+        lab.wait_dataplane(&[1, 2], net.vni, &[e1, e2]).map(|_| ()),
+    );
+    f.finish();
+}

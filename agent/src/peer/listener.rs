@@ -10,10 +10,11 @@
 //! joiner is not a member yet; its token proof is the HMAC exchange);
 //! every other call needs an admitted member.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,13 @@ use crate::metrics::{Counter, Counters, RateLimit};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes in flight at once; more connections are closed at once.
 const MAX_HANDSHAKES: usize = 128;
+/// Open peer connections at once, handshaking or established. A member
+/// keeps one channel per peer, so this leaves room for a 1000-node cluster
+/// while bounding what strangers can hold open.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Open peer connections from one source address (a member needs one; a
+/// restart briefly two).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
 /// The start of a plaintext HTTP/2 connection (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
@@ -48,10 +56,83 @@ pub struct PeerConn {
     pub node: NodeId,
 }
 
+/// Why a connection was refused before its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRefusal {
+    Total,
+    PerSource,
+}
+
+/// Counts open connections, in total and per source address; a slot is
+/// held from accept until the connection is dropped.
+#[derive(Debug)]
+pub struct ConnLimits {
+    total: usize,
+    per_source: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl ConnLimits {
+    pub fn new(total: usize, per_source: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total,
+            per_source,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for a connection from `ip`, or why there is none.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnSlot, ConnRefusal> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = open.values().sum();
+        if total >= self.total {
+            return Err(ConnRefusal::Total);
+        }
+        let n = open.entry(ip).or_default();
+        if *n >= self.per_source {
+            return Err(ConnRefusal::PerSource);
+        }
+        *n += 1;
+        Ok(ConnSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+}
+
+/// One admitted connection; dropping it frees the slot.
+#[derive(Debug)]
+pub struct ConnSlot {
+    limits: Arc<ConnLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A TLS connection as tonic serves it.
 pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerConn,
+    _slot: ConnSlot,
 }
 
 impl Connected for TlsConn {
@@ -119,6 +200,7 @@ async fn handshake(
     tcp: TcpStream,
     remote: SocketAddr,
     counters: &Counters,
+    slot: ConnSlot,
 ) -> Option<TlsConn> {
     let _ = tcp.set_nodelay(true);
     // An agent from before TLS opens with the plaintext HTTP/2 preface;
@@ -166,6 +248,7 @@ async fn handshake(
     Some(TlsConn {
         inner: tls,
         info: PeerConn { remote, node },
+        _slot: slot,
     })
 }
 
@@ -179,6 +262,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let limits = ConnLimits::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -193,13 +277,27 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
+            let conn_slot = match limits.admit(remote.ip()) {
+                Ok(s) => s,
+                Err(why) => {
+                    counters.inc(Counter::PeerConnLimited);
+                    let reason = match why {
+                        ConnRefusal::Total => "too many peer connections open",
+                        ConnRefusal::PerSource => "too many peer connections from this address",
+                    };
+                    if let Some(suppressed) = TLS_REFUSE_LOG.check(Instant::now()) {
+                        warn!(peer = %remote, reason, open = limits.open(), suppressed, "peer connection refused");
+                    }
+                    continue;
+                }
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tls_refused(&counters, remote, None, "too many handshakes in flight");
                 continue;
             };
             let (acceptor, counters, tx) = (acceptor.clone(), counters.clone(), tx.clone());
             tokio::spawn(async move {
-                let conn = handshake(acceptor, tcp, remote, &counters).await;
+                let conn = handshake(acceptor, tcp, remote, &counters, conn_slot).await;
                 drop(slot);
                 if let Some(conn) = conn {
                     let _ = tx.send(Ok(conn)).await;
@@ -208,4 +306,24 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_per_source_and_in_total_and_free_on_drop() {
+        let l = ConnLimits::new(3, 2);
+        let (a, b): (IpAddr, IpAddr) =
+            ("198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap());
+        let a1 = l.admit(a).unwrap();
+        let _a2 = l.admit(a).unwrap();
+        assert_eq!(l.admit(a).err(), Some(ConnRefusal::PerSource));
+        let _b1 = l.admit(b).unwrap();
+        assert_eq!(l.admit(b).err(), Some(ConnRefusal::Total));
+        drop(a1);
+        assert_eq!(l.open(), 2);
+        assert!(l.admit(b).is_ok(), "a freed slot is reusable");
+    }
 }

@@ -38,7 +38,7 @@ struct Args {
     /// The node id to claim in the call's metadata (default: the key's).
     #[arg(long)]
     claim: Option<NodeId>,
-    /// pull | notify | space
+    /// pull | notify | space | big (a RequestSpace of 1 MiB)
     #[arg(long, default_value = "pull")]
     call: String,
     /// Network id (hex) for `space`.
@@ -55,6 +55,10 @@ struct Args {
     /// and report what came back.
     #[arg(long)]
     replay: Option<PathBuf>,
+    /// Open this many TCP connections to --addr at once and report how
+    /// many the agent keeps open for a second (`received`: that number).
+    #[arg(long)]
+    conns: Option<usize>,
 }
 
 fn report(ok: bool, detail: &str, received: Option<usize>) -> std::process::ExitCode {
@@ -73,6 +77,16 @@ fn report(ok: bool, detail: &str, received: Option<usize>) -> std::process::Exit
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(n) = args.conns {
+        return match flood(args.addr, n).await {
+            Ok(held) => report(
+                true,
+                &format!("{held} of {n} connections held open"),
+                Some(held),
+            ),
+            Err(e) => report(false, &format!("{e:#}"), Some(0)),
+        };
+    }
     if let Some(path) = &args.replay {
         return match replay(args.addr, path).await {
             Ok(n) => report(false, "replayed bytes got no call through", Some(n)),
@@ -151,6 +165,17 @@ async fn call(args: &Args) -> Result<String> {
                 .await
                 .map(|g| format!("space granted ({} bytes of grant)", g.grant_json.len()))
         }
+        "big" => channels
+            .request_space(
+                target,
+                expect,
+                SpaceRequest {
+                    network_id: vec![0; 16],
+                    exact_ip: "1".repeat(1 << 20),
+                },
+            )
+            .await
+            .map(|_| "a 1 MiB request was served".to_string()),
         other => bail!("unknown call {other:?}"),
     };
     if let (Some(path), Some(rec)) = (&args.record, recorded) {
@@ -232,4 +257,26 @@ async fn replay(addr: SocketAddr, path: &PathBuf) -> Result<usize> {
         }
     }
     Ok(received)
+}
+
+/// Opens `n` TCP connections at once and counts those still open a second
+/// later (the agent closes refused ones at once; it gives a handshake 5 s).
+async fn flood(addr: SocketAddr, n: usize) -> Result<usize> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(TcpStream::connect(addr).await.context("connect")?);
+    }
+    let checks = conns.iter_mut().map(|c| async move {
+        let mut b = [0u8; 1];
+        // Open after a second: held. Closed (EOF or reset): refused.
+        tokio::time::timeout(Duration::from_secs(1), c.read(&mut b))
+            .await
+            .is_err()
+    });
+    let held = futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .filter(|h| *h)
+        .count();
+    Ok(held)
 }
