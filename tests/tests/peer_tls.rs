@@ -543,7 +543,7 @@ fn the_peer_server_bounds_what_a_caller_can_make_it_hold() {
     let held = p.received.unwrap_or(0);
     let limited = counter(&lab, 1, "peer_conn_limited") - limited_before;
     println!("40 connections from h3's address: {held} held, peer_conn_limited +{limited}");
-    f.check(p.ok && held <= 8 && held >= 1, || {
+    f.check(p.ok && (1..=8).contains(&held), || {
         format!(
             "h1 held {held} of 40 connections from one address: {}",
             p.detail
