@@ -29,6 +29,7 @@ counters! {
     GossipDropBadTag => "gossip_drop_bad_tag",
     GossipDropNewerKey => "gossip_drop_newer_key",
     GossipDropUnknownKey => "gossip_drop_unknown_key",
+    GossipDropReplay => "gossip_drop_replay",
     ClusterKeyInstalled => "cluster_key_installed",
     ClusterKeyFetched => "cluster_key_fetched",
     ClusterKeyRefused => "cluster_key_refused",
@@ -62,9 +63,16 @@ counters! {
     DataplaneMissUnknown => "dataplane_miss_unknown",
 }
 
-#[derive(Default)]
 pub struct Counters {
     values: [AtomicU64; Counter::ALL.len()],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            values: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 impl Counters {

@@ -40,7 +40,7 @@ pub type Removed = Arc<std::sync::RwLock<std::collections::BTreeSet<NodeId>>>;
 
 /// Gossip accepted up to this far from our clock; further is a replay or a
 /// broken clock.
-const MAX_CLOCK_SKEW_MS: u64 = 60_000;
+pub(crate) const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 /// How membership is tuned.
 #[derive(Debug, Clone)]

@@ -154,6 +154,62 @@ impl Sealer {
     }
 }
 
+/// Datagrams already accepted, by tag, so a captured datagram replayed
+/// within the skew window (to reflect a reply at a spoofed source, or to
+/// repeat stale state) is dropped. Sans-IO: the caller passes the
+/// datagram's sent-at and its own clock.
+pub struct ReplayCache {
+    seen: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<(u64, u64)>,
+    horizon_ms: u64,
+    cap: usize,
+}
+
+impl ReplayCache {
+    /// Remembers datagrams for `horizon_ms` (older ones fail the skew
+    /// check anyway), at most `cap` of them (the oldest go first).
+    pub fn new(horizon_ms: u64, cap: usize) -> Self {
+        Self {
+            seen: std::collections::HashSet::new(),
+            order: std::collections::VecDeque::new(),
+            horizon_ms,
+            cap: cap.max(1),
+        }
+    }
+
+    /// The cache key of a sealed datagram: 8 bytes of its tag, unique per
+    /// sealing (random nonce) and unforgeable without the key.
+    pub fn key_of(datagram: &[u8]) -> Option<u64> {
+        let t = datagram.len().checked_sub(TAG_LEN)?;
+        let b: [u8; 8] = datagram.get(t..t + 8)?.try_into().ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Records a datagram that opened; false if it was already seen.
+    pub fn first_time(&mut self, key: u64, sent_at: u64, now_ms: u64) -> bool {
+        while let Some(&(at, k)) = self.order.front() {
+            if at.saturating_add(self.horizon_ms) >= now_ms && self.order.len() < self.cap {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&k);
+        }
+        if !self.seen.insert(key) {
+            return false;
+        }
+        self.order.push_back((sent_at.max(now_ms), key));
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +305,26 @@ mod tests {
             c.open(2_000, &mut from_a),
             Err(GossipDrop::NewerKey(next.id()))
         );
+    }
+
+    #[test]
+    fn a_replayed_datagram_is_refused_and_the_cache_is_bounded() {
+        let s = sealer(1);
+        let mut out = Vec::new();
+        s.seal(1_000, [1; 12], b"syn", &mut out);
+        let key = ReplayCache::key_of(&out).unwrap();
+        let mut c = ReplayCache::new(120_000, 4);
+        assert!(c.first_time(key, 1_000, 1_000));
+        assert!(!c.first_time(key, 1_000, 2_000), "replay");
+        s.seal(1_000, [2; 12], b"syn", &mut out);
+        assert_ne!(ReplayCache::key_of(&out), Some(key), "same text, new tag");
+        for k in 0..10u64 {
+            c.first_time(k + 100, 1_000, 1_000);
+        }
+        assert!(c.len() <= 4);
+        // Past the horizon everything goes.
+        c.first_time(999, 200_000, 200_000);
+        assert_eq!(c.len(), 1);
+        assert_eq!(ReplayCache::key_of(&[0; 3]), None);
     }
 }

@@ -23,7 +23,7 @@ use tracing::warn;
 
 use super::KeyEvent;
 use super::guard::{Guard, Refusal};
-use super::seal::{GossipDrop, MAX_DATAGRAM, OVERHEAD, Sealer};
+use super::seal::{GossipDrop, MAX_DATAGRAM, OVERHEAD, ReplayCache, Sealer};
 use crate::ids::ClusterId;
 use crate::keys::identity::node_id_of;
 use crate::metrics::{Counter, Counters, RateLimit};
@@ -114,6 +114,9 @@ impl Transport for SealedUdpTransport {
             rewritten: Vec::with_capacity(MAX_DATAGRAM),
             heartbeat: 0,
             recv_buf: vec![0u8; MAX_DATAGRAM].into_boxed_slice(),
+            // Twice the skew: a datagram older than that is stale anyway.
+            // 64 Ki tags bound it to ~2 MB at thousands of datagrams a second.
+            replays: ReplayCache::new(2 * super::MAX_CLOCK_SKEW_MS, 1 << 16),
             fault: std::env::var(FAULT_ENV).is_ok_and(|v| v == "gossip-recv"),
         }))
     }
@@ -131,6 +134,7 @@ struct SealedSocket {
     chitchat: Vec<u8>,
     rewritten: Vec<u8>,
     recv_buf: Box<[u8]>,
+    replays: ReplayCache,
     fault: bool,
     /// Last heartbeat we sent for ourselves (see `guard::own_heartbeat`).
     heartbeat: u64,
@@ -231,6 +235,7 @@ impl Socket for SealedSocket {
                 anyhow::bail!("{FAULT_ENV}=gossip-recv: injected gossip socket failure");
             }
             let sent_at = super::seal::sent_at(&self.recv_buf[..len]);
+            let replay_key = ReplayCache::key_of(&self.recv_buf[..len]);
             let (key_id, plain) = match self.sealer.open(unix_ms(), &mut self.recv_buf[..len]) {
                 Ok(p) => p,
                 Err(reason) => {
@@ -247,6 +252,15 @@ impl Socket for SealedSocket {
                     continue;
                 }
             };
+            if let (Some(k), Some(at)) = (replay_key, sent_at)
+                && !self.replays.first_time(k, at, unix_ms())
+            {
+                self.counters.inc(Counter::GossipDropReplay);
+                if let Some(n) = DROP_LOG.check(Instant::now()) {
+                    warn!(peer = %from, suppressed = n, "gossip datagram dropped: a replay of one already received");
+                }
+                continue;
+            }
             let Some((sender, body)) = check_sender(&self.signing, sent_at, plain) else {
                 self.counters.inc(Counter::GossipDropBadSender);
                 if let Some(n) = DROP_LOG.check(Instant::now()) {
