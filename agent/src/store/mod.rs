@@ -226,6 +226,19 @@ impl Store {
                 }
             }
         }
+        // A network we hold but have not witnessed yet (pulled, not yet
+        // republished) counts as seen by us after everything we did witness:
+        // the vote we cast once `republish_networks` stamps it.
+        let me = self.me;
+        for (_, r) in &src.records {
+            if let Ok(id) = <[u8; 16]>::try_from(r.id.as_slice()).map(NetworkId::from_bytes) {
+                src.witnesses
+                    .entry(id)
+                    .or_default()
+                    .entry(me)
+                    .or_insert(u64::MAX);
+            }
+        }
         src
     }
 
