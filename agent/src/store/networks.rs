@@ -229,10 +229,10 @@ pub fn effective(
 /// counted: a bad record from one member must not hide everyone else's.
 ///
 /// - **Which copy.** Every host republishes the records it learns, so a
-///   member could republish an altered copy of someone's network. The copy
-///   its claimed creator holds counts; failing that (the creator's table is
-///   not held here: it departed), the copy most tables hold, then the one
-///   of the lowest holder.
+///   member could republish an altered copy of someone's network. The
+///   creator is the one most copies name; the copy that creator holds
+///   counts; failing that (its table is not held here: it departed), the
+///   copy most tables hold, then the one of the lowest holder.
 /// - **Clashes** (same name or VNI) go to the network most witnesses saw
 ///   first: each host that witnessed both votes for the one it saw first,
 ///   comparing two times of its own clock (so clocks need not agree, and a
@@ -264,14 +264,18 @@ pub fn resolve(src: &Sources) -> (Vec<NetworkView>, usize) {
 
 /// The copy of network `id` that counts, among those that validate.
 fn canonical(id: NetworkId, copies: &[(NodeId, &NetworkRecord)]) -> Option<NetworkView> {
-    let mut best: Option<((bool, usize, Reverse<NodeId>), NetworkView)> = None;
+    let mut best: Option<((usize, bool, usize, Reverse<NodeId>), NetworkView)> = None;
     for (holder, r) in copies {
         let Some(v) = view_of(id, r) else {
             continue;
         };
         let same = || copies.iter().filter(|(_, c)| *c == *r);
+        let naming = copies
+            .iter()
+            .filter(|(_, c)| c.creator == r.creator)
+            .count();
         let by_creator = same().any(|(h, _)| Some(*h) == v.creator);
-        let rank = (by_creator, same().count(), Reverse(*holder));
+        let rank = (naming, by_creator, same().count(), Reverse(*holder));
         if best.as_ref().is_none_or(|(b, _)| rank > *b) {
             best = Some((rank, v));
         }
@@ -591,6 +595,14 @@ mod tests {
         assert_eq!(resolve(&src).0[0].record, honest);
         // Once the creator departed: the copy most tables hold.
         let src = with(&[(2, &honest), (3, &honest), (5, &altered)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        // A copy naming its publisher as creator is outnumbered by the
+        // copies naming the real one, creator present or not.
+        let mut mine = altered.clone();
+        mine.creator = node(5).as_bytes().to_vec();
+        let src = with(&[(1, &honest), (2, &honest), (5, &mine)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        let src = with(&[(2, &honest), (3, &honest), (5, &mine)]);
         assert_eq!(resolve(&src).0[0].record, honest);
         // A tie goes to the lowest holder, on every host alike.
         let src = with(&[(5, &altered), (2, &honest)]);
