@@ -264,7 +264,10 @@ pub fn resolve(src: &Sources) -> (Vec<NetworkView>, usize) {
 
 /// The copy of network `id` that counts, among those that validate.
 fn canonical(id: NetworkId, copies: &[(NodeId, &NetworkRecord)]) -> Option<NetworkView> {
-    let mut best: Option<((usize, bool, usize, Reverse<NodeId>), NetworkView)> = None;
+    // (copies naming its creator, held by that creator, identical copies,
+    // lowest holder): higher wins.
+    type Rank = (usize, bool, usize, Reverse<NodeId>);
+    let mut best: Option<(Rank, NetworkView)> = None;
     for (holder, r) in copies {
         let Some(v) = view_of(id, r) else {
             continue;
