@@ -54,6 +54,7 @@ counters! {
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     RecordsRefused => "records_refused",
+    NetworkBackdated => "network_backdated",
     // An IPAM ring entry whose writer had no authority over its addresses
     // (or whose signature is bad), refused by the merge.
     IpamForged => "ipam_forged",

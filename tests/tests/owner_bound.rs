@@ -408,3 +408,112 @@ fn a_member_cannot_steal_a_third_hosts_address_block() {
     });
     f.finish();
 }
+
+/// Issue #6, "Network clashes cannot be won by forging an older
+/// `created_at`": h3, a member, publishes (as itself, through the real peer
+/// API) a network named like h1's, back-dated to `created_at_ms = 0`, and
+/// claims it saw its own at 0 and h1's never. h1 and h2 saw h1's first, so
+/// two votes to one: every other host keeps h1's network under the name,
+/// lists the forged one in conflict, attaches by name into h1's network,
+/// and counts the forgery (`network_backdated`).
+#[test]
+fn a_member_cannot_win_a_network_name_by_back_dating_its_own() {
+    let (mut lab, net) = cluster_with_network(3, "prod", &[]);
+    let mut f = Findings::new();
+    let forged_id = "f5000000000000000000000000000005";
+    lab.stop_agent(3).expect("stop h3");
+    let tool = ovl_e2e::binary("ovl-table-forge").expect("forge tool");
+    let table = lab.state_dir(3).join("table.pb");
+    let out = std::process::Command::new(&tool)
+        .args(["--table", &table.display().to_string()])
+        .args(["--clash", "prod", "--id", forged_id, "--vni", "7777"])
+        .args(["--subnet", "198.19.77.0/24"])
+        .output()
+        .expect("run forge");
+    println!("{}", String::from_utf8_lossy(&out.stdout).trim());
+    f.check(out.status.success(), || {
+        format!("forging the network: {out:?}")
+    });
+    let before: Vec<u64> = [1, 2]
+        .iter()
+        .map(|&k| counter(&lab, k, "network_backdated"))
+        .collect();
+    lab.start_agent(3, &[]).expect("restart h3");
+    let t = std::time::Instant::now();
+
+    let listed = common::wait_each(&[1, 2], t, Duration::from_secs(20), |k| {
+        let rows = lab.networks(k)?;
+        let named: Vec<_> = rows.iter().filter(|r| r.name == "prod").collect();
+        let victim = named.iter().find(|r| r.id == net.id);
+        let forged = named.iter().find(|r| r.id == forged_id);
+        let (Some(v), Some(fg)) = (victim, forged) else {
+            return Ok(false);
+        };
+        let reason = fg.reason.as_str().unwrap_or_default();
+        ensure!(
+            v.state == "active" && fg.state == "conflict" && reason.contains("\"prod\""),
+            "h{k}: h1's prod is {} and the forged one {} ({reason:?})",
+            v.state,
+            fg.state
+        );
+        Ok(true)
+    });
+    if let Some(t) = f.ok("h1 and h2 list the forged prod in conflict", listed) {
+        println!("forged prod listed in conflict: {}", common::per_host(&t));
+    }
+    for k in [1, 2] {
+        if let Ok(rows) = lab.networks(k) {
+            for r in rows.iter().filter(|r| r.name == "prod") {
+                println!(
+                    "h{k}: prod {} {} created_at_ms {} {}",
+                    r.id, r.state, r.created_at_ms, r.reason
+                );
+            }
+        }
+        let d = lab.network_inspect(k, "prod");
+        if let Some(d) = f.ok(&format!("h{k} network inspect prod"), d) {
+            f.check(d.id == net.id && d.state == "active", || {
+                format!(
+                    "h{k}: inspect prod resolves to {} ({}), want h1's {}",
+                    d.id, d.state, net.id
+                )
+            });
+        }
+    }
+    // h3's own agent, outvoted once it holds the others' witnesses, agrees.
+    let h3 = wait_until(Duration::from_secs(10), POLL, || {
+        let d = lab.network_inspect(3, "prod")?;
+        ensure!(d.id == net.id, "h3: inspect prod resolves to {}", d.id);
+        Ok(true)
+    });
+    if let Some(t) = f.ok("h3 resolves prod to h1's network too", h3) {
+        println!("h3 (the forger's own agent) resolves prod to h1's after {t:.2?}");
+    }
+
+    let (_c2, e2) = attached(&mut lab, 2, "c2", "prod", &[]);
+    println!(
+        "h2 attached to prod: {} in network {}",
+        e2.ip, e2.network_id
+    );
+    f.check(e2.network_id == net.id, || {
+        format!(
+            "h2's attach to prod joined {}, want h1's {}",
+            e2.network_id, net.id
+        )
+    });
+    f.check(common::in_subnet(&e2.ip, &net.subnet), || {
+        format!("h2's endpoint {} is not in h1's {}", e2.ip, net.subnet)
+    });
+
+    for (i, k) in [1, 2].into_iter().enumerate() {
+        let after = counter(&lab, k, "network_backdated");
+        println!("h{k} network_backdated: {} -> {after}", before[i]);
+        f.check(after == before[i] + 1, || {
+            format!(
+                "h{k} counted {} -> {after} back-dated networks, want +1",
+                before[i]
+            )
+        });
+    }
+    f.finish();
+}

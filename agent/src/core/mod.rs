@@ -58,6 +58,8 @@ pub struct Core {
     reports_published: Mutex<std::collections::HashMap<crate::ids::NetworkId, Instant>>,
     /// Endpoint rows already counted as refused by the owner checks.
     refused_seen: Mutex<std::collections::HashSet<(NodeId, crate::ids::EndpointId)>>,
+    /// Networks already counted as back-dated (`network_backdated`).
+    backdated_seen: Mutex<std::collections::HashSet<crate::ids::NetworkId>>,
     /// Our own table version each peer's kernel holds (its `Programmed`
     /// ack, sent after its reconcile pass): what attach and detach wait for.
     acks: acks::Acks,
@@ -93,6 +95,7 @@ impl Core {
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
             refused_seen: Mutex::new(std::collections::HashSet::new()),
+            backdated_seen: Mutex::new(std::collections::HashSet::new()),
             reports_published: Mutex::new(std::collections::HashMap::new()),
             acks: watch::channel(Default::default()).0,
         })

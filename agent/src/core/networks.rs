@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 
-use ovl_proto::records::{NetworkRecord, NetworkRemoval, table_entry::Value};
+use ovl_proto::records::{NetworkRecord, NetworkRemoval, NetworkWitness, table_entry::Value};
 use ring::rand::SecureRandom;
 use tracing::{info, warn};
 
@@ -135,8 +135,18 @@ impl Core {
         // network becomes visible, so no one can allocate from it first.
         self.ipam.create(id, &pool).await?;
         self.publish_ring(id).await?;
-        self.store()
-            .put(&key::network(id), Value::Network(record))?;
+        {
+            // We are its first witness: seen at creation.
+            let mut s = self.store();
+            s.put(
+                &key::witness(id),
+                Value::Witness(NetworkWitness {
+                    network_id: id.as_bytes().to_vec(),
+                    first_seen_ms: record.created_at_ms,
+                }),
+            )?;
+            s.put(&key::network(id), Value::Network(record))?;
+        }
         self.notify();
         info!(network = %id, name = %spec.name, vni = %vni, subnet = %pool.subnet, "network created");
         self.network_info(&id.to_string()).await
@@ -310,6 +320,7 @@ impl Core {
                 }),
             )?;
             s.delete(&key::network(view.id))?;
+            s.delete(&key::witness(view.id))?;
         }
         self.notify();
         info!(network = %view.id, name = %view.name(), force, endpoints = eps.len(), "network removed");

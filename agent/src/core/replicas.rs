@@ -4,15 +4,19 @@
 
 use std::time::Duration;
 
-use ovl_proto::records::table_entry::Value;
+use ovl_proto::records::{NetworkRemoval, NetworkWitness, table_entry::Value};
 use tracing::{debug, warn};
 
 use super::Core;
 use crate::membership::{NodeStatus, NodeView};
+use crate::metrics::Counter;
 use crate::peer::Channels;
 use crate::store::key;
+use crate::store::networks::{self, NetworkView};
 
 static INVALID_LOG: crate::metrics::RateLimit =
+    crate::metrics::RateLimit::new(Duration::from_secs(10));
+static BACKDATED_LOG: crate::metrics::RateLimit =
     crate::metrics::RateLimit::new(Duration::from_secs(10));
 
 impl Core {
@@ -104,32 +108,59 @@ impl Core {
     }
 
     /// Copies network records and removals known from replicas into our own
-    /// table (two-phase set: a removal, once seen, is kept and the record goes).
+    /// table (two-phase set: a removal, once seen, is kept and the record
+    /// goes), and witnesses each network the first time it reaches us: one
+    /// `NetworkWitness` per network, stamped once per pass, so networks
+    /// learned together (a join, a restart with lost state) are tied and
+    /// this host casts no vote between them. The copy republished is the
+    /// one that counts (`networks::resolve`): a copy a member altered is
+    /// not spread, and ours is replaced if it differs from its creator's.
     pub fn republish_networks(&self) {
+        let now = crate::clock::now_ms();
+        let me = self.cluster.node_id();
         let mut store = self.store();
-        let (records, removed) = store.network_records();
+        let src = store.network_sources();
+        let (views, _) = networks::resolve(&src);
         let mut writes: Vec<(String, Option<Value>)> = Vec::new();
-        for r in records {
-            let Ok(id) = <[u8; 16]>::try_from(r.id.as_slice()) else {
-                continue;
+        for v in &views {
+            let ours = match store.own().get(&key::network(v.id)) {
+                Some(Value::Network(r)) => Some(r),
+                _ => None,
             };
-            let id = crate::ids::NetworkId::from_bytes(id);
-            if !removed.contains(&id) && store.own().get(&key::network(id)).is_none() {
-                writes.push((key::network(id), Some(Value::Network(r))));
+            let by_creator = v
+                .creator
+                .is_some_and(|c| src.records.iter().any(|(h, r)| *h == c && *r == v.record));
+            let replace = ours.is_some_and(|r| {
+                *r != v.record && by_creator && r.creator.as_slice() != me.as_bytes()
+            });
+            if ours.is_none() || replace {
+                writes.push((key::network(v.id), Some(Value::Network(v.record.clone()))));
             }
-        }
-        for id in removed {
-            if store.own().get(&key::removal(id)).is_none() {
+            if store.own().get(&key::witness(v.id)).is_none() {
                 writes.push((
-                    key::removal(id),
-                    Some(Value::Removal(ovl_proto::records::NetworkRemoval {
-                        network_id: id.as_bytes().to_vec(),
-                        removed_at_ms: crate::clock::now_ms(),
+                    key::witness(v.id),
+                    Some(Value::Witness(NetworkWitness {
+                        network_id: v.id.as_bytes().to_vec(),
+                        first_seen_ms: now,
                     })),
                 ));
             }
-            if store.own().get(&key::network(id)).is_some() {
-                writes.push((key::network(id), None));
+        }
+        for &id in &src.removed {
+            if store.own().get(&key::removal(id)).is_none() {
+                writes.push((
+                    key::removal(id),
+                    Some(Value::Removal(NetworkRemoval {
+                        network_id: id.as_bytes().to_vec(),
+                        removed_at_ms: now,
+                    })),
+                ));
+            }
+            // The witness goes with the record: one per live network.
+            for k in [key::network(id), key::witness(id)] {
+                if store.own().get(&k).is_some() {
+                    writes.push((k, None));
+                }
             }
         }
         for (k, v) in writes {
@@ -139,6 +170,28 @@ impl Core {
             };
             if let Err(e) = r {
                 warn!(key = %k, error = %e, "could not republish network record");
+            }
+        }
+        drop(store);
+        self.count_backdated(&views);
+    }
+
+    /// Counts, once per network, those that lost a clash they would have
+    /// won by their `created_at` (`network_backdated`).
+    fn count_backdated(&self, views: &[NetworkView]) {
+        let mut seen = self
+            .backdated_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for v in views.iter().filter(|v| v.backdated) {
+            if !seen.insert(v.id) {
+                continue;
+            }
+            self.counters.inc(Counter::NetworkBackdated);
+            if let Some(suppressed) = BACKDATED_LOG.check(std::time::Instant::now()) {
+                warn!(network = %v.id, name = %v.name(), created_at_ms = v.record.created_at_ms,
+                      creator = ?v.creator, suppressed,
+                      "network claims to be older than its rival but most hosts saw it later (back-dated?): it loses the clash");
             }
         }
     }

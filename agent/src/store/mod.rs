@@ -8,13 +8,11 @@ pub mod networks;
 pub mod ownership;
 pub mod table;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
-use ovl_proto::records::{
-    EndpointRecord, NetworkRecord, TableEntry, TableSnapshot, table_entry::Value,
-};
+use ovl_proto::records::{EndpointRecord, TableEntry, TableSnapshot, table_entry::Value};
 use prost::Message;
 
 use crate::ids::{EndpointId, MacAddr, NetworkId, NodeId};
@@ -31,6 +29,8 @@ pub mod key {
     pub const REMOVAL: &str = "netrm/";
     pub const ENDPOINT: &str = "ep/";
     pub const IPAM: &str = "ipam/";
+    /// When this table's owner first saw a network (`NetworkWitness`).
+    pub const WITNESS: &str = "seen/";
 
     pub fn network(id: NetworkId) -> String {
         format!("{NETWORK}{id}")
@@ -43,6 +43,9 @@ pub mod key {
     }
     pub fn ipam(id: NetworkId) -> String {
         format!("{IPAM}{id}")
+    }
+    pub fn witness(id: NetworkId) -> String {
+        format!("{WITNESS}{id}")
     }
 }
 
@@ -193,30 +196,54 @@ impl Store {
         std::iter::once((self.me, &self.own)).chain(self.replicas.iter().map(|(k, v)| (*k, v)))
     }
 
-    /// Every network record and removal known anywhere.
-    pub fn network_records(&self) -> (Vec<NetworkRecord>, HashSet<NetworkId>) {
-        let mut records = Vec::new();
-        let mut removed = HashSet::new();
-        for (_, t) in self.tables() {
+    /// Every copy of every network record, the removals and the witnesses
+    /// known anywhere, by the table that holds them. A witness counts only
+    /// under its own key (one per network per table).
+    pub fn network_sources(&self) -> networks::Sources {
+        let mut src = networks::Sources::default();
+        for (owner, t) in self.tables() {
             for (_, v) in t.live(key::NETWORK) {
                 if let Value::Network(n) = v {
-                    records.push(n.clone());
+                    src.records.push((owner, n.clone()));
                 }
             }
             for (_, v) in t.live(key::REMOVAL) {
                 if let Value::Removal(r) = v
                     && let Ok(id) = <[u8; 16]>::try_from(r.network_id.as_slice())
                 {
-                    removed.insert(NetworkId::from_bytes(id));
+                    src.removed.insert(NetworkId::from_bytes(id));
+                }
+            }
+            for (k, v) in t.live(key::WITNESS) {
+                if let Value::Witness(w) = v
+                    && let Ok(id) = <[u8; 16]>::try_from(w.network_id.as_slice())
+                    && k == key::witness(NetworkId::from_bytes(id))
+                {
+                    src.witnesses
+                        .entry(NetworkId::from_bytes(id))
+                        .or_default()
+                        .insert(owner, w.first_seen_ms);
                 }
             }
         }
-        (records, removed)
+        // A network we hold but have not witnessed yet (pulled, not yet
+        // republished) counts as seen by us after everything we did witness:
+        // the vote we cast once `republish_networks` stamps it.
+        let me = self.me;
+        for (_, r) in &src.records {
+            if let Ok(id) = <[u8; 16]>::try_from(r.id.as_slice()).map(NetworkId::from_bytes) {
+                src.witnesses
+                    .entry(id)
+                    .or_default()
+                    .entry(me)
+                    .or_insert(u64::MAX);
+            }
+        }
+        src
     }
 
     pub fn networks(&self) -> Vec<NetworkView> {
-        let (records, removed) = self.network_records();
-        networks::effective(&records, &removed).0
+        networks::resolve(&self.network_sources()).0
     }
 
     /// Every endpoint row of every table, parsed; malformed rows skipped.

@@ -2,9 +2,13 @@
 //! cluster-wide view (pure). Networks are a two-phase set replicated in every
 //! table: a network exists while some table holds its record and none holds
 //! its removal. Name and VNI clashes (two sides of a partition creating
-//! concurrently) resolve the same way on every node: the older
-//! `(created_at, id)` wins and the loser is reported, never merged.
+//! concurrently, or a member back-dating a record) resolve the same way on
+//! every node: the network most hosts saw first wins (each host publishes
+//! when it first saw each network, a `NetworkWitness` in its own table),
+//! the older `(created_at, id)` when the witnesses do not decide, and the
+//! loser is reported, never merged.
 
+use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 
@@ -177,6 +181,10 @@ pub struct NetworkView {
     pub record: NetworkRecord,
     /// `None` when active; the reason when it lost a clash.
     pub conflict: Option<String>,
+    /// It lost a clash it would have won by its `created_at`: most
+    /// witnesses saw it after its rival (a back-dated record, or one
+    /// created on the minority side of a partition).
+    pub backdated: bool,
 }
 
 impl NetworkView {
@@ -188,70 +196,189 @@ impl NetworkView {
     }
 }
 
-/// The effective set of networks from every table's records and removals.
-/// Records that do not validate are skipped (counted by the caller): a bad
-/// record from one member must not hide everyone else's networks.
+/// First-seen times: network -> witness (the table's owner) -> ms on that
+/// witness's own clock.
+pub type Witnesses = HashMap<NetworkId, BTreeMap<NodeId, u64>>;
+
+/// What the network view is computed from, gathered from the tables this
+/// host holds (its own and its replicas, i.e. the admitted members').
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    /// Every copy of every network record, with the table holding it.
+    pub records: Vec<(NodeId, NetworkRecord)>,
+    pub removed: HashSet<NetworkId>,
+    pub witnesses: Witnesses,
+}
+
+/// The effective set of networks from records and removals alone (no
+/// witnesses, each copy as if held by no one): for checking records.
 pub fn effective(
     records: &[NetworkRecord],
     removed: &HashSet<NetworkId>,
 ) -> (Vec<NetworkView>, usize) {
-    let mut by_id: BTreeMap<NetworkId, NetworkView> = BTreeMap::new();
+    let nobody = NodeId::from_bytes([0; 16]);
+    resolve(&Sources {
+        records: records.iter().map(|r| (nobody, r.clone())).collect(),
+        removed: removed.clone(),
+        witnesses: Witnesses::new(),
+    })
+}
+
+/// The effective set of networks (pure: the same sources give the same
+/// views on every host). Records that do not validate are skipped and
+/// counted: a bad record from one member must not hide everyone else's.
+///
+/// - **Which copy.** Every host republishes the records it learns, so a
+///   member could republish an altered copy of someone's network. The
+///   creator is the one most copies name; the copy that creator holds
+///   counts; failing that (its table is not held here: it departed), the
+///   copy most tables hold, then the one of the lowest holder.
+/// - **Clashes** (same name or VNI) go to the network most witnesses saw
+///   first: each host that witnessed both votes for the one it saw first,
+///   comparing two times of its own clock (so clocks need not agree, and a
+///   member's lie is one vote). Equal votes (no witnesses, two hosts, equal
+///   times) fall back to the older `(created_at, id)`.
+pub fn resolve(src: &Sources) -> (Vec<NetworkView>, usize) {
+    let mut copies: BTreeMap<NetworkId, Vec<(NodeId, &NetworkRecord)>> = BTreeMap::new();
     let mut invalid = 0;
-    for r in records {
+    for (holder, r) in &src.records {
         let Ok(id) = <[u8; 16]>::try_from(r.id.as_slice()).map(NetworkId::from_bytes) else {
             invalid += 1;
             continue;
         };
-        if removed.contains(&id) || by_id.contains_key(&id) {
-            continue;
-        }
-        let (Ok(vni), Ok(pool), Ok(())) = (
-            Vni::new(u64::from(r.vni)),
-            validate_pool(&r.subnet, &r.gateway, &r.ip_range),
-            validate_name(&r.name),
-        ) else {
-            invalid += 1;
-            continue;
-        };
-        let creator = <[u8; 16]>::try_from(r.creator.as_slice())
-            .ok()
-            .map(NodeId::from_bytes);
-        by_id.insert(
-            id,
-            NetworkView {
-                id,
-                vni,
-                pool,
-                creator,
-                record: r.clone(),
-                conflict: None,
-            },
-        );
-    }
-    let mut views: Vec<NetworkView> = by_id.into_values().collect();
-    views.sort_by_key(|v| (v.record.created_at_ms, v.id));
-    let mut names: HashMap<String, NetworkId> = HashMap::new();
-    let mut vnis: HashMap<Vni, NetworkId> = HashMap::new();
-    for v in &mut views {
-        if let Some(winner) = names.get(&v.record.name) {
-            v.conflict = Some(format!(
-                "name {:?} is taken by network {} (created earlier)",
-                v.record.name,
-                winner.short()
-            ));
-        } else if let Some(winner) = vnis.get(&v.vni) {
-            v.conflict = Some(format!(
-                "VNI {} is taken by network {} (created earlier)",
-                v.vni,
-                winner.short()
-            ));
-        } else {
-            names.insert(v.record.name.clone(), v.id);
-            vnis.insert(v.vni, v.id);
+        if !src.removed.contains(&id) {
+            copies.entry(id).or_default().push((*holder, r));
         }
     }
+    let mut views = Vec::new();
+    for (id, cs) in copies {
+        match canonical(id, &cs) {
+            Some(v) => views.push(v),
+            None => invalid += 1,
+        }
+    }
+    settle_clashes(&mut views, &src.witnesses);
     views.sort_by(|a, b| a.record.name.cmp(&b.record.name).then(a.id.cmp(&b.id)));
     (views, invalid)
+}
+
+/// The copy of network `id` that counts, among those that validate.
+fn canonical(id: NetworkId, copies: &[(NodeId, &NetworkRecord)]) -> Option<NetworkView> {
+    // (copies naming its creator, held by that creator, identical copies,
+    // lowest holder): higher wins.
+    type Rank = (usize, bool, usize, Reverse<NodeId>);
+    let mut best: Option<(Rank, NetworkView)> = None;
+    for (holder, r) in copies {
+        let Some(v) = view_of(id, r) else {
+            continue;
+        };
+        let same = || copies.iter().filter(|(_, c)| *c == *r);
+        let naming = copies
+            .iter()
+            .filter(|(_, c)| c.creator == r.creator)
+            .count();
+        let by_creator = same().any(|(h, _)| Some(*h) == v.creator);
+        let rank = (naming, by_creator, same().count(), Reverse(*holder));
+        if best.as_ref().is_none_or(|(b, _)| rank > *b) {
+            best = Some((rank, v));
+        }
+    }
+    best.map(|(_, v)| v)
+}
+
+fn view_of(id: NetworkId, r: &NetworkRecord) -> Option<NetworkView> {
+    let (Ok(vni), Ok(pool), Ok(())) = (
+        Vni::new(u64::from(r.vni)),
+        validate_pool(&r.subnet, &r.gateway, &r.ip_range),
+        validate_name(&r.name),
+    ) else {
+        return None;
+    };
+    let creator = <[u8; 16]>::try_from(r.creator.as_slice())
+        .ok()
+        .map(NodeId::from_bytes);
+    Some(NetworkView {
+        id,
+        vni,
+        pool,
+        creator,
+        record: r.clone(),
+        conflict: None,
+        backdated: false,
+    })
+}
+
+/// Votes of the witnesses of both `a` and `b`: (saw `a` first, saw `b` first).
+fn votes(a: NetworkId, b: NetworkId, witnesses: &Witnesses) -> (usize, usize) {
+    let (Some(wa), Some(wb)) = (witnesses.get(&a), witnesses.get(&b)) else {
+        return (0, 0);
+    };
+    let mut out = (0, 0);
+    for (host, ta) in wa {
+        match wb.get(host).map(|tb| ta.cmp(tb)) {
+            Some(Ordering::Less) => out.0 += 1,
+            Some(Ordering::Greater) => out.1 += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+fn older(a: &NetworkView, b: &NetworkView) -> bool {
+    (a.record.created_at_ms, a.id) < (b.record.created_at_ms, b.id)
+}
+
+fn clash(a: &NetworkView, b: &NetworkView) -> bool {
+    a.record.name == b.record.name || a.vni == b.vni
+}
+
+/// Marks the losers of name and VNI clashes. Each network scores the
+/// direct rivals it beats (votes, then `(created_at, id)`); networks take
+/// their name and VNI in order of score, then `(created_at, id)`, and a
+/// network whose name or VNI is taken by then loses.
+fn settle_clashes(views: &mut [NetworkView], witnesses: &Witnesses) {
+    let n = views.len();
+    let mut wins = vec![0usize; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            if !clash(&views[i], &views[j]) {
+                continue;
+            }
+            let (vi, vj) = votes(views[i].id, views[j].id, witnesses);
+            let i_wins = match vi.cmp(&vj) {
+                Ordering::Equal => older(&views[i], &views[j]),
+                o => o == Ordering::Greater,
+            };
+            wins[if i_wins { i } else { j }] += 1;
+        }
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| (Reverse(wins[i]), views[i].record.created_at_ms, views[i].id));
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut vnis: HashMap<Vni, usize> = HashMap::new();
+    for i in order {
+        let taken = match (names.get(&views[i].record.name), vnis.get(&views[i].vni)) {
+            (Some(&w), _) => Some((w, format!("name {:?}", views[i].record.name))),
+            (None, Some(&w)) => Some((w, format!("VNI {}", views[i].vni))),
+            (None, None) => None,
+        };
+        let Some((w, what)) = taken else {
+            names.insert(views[i].record.name.clone(), i);
+            vnis.insert(views[i].vni, i);
+            continue;
+        };
+        let (vw, vl) = votes(views[w].id, views[i].id, witnesses);
+        let why = match vw.cmp(&vl) {
+            Ordering::Greater => format!("seen first by {vw} of {} hosts", vw + vl),
+            Ordering::Equal => "created earlier".to_string(),
+            Ordering::Less => "ranked first among the clashing networks".to_string(),
+        };
+        views[i].backdated = vw > vl && older(&views[i], &views[w]);
+        views[i].conflict = Some(format!(
+            "{what} is taken by network {} ({why})",
+            views[w].id.short()
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +432,192 @@ mod tests {
                 v.iter().map(|n| (n.record.id[0], n.is_active())).collect();
             assert_eq!(state, vec![(1, false), (2, true), (3, false)]);
         }
+    }
+
+    fn node(n: u8) -> NodeId {
+        NodeId::from_bytes([n; 16])
+    }
+
+    fn net(id: u8) -> NetworkId {
+        NetworkId::from_bytes([id; 16])
+    }
+
+    /// Sources where every host in `hosts` holds every record, and
+    /// `seen[(host, network)]` is that host's witness.
+    fn sources(records: &[NetworkRecord], hosts: &[u8], seen: &[(u8, u8, u64)]) -> Sources {
+        let mut src = Sources::default();
+        for &h in hosts {
+            for r in records {
+                src.records.push((node(h), r.clone()));
+            }
+        }
+        for &(h, n, t) in seen {
+            src.witnesses.entry(net(n)).or_default().insert(node(h), t);
+        }
+        src
+    }
+
+    fn active(src: &Sources) -> Vec<u8> {
+        resolve(src)
+            .0
+            .iter()
+            .filter(|v| v.is_active())
+            .map(|v| v.record.id[0])
+            .collect()
+    }
+
+    #[test]
+    fn a_forged_created_at_of_zero_does_not_win_against_honest_witnesses() {
+        // Host 1 created "prod" (network 1) at t=1000; hosts 2-4 saw it
+        // within ms. Later, liar 5 publishes network 2 "prod" with
+        // created_at 0, claims it saw it at 0 and network 1 never.
+        let victim = rec(1, "prod", 100, 1000);
+        let forged = rec(2, "prod", 200, 0);
+        let mut seen = vec![(1, 1, 1000), (2, 1, 1003), (3, 1, 1002), (4, 1, 1001)];
+        seen.extend([(1, 2, 9000), (2, 2, 9001), (3, 2, 9002), (4, 2, 9003)]);
+        seen.push((5, 2, 0));
+        let src = sources(&[victim.clone(), forged.clone()], &[1, 2, 3, 4, 5], &seen);
+        let (v, _) = resolve(&src);
+        assert_eq!(active(&src), vec![1]);
+        let lost = v.iter().find(|n| n.record.id[0] == 2).expect("listed");
+        assert!(lost.backdated, "{lost:?}");
+        let why = lost.conflict.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("\"prod\"") && why.contains("seen first by 4 of 4"),
+            "{why}"
+        );
+        // Also with 3 hosts: two honest witnesses outvote the liar, even if
+        // it witnesses the victim's network late instead of never.
+        let seen = [(1, 1, 1000), (2, 1, 1001), (3, 1, u64::MAX)];
+        let mut seen = seen.to_vec();
+        seen.extend([(1, 2, 9000), (2, 2, 9001), (3, 2, 0)]);
+        let src = sources(&[victim.clone(), forged.clone()], &[1, 2, 3], &seen);
+        assert_eq!(active(&src), vec![1]);
+        // With two hosts no rule tells the victim from the liar: one vote
+        // each, and created_at decides (the liar wins). See the threat model.
+        let seen = [(1, 1, 1000), (1, 2, 9000), (2, 2, 0), (2, 1, u64::MAX)];
+        let src = sources(&[victim, forged], &[1, 2], &seen);
+        assert_eq!(active(&src), vec![2]);
+    }
+
+    #[test]
+    fn witnesses_compare_their_own_clocks_only() {
+        // Host 3's clock is an hour behind: its times are all smaller, but
+        // it still saw network 1 first, so it votes for network 1.
+        let h = 3_600_000;
+        let a = rec(1, "a", 100, h + 1000);
+        let b = rec(2, "a", 200, h + 900);
+        let seen = [
+            (1, 1, h + 1000),
+            (1, 2, h + 1100),
+            (2, 2, h + 1100),
+            (2, 1, h + 1200),
+            (3, 1, 1000),
+            (3, 2, 1100),
+        ];
+        let src = sources(&[a, b], &[1, 2, 3], &seen);
+        assert_eq!(active(&src), vec![1]);
+    }
+
+    #[test]
+    fn honest_clashes_resolve_the_same_on_every_host() {
+        // A partition: hosts 1-3 created network 1 "dup" and VNI 5000 net
+        // 3; host 4 alone created network 2 "dup" and network 4 on VNI
+        // 5000. After healing each side saw the other's at ~5000.
+        let recs = [
+            rec(1, "dup", 10, 100),
+            rec(2, "dup", 20, 50),
+            rec(3, "x", 5000, 120),
+            rec(4, "y", 5000, 60),
+        ];
+        let mut seen = Vec::new();
+        for h in 1..=3 {
+            seen.extend([
+                (h, 1, 100 + u64::from(h)),
+                (h, 3, 120),
+                (h, 2, 5000),
+                (h, 4, 5000),
+            ]);
+        }
+        seen.extend([(4, 2, 50), (4, 4, 60), (4, 1, 5001), (4, 3, 5001)]);
+        let want = vec![1, 3];
+        // Every host holds the same tables, whatever order it reads them in.
+        let mut src = sources(&recs, &[1, 2, 3, 4], &seen);
+        assert_eq!(active(&src), want);
+        src.records.reverse();
+        assert_eq!(active(&src), want);
+        src.records.rotate_left(5);
+        assert_eq!(active(&src), want);
+        let (v, _) = resolve(&src);
+        let backdated: Vec<u8> = v
+            .iter()
+            .filter(|n| n.backdated)
+            .map(|n| n.record.id[0])
+            .collect();
+        assert_eq!(backdated, vec![2, 4]);
+        let why: Vec<&str> = v.iter().filter_map(|n| n.conflict.as_deref()).collect();
+        assert!(
+            why[0].contains("name \"dup\"") && why[1].contains("VNI 5000"),
+            "{why:?}"
+        );
+    }
+
+    #[test]
+    fn without_witnesses_or_with_tied_ones_created_at_decides() {
+        let a = rec(1, "a", 100, 5);
+        let b = rec(2, "a", 200, 3);
+        // No witnesses at all (records from before witnesses existed).
+        let src = sources(&[a.clone(), b.clone()], &[1, 2, 3], &[]);
+        assert_eq!(active(&src), vec![2]);
+        // Witnesses that saw both at once (a join, a restart) do not vote;
+        // one witness of only one of them does not either.
+        let seen = [(1, 1, 7), (1, 2, 7), (2, 1, 7), (2, 2, 7), (3, 1, 1)];
+        let src = sources(&[a, b], &[1, 2, 3], &seen);
+        assert_eq!(active(&src), vec![2]);
+        let (v, _) = resolve(&src);
+        let why = v[0].conflict.as_deref().unwrap_or_default();
+        assert!(why.contains("created earlier") && !v[0].backdated, "{why}");
+    }
+
+    #[test]
+    fn an_altered_copy_of_someone_elses_record_does_not_count() {
+        let mut honest = rec(1, "prod", 100, 1000);
+        honest.creator = node(1).as_bytes().to_vec();
+        let mut altered = honest.clone();
+        altered.subnet = "198.18.99.0/24".into();
+        altered.name = "other".into();
+        let with = |holders: &[(u8, &NetworkRecord)]| Sources {
+            records: holders
+                .iter()
+                .map(|(h, r)| (node(*h), (*r).clone()))
+                .collect(),
+            ..Default::default()
+        };
+        // While the creator's table is held: its copy, even one against many.
+        let src = with(&[(1, &honest), (5, &altered), (6, &altered)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        // Once the creator departed: the copy most tables hold.
+        let src = with(&[(2, &honest), (3, &honest), (5, &altered)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        // A copy naming its publisher as creator is outnumbered by the
+        // copies naming the real one, creator present or not.
+        let mut mine = altered.clone();
+        mine.creator = node(5).as_bytes().to_vec();
+        let src = with(&[(1, &honest), (2, &honest), (5, &mine)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        let src = with(&[(2, &honest), (3, &honest), (5, &mine)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        // A tie goes to the lowest holder, on every host alike.
+        let src = with(&[(5, &altered), (2, &honest)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        // An invalid copy never counts; a network with none valid is skipped.
+        let mut bad = honest.clone();
+        bad.vni = 0;
+        let src = with(&[(1, &bad), (2, &honest)]);
+        assert_eq!(resolve(&src).0[0].record, honest);
+        let (v, invalid) = resolve(&with(&[(1, &bad)]));
+        assert!(v.is_empty());
+        assert_eq!(invalid, 1);
     }
 
     #[test]

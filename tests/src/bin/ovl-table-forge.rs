@@ -8,11 +8,16 @@
 //!     --name NAME --ip IP --mac MAC --vtep IP
 //! ovl-table-forge --table STATE_DIR/table.pb --network NETWORK_ID --steal BLOCK \
 //!     --key STATE_DIR/identity.pk8
+//! ovl-table-forge --table STATE_DIR/table.pb --clash NAME --id NETWORK_ID \
+//!     --vni VNI --subnet CIDR
 //! ```
 //! The second form rewrites the agent's published IPAM ring view so that
 //! `BLOCK` (an entry of another host's) belongs to the agent itself one
 //! version up, signed with the agent's own identity key: the forgery a
-//! member can make. Only for tests.
+//! member can make. The third adds a network of the agent's own named
+//! `NAME`, back-dated to `created_at_ms = 0`, with the agent's witness of
+//! it at 0 and of every other network named `NAME` at `u64::MAX` (it
+//! claims it saw its own first and the victim's never). Only for tests.
 
 use std::sync::Arc;
 
@@ -20,7 +25,9 @@ use anyhow::{Context, Result, bail};
 use ovl_agent::ids::{EndpointId, NetworkId};
 use ovl_agent::ipam::{RangeEntry, Ring, Signer};
 use ovl_agent::store::{Table, key};
-use ovl_proto::records::{EndpointRecord, IpamRing, TableSnapshot, table_entry::Value};
+use ovl_proto::records::{
+    EndpointRecord, IpamRing, NetworkRecord, NetworkWitness, TableSnapshot, table_entry::Value,
+};
 use prost::Message;
 
 /// Rewrites the ring view in `table` so that `block` is the signer's.
@@ -65,6 +72,43 @@ fn steal(table: &mut Table, network: NetworkId, block: &str, signer: &Signer) ->
     Ok(())
 }
 
+/// Adds a back-dated network `name` of the table's owner, and its lies.
+fn clash(table: &mut Table, owner: &[u8], name: &str, id: NetworkId, vni: u32, subnet: &str) {
+    let victims: Vec<NetworkId> = table
+        .live(key::NETWORK)
+        .filter_map(|(_, v)| match v {
+            Value::Network(r) if r.name == name => <[u8; 16]>::try_from(r.id.as_slice())
+                .ok()
+                .map(NetworkId::from_bytes),
+            _ => None,
+        })
+        .collect();
+    let witness = |id: NetworkId, at| {
+        Value::Witness(NetworkWitness {
+            network_id: id.as_bytes().to_vec(),
+            first_seen_ms: at,
+        })
+    };
+    for v in victims {
+        table.put(&key::witness(v), witness(v, u64::MAX));
+        println!("witness of {v} (named {name}) set to never");
+    }
+    table.put(&key::witness(id), witness(id, 0));
+    table.put(
+        &key::network(id),
+        Value::Network(NetworkRecord {
+            id: id.as_bytes().to_vec(),
+            name: name.into(),
+            vni,
+            subnet: subnet.into(),
+            created_at_ms: 0,
+            creator: owner.to_vec(),
+            ..Default::default()
+        }),
+    );
+    println!("forged network {id} named {name}, vni {vni}, {subnet}, created_at_ms 0");
+}
+
 fn main() -> Result<()> {
     let mut it = std::env::args().skip(1);
     let mut opts = std::collections::BTreeMap::new();
@@ -78,11 +122,19 @@ fn main() -> Result<()> {
             .with_context(|| format!("{k} is required"))
     };
     let path = get("--table")?;
-    let network: NetworkId = get("--network")?.parse()?;
     let raw = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
     let snapshot = TableSnapshot::decode(raw.as_slice()).context("decoding the table")?;
     let owner = snapshot.owner.clone();
     let mut table = Table::from_snapshot(snapshot);
+    if let Ok(name) = get("--clash") {
+        let id: NetworkId = get("--id")?.parse()?;
+        let vni: u32 = get("--vni")?.parse()?;
+        clash(&mut table, &owner, &name, id, vni, &get("--subnet")?);
+        std::fs::write(&path, table.snapshot(&owner).encode_to_vec())
+            .with_context(|| format!("writing {path}"))?;
+        return Ok(());
+    }
+    let network: NetworkId = get("--network")?.parse()?;
     if let Ok(block) = get("--steal") {
         let pk8 = std::fs::read(get("--key")?).context("reading the identity key")?;
         let key = ring::signature::Ed25519KeyPair::from_pkcs8(&pk8)
