@@ -56,22 +56,19 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, ApiError> {
 pub async fn serve(
     listener: UnixListener,
     core: Arc<Core>,
+    cluster: Arc<Cluster>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
-    let cluster = core.cluster.clone();
     tonic::transport::Server::builder()
         .add_service(ClusterServer::new(Api {
-            cluster,
+            cluster: cluster.clone(),
             core: core.clone(),
         }))
         .add_service(NetworksServer::new(Api {
-            cluster: core.cluster.clone(),
+            cluster: cluster.clone(),
             core: core.clone(),
         }))
-        .add_service(EndpointsServer::new(Api {
-            cluster: core.cluster.clone(),
-            core,
-        }))
+        .add_service(EndpointsServer::new(Api { cluster, core }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

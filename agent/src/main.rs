@@ -100,7 +100,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     let cluster = Cluster::start(config, identity, counters.clone(), channels.clone()).await?;
     let core = Core::new(
-        cluster.clone(),
+        cluster.view(),
         store,
         counters.clone(),
         dataplane,
@@ -120,12 +120,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let peer_server = ovl_agent::peer_api::server()
-        .add_service(ovl_agent::peer_api::service(core.clone(), counters.clone()))
+        .add_service(ovl_agent::peer_api::service(
+            core.clone(),
+            cluster.clone(),
+            counters.clone(),
+        ))
         .serve_with_incoming_shutdown(
             peer::incoming(peer_listener, peer_tls, counters),
             stopped(stop_rx.clone()),
         );
-    let api_server = api::serve(api_listener, core.clone(), stopped(stop_rx.clone()));
+    let api_server = api::serve(
+        api_listener,
+        core.clone(),
+        cluster.clone(),
+        stopped(stop_rx.clone()),
+    );
     let mut peer_task = tokio::spawn(peer_server);
     let mut api_task = tokio::spawn(api_server);
     info!(socket = %socket_path.display(), peer = %peer_addr, "agent ready");

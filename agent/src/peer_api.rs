@@ -18,6 +18,7 @@ use ring::hmac;
 use tonic::{Request, Response, Status};
 use tracing::{debug, warn};
 
+use crate::cluster::Cluster;
 use crate::core::{Core, CoreError};
 use crate::ids::NodeId;
 use crate::membership::NodeStatus;
@@ -56,18 +57,29 @@ pub fn server() -> tonic::transport::Server {
 }
 
 /// The peer API service with its request size limit.
-pub fn service(core: Arc<Core>, counters: Arc<Counters>) -> PeerServer<PeerService> {
-    PeerServer::new(PeerService::new(core, counters)).max_decoding_message_size(MAX_REQUEST_BYTES)
+pub fn service(
+    core: Arc<Core>,
+    cluster: Arc<Cluster>,
+    counters: Arc<Counters>,
+) -> PeerServer<PeerService> {
+    PeerServer::new(PeerService::new(core, cluster, counters))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
 }
 
 pub struct PeerService {
     core: Arc<Core>,
+    /// For admission and the cluster key (Hello, key install and fetch).
+    cluster: Arc<Cluster>,
     counters: Arc<Counters>,
 }
 
 impl PeerService {
-    pub fn new(core: Arc<Core>, counters: Arc<Counters>) -> Self {
-        Self { core, counters }
+    pub fn new(core: Arc<Core>, cluster: Arc<Cluster>, counters: Arc<Counters>) -> Self {
+        Self {
+            core,
+            cluster,
+            counters,
+        }
     }
 
     fn refuse<T>(&self, conn: Option<&PeerConn>, s: Status) -> Result<T, Status> {
@@ -131,7 +143,7 @@ impl PeerService {
         req: &Request<T>,
     ) -> Result<(NodeId, Arc<crate::cluster::KeyKeeper>), Status> {
         let caller = self.authenticate(req).await?;
-        match self.core.cluster.keeper() {
+        match self.cluster.keeper() {
             Some(k) => Ok((caller, k)),
             None => self.refuse(
                 req.extensions().get::<PeerConn>(),
@@ -146,7 +158,7 @@ impl Peer for PeerService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let conn = req.extensions().get::<PeerConn>().copied();
         let req = req.into_inner();
-        let Some(current) = self.core.cluster.admission() else {
+        let Some(current) = self.cluster.admission() else {
             return self.refuse(
                 conn.as_ref(),
                 Status::failed_precondition("this agent is not in a cluster"),

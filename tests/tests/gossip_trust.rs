@@ -201,6 +201,19 @@ fn a_member_cannot_speak_for_another_node_in_gossip() {
         gossip_on.map(|_| ()),
     );
 
+    // A captured datagram sent again is dropped as a replay (issue 8):
+    // the first copy opens, the 4 others are counted.
+    let replays_before = counter(&lab, 2, "gossip_drop_replay").unwrap_or(0);
+    f.ok("replay", forge(&lab, &token, 2, &victim, "replay", 5));
+    let replayed = wait_until(Duration::from_secs(3), POLL, || {
+        Ok(counter(&lab, 2, "gossip_drop_replay")? >= replays_before + 4)
+    });
+    println!(
+        "h2 gossip_drop_replay: {replays_before} -> {} after 5 copies of one datagram",
+        counter(&lab, 2, "gossip_drop_replay").unwrap_or(0)
+    );
+    f.ok("h2 drops 4 replayed copies", replayed.map(|_| ()));
+
     let report = ping.stop().expect("stopping the ping");
     let lost = report.lost.len();
     println!(

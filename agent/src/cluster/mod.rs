@@ -148,7 +148,9 @@ pub fn alive_count(nodes: &[NodeView]) -> usize {
 }
 
 pub struct Cluster {
-    config: Config,
+    config: Arc<Config>,
+    /// What `Core` and the tasks see: swapped on join and leave.
+    view: membership::current::ClusterView,
     identity: Identity,
     /// Chitchat incarnation: fresh for every activation, so a node that
     /// left and joins again in the same process is not taken for the old
@@ -174,7 +176,9 @@ impl Cluster {
         counters: Arc<Counters>,
         channels: Arc<peer::Channels>,
     ) -> Result<Arc<Self>, ClusterError> {
+        let config = Arc::new(config);
         let this = Arc::new(Self {
+            view: membership::current::ClusterView::new(identity.node_id, config.clone()),
             config,
             identity,
             generation: AtomicU64::new(0),
@@ -258,6 +262,11 @@ impl Cluster {
         &self.config
     }
 
+    /// The view of the cluster the rest of the agent works from.
+    pub fn view(&self) -> membership::current::ClusterView {
+        self.view.clone()
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
@@ -320,6 +329,7 @@ impl Cluster {
                 ..
             } => {
                 remember.abort();
+                self.view.set(None);
                 *self.keeper.write().unwrap_or_else(|e| e.into_inner()) = None;
                 *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = None;
                 self.removed
@@ -508,6 +518,7 @@ impl Cluster {
                 ..
             } => {
                 remember.abort();
+                self.view.set(None);
                 membership.shutdown().await;
             }
             Phase::Unclustered { .. } => {}
@@ -705,6 +716,7 @@ impl Cluster {
                 }
             }
         });
+        self.view.set(Some(membership.clone()));
         Ok(Phase::Active {
             cluster_id,
             membership,

@@ -18,9 +18,9 @@ use ipnetwork::Ipv4Network;
 use ring::rand::SystemRandom;
 use tokio::sync::watch;
 
-use crate::cluster::Cluster;
 use crate::dataplane::Dataplane;
 use crate::ids::NodeId;
+use crate::membership::current::ClusterView;
 use crate::metrics::Counters;
 use crate::peer::Channels;
 use crate::store::Store;
@@ -30,7 +30,9 @@ pub use ipam_glue::{Ipam, IpamLoadError};
 pub use networks::{CreateSpec, FdbRow, NetworkInfo, PeerInfo};
 
 pub struct Core {
-    pub cluster: Arc<Cluster>,
+    /// This node's id, config and the running membership; never the
+    /// cluster object itself.
+    pub cluster: ClusterView,
     store: Mutex<Store>,
     changes: watch::Sender<u64>,
     pub counters: Arc<Counters>,
@@ -69,7 +71,7 @@ pub use crate::clock::now_ms;
 
 impl Core {
     pub fn new(
-        cluster: Arc<Cluster>,
+        cluster: ClusterView,
         store: Store,
         counters: Arc<Counters>,
         dataplane: Dataplane,

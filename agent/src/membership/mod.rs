@@ -7,6 +7,7 @@
 //! keeps chitchat from accepting a fact about a node that the node did not
 //! sign.
 
+pub mod current;
 pub mod guard;
 pub mod record;
 pub mod seal;

@@ -17,7 +17,9 @@
 //! - `trip-assert`: a delta whose `SetMaxVersion` is below its key-value's
 //!   version (tripped an `assert!` in chitchat 0.11.2);
 //! - `huge-heartbeat`: the victim's current incarnation with a heartbeat of
-//!   `u64::MAX - 1` (would make every real heartbeat look old).
+//!   `u64::MAX - 1` (would make every real heartbeat look old);
+//! - `replay`: one valid, empty Syn, sealed once and sent `--count` times
+//!   byte for byte (a captured datagram replayed).
 //!
 //! Prints one line per datagram sent. Only for tests: it sends to the one
 //! address given, inside the test's namespaces.
@@ -169,6 +171,7 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
                 DeltaOp::SetMaxVersion(5),
             ],
         ),
+        "replay" => encode_message(Kind::Syn, &[], &[]),
         "huge-heartbeat" => encode_message(
             Kind::SynAck,
             &[DigestEntry {
@@ -196,13 +199,16 @@ fn main() -> Result<()> {
     let socket = UdpSocket::bind(bind).context("bind UDP")?;
     let (mut plain, mut sealed) = (Vec::new(), Vec::new());
     for i in 0..args.count {
-        let msg = forged(&args)?;
-        let now = unix_ms();
-        signed_plaintext(&args.key, args.token.cluster_id(), now, &msg, &mut plain);
-        let mut nonce = [0u8; 12];
-        rng.fill(&mut nonce)
-            .map_err(|_| anyhow::anyhow!("random source failed"))?;
-        sealer.seal(now, nonce, &plain, &mut sealed);
+        // A replay sends the first datagram again, byte for byte.
+        if i == 0 || args.mode != "replay" {
+            let msg = forged(&args)?;
+            let now = unix_ms();
+            signed_plaintext(&args.key, args.token.cluster_id(), now, &msg, &mut plain);
+            let mut nonce = [0u8; 12];
+            rng.fill(&mut nonce)
+                .map_err(|_| anyhow::anyhow!("random source failed"))?;
+            sealer.seal(now, nonce, &plain, &mut sealed);
+        }
         if sealed.len() > seal::MAX_DATAGRAM {
             bail!("datagram too large");
         }
