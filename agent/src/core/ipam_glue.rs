@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
@@ -289,6 +290,40 @@ impl Core {
         ep: EndpointId,
         exact: Option<Ipv4Addr>,
     ) -> Result<Ipv4Addr, CoreError> {
+        let mut granted = false;
+        let r = self.allocate_with(net, ep, exact, &mut granted).await;
+        // A grant accepted without an allocation to persist it with is
+        // persisted and published on its own.
+        if granted && r.is_err() {
+            let persisted = {
+                let nets = self.ipam.nets.lock().await;
+                nets.get(&net.id)
+                    .map_or(Ok(()), |a| self.ipam.persist(net.id, a))
+            };
+            match persisted {
+                Ok(()) => {
+                    if let Err(e) = self.publish_ring(net.id).await {
+                        warn!(network = %net.id, error = %e, "could not publish IPAM ring");
+                    }
+                }
+                Err(e) => {
+                    warn!(network = %net.id, error = %e, "could not persist granted address space")
+                }
+            }
+        }
+        r
+    }
+
+    /// [`Core::allocate`]; `granted` is set once a donor's grant has been
+    /// accepted (in memory: the allocation from it persists both in one
+    /// write, ring and allocations together).
+    async fn allocate_with(
+        &self,
+        net: &NetworkView,
+        ep: EndpointId,
+        exact: Option<Ipv4Addr>,
+        granted: &mut bool,
+    ) -> Result<Ipv4Addr, CoreError> {
         let name = net.name().to_string();
         let mut asked: Vec<String> = Vec::new();
         // A host that never held space in this network learns the ring
@@ -328,8 +363,10 @@ impl Core {
                     // our free-space report, which the reconciler publishes
                     // at most once a second (`publish_own_reports`): published
                     // here, it would be a second table version every peer
-                    // pulls and reconciles before it acks the endpoint.
-                    if ranges_moved {
+                    // pulls and reconciles before it acks the endpoint. New
+                    // ranges are published (persisted with the allocation):
+                    // peers check the endpoint's IP against them.
+                    if ranges_moved || *granted {
                         self.publish_ring(net.id).await?;
                     }
                     return Ok(ip);
@@ -377,21 +414,26 @@ impl Core {
                     "no ring yet: no host owns address space of this network".into(),
                 ));
             }
-            if !self.ask_donors(net.id, &donors, exact, &mut asked).await? {
+            if !self
+                .ask_donors(net.id, &donors, exact, &mut asked, granted)
+                .await?
+            {
                 return Err(CoreError::IpamUnreachable(name, asked.join("; ")));
             }
         }
         Err(CoreError::IpamUnreachable(name, asked.join("; ")))
     }
 
-    /// Asks each donor in turn; true once one granted space (already merged
-    /// and persisted).
+    /// Asks each donor in turn; true once one granted space, accepted into
+    /// our allocator in memory: the caller persists it with the allocation
+    /// it makes from it, before the address or the ring goes anywhere.
     async fn ask_donors(
         &self,
         id: NetworkId,
         donors: &[NodeId],
         exact: Option<Ipv4Addr>,
         asked: &mut Vec<String>,
+        granted: &mut bool,
     ) -> Result<bool, CoreError> {
         let (Some(membership), Some(channels)) =
             (self.cluster.membership().await, self.channels.get())
@@ -438,18 +480,20 @@ impl Core {
                     asked.push(format!("{}: grant refused: {e}", node.name));
                     continue;
                 }
-                self.ipam.persist(id, a)?;
             }
+            *granted = true;
             info!(network = %id, donor = %donor, "address space received");
-            self.publish_ring(id).await?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    /// Peer asked us for space: donate, persist, publish, then answer.
+    /// Peer asked us for space: donate, persist, answer; our ring view is
+    /// republished beside the answer, not before it: the recipient
+    /// publishes the granted block with its first allocation from it, and
+    /// a merge takes the higher version, so nothing waits for our view.
     pub async fn donate_space(
-        &self,
+        self: &Arc<Self>,
         to: NodeId,
         network_id: &[u8],
         exact_ip: &str,
@@ -485,8 +529,13 @@ impl Core {
             self.ipam.persist(id, a)?;
             g
         };
-        self.publish_ring(id).await?;
         info!(network = %id, to = %to, "address space donated");
+        let core = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = core.publish_ring(id).await {
+                warn!(network = %id, error = %e, "could not publish IPAM ring");
+            }
+        });
         serde_json::to_vec(&grant).map_err(|e| CoreError::Ipam(id.short(), e.to_string()))
     }
 
