@@ -35,6 +35,31 @@ fn wait_timeouts(lab: &Lab, k: usize) -> u64 {
         .unwrap_or(0)
 }
 
+/// A new container attached on host k, timed: the endpoint, the hosts
+/// attach named lagging, how long the command took, and how many times
+/// host k's wait ran out meanwhile.
+struct Timed {
+    ep: EndpointRow,
+    lagging: Vec<String>,
+    took: Duration,
+    ran_out: u64,
+}
+
+fn timed_attach(lab: &mut Lab, k: usize, label: &str, network: &str) -> Timed {
+    let before = wait_timeouts(lab, k);
+    let c = lab.add_container(k, label).expect("container");
+    let t = Instant::now();
+    let (ep, lagging) =
+        attach_json(lab, network, &c, &[]).unwrap_or_else(|e| panic!("attach on h{k}: {e:#}"));
+    let took = t.elapsed();
+    Timed {
+        ep,
+        lagging,
+        took,
+        ran_out: wait_timeouts(lab, k) - before,
+    }
+}
+
 /// One `ping -c 1` from `c`; the RTT of the first reply in ms, or `None`
 /// when no reply came within 3 s. The RTT includes the sender's ARP
 /// resolution and the replier's (the echo reply waits for it), which is
@@ -160,12 +185,12 @@ fn dead_peer_does_not_hold_attach_past_the_bound() {
     lab.wait_dataplane(&[1, 2, 3], net.vni, &eps)
         .expect("entries everywhere");
     lab.kill_agent(3).expect("kill -9 h3's agent");
-    let timeouts = wait_timeouts(&lab, 2);
-    let n = lab.add_container(2, "n").expect("container");
-    let t = Instant::now();
-    let (ep, lagging) = attach_json(&lab, "dp", &n, &[]).expect("attach on h2");
-    let took = t.elapsed();
-    let ran_out = wait_timeouts(&lab, 2) - timeouts;
+    let Timed {
+        ep,
+        lagging,
+        took,
+        ran_out,
+    } = timed_attach(&mut lab, 2, "n", "dp");
     // Right on return, before anything else runs: h1's kernel has it.
     let fdb = lab.fdb(1, net.vni).unwrap_or_default();
     let neigh = lab.neigh(1, net.vni).unwrap_or_default();
@@ -234,12 +259,12 @@ fn host_without_endpoints_in_the_network_is_not_waited_for() {
     lab.wait_dataplane(&[1, 2], net.vni, &[ep1.clone(), ep2.clone()])
         .expect("entries on h1 and h2");
     lab.partition(3).expect("cut h3 off");
-    let timeouts = wait_timeouts(&lab, 2);
-    let n = lab.add_container(2, "n").expect("container");
-    let t = Instant::now();
-    let (ep, lagging) = attach_json(&lab, "bw", &n, &[]).expect("attach on h2");
-    let took = t.elapsed();
-    let ran_out = wait_timeouts(&lab, 2) - timeouts;
+    let Timed {
+        ep,
+        lagging,
+        took,
+        ran_out,
+    } = timed_attach(&mut lab, 2, "n", "bw");
     let rtt = first_reply_ms(&lab, &c1, &ep.ip);
     println!(
         "attach on h2 with h3 (no endpoint in the network) cut off: {took:.2?}; lagging {lagging:?}; h1 -> new endpoint first reply {rtt:?} ms"
@@ -251,12 +276,11 @@ fn host_without_endpoints_in_the_network_is_not_waited_for() {
     lab.wait_dataplane(&[1, 2, 3], net.vni, &[ep1, ep2, ep.clone(), ep3])
         .expect("h3's endpoint everywhere");
     lab.partition(3).expect("cut h3 off again");
-    let m = lab.add_container(2, "m").expect("container");
-    let t = Instant::now();
-    let (_, lagging_member) = attach_json(&lab, "bw", &m, &[]).expect("attach on h2");
-    let took_member = t.elapsed();
+    let control = timed_attach(&mut lab, 2, "m", "bw");
+    let lagging_member = control.lagging;
     println!(
-        "control, h3 with an endpoint cut off: attach {took_member:.2?}; lagging {lagging_member:?}"
+        "control, h3 with an endpoint cut off: attach {:.2?}; lagging {lagging_member:?}",
+        control.took
     );
     let mut f = Findings::new();
     f.check(lagging.is_empty(), || {
