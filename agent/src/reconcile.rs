@@ -3,6 +3,14 @@
 //! and on a repair tick, so anything lost or changed underneath (a crash
 //! mid-way, an operator's `ip link del`) is put back.
 //!
+//! Most wake-ups change nothing the kernel holds (a peer's IPAM ring or
+//! free-space report moved, gossip carried a version): when the plans
+//! computed from the store equal the ones the last full pass applied, and
+//! nothing else programmed the kernel since, the pass acks without dumping
+//! the kernel. The repair tick always runs a full pass, so what changed
+//! underneath is still put back within `REPAIR_TICK`, and at once when a
+//! VXLAN miss shows the kernel lacks an entry the table has (`repair`).
+//!
 //! Warm-up: right after a start, replicas are still empty, and programming
 //! from them would delete every remote entry the previous run left in the
 //! kernel, cutting traffic. Until every live peer's table has been pulled
@@ -15,7 +23,8 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::core::{Core, CoreError};
-use crate::ids::NodeId;
+use crate::dataplane::NetworkPlan;
+use crate::ids::{NetworkId, NodeId};
 use crate::membership::{NodeStatus, NodeView};
 use crate::metrics::Counter;
 
@@ -34,6 +43,7 @@ pub async fn run(core: Arc<Core>) {
     let mut members: Option<tokio::sync::watch::Receiver<()>> = None;
     // Per owner, the replica version it confirmed we programmed.
     let acked: Arc<Mutex<HashMap<NodeId, u64>>> = Arc::default();
+    let mut applied: Option<Applied> = None;
     loop {
         if members.is_none()
             && let Some(m) = core.cluster.membership().await
@@ -46,11 +56,11 @@ pub async fn run(core: Arc<Core>) {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = changes.changed() => {}
-            alive = member_change => if !alive { members = None },
-        }
+        let full = tokio::select! {
+            _ = tick.tick() => true,
+            _ = changes.changed() => false,
+            alive = member_change => { if !alive { members = None }; false }
+        };
         let nodes = core.cluster.members().await;
         if !warm {
             warm = warmed_up(&core, &nodes);
@@ -60,12 +70,24 @@ pub async fn run(core: Arc<Core>) {
             info!(after = ?core.started.elapsed(), "replicas caught up: reconciling the kernel");
         }
         report_conflicts(&core, &mut reported);
-        match pass(&core, &nodes).await {
-            Ok(programmed) => ack(&core, &nodes, &programmed, &acked),
-            Err(e) => {
-                core.counters.inc(Counter::ReconcileErrors);
-                warn!(error = %e, "reconcile pass failed; retrying");
-            }
+        let full = core.take_repair_request() || full;
+        let unchanged = match (&applied, full) {
+            (Some(last), false) => unchanged(&core, &nodes, last).await,
+            _ => None,
+        };
+        match unchanged {
+            Some(programmed) => ack(&core, &nodes, &programmed, &acked),
+            None => match pass(&core, &nodes).await {
+                Ok((programmed, now)) => {
+                    ack(&core, &nodes, &programmed, &acked);
+                    applied = Some(now);
+                }
+                Err(e) => {
+                    applied = None;
+                    core.counters.inc(Counter::ReconcileErrors);
+                    warn!(error = %e, "reconcile pass failed; retrying");
+                }
+            },
         }
         // After the kernel and the ack, not before: a merged ring view is
         // persisted and republished (a disk write under the store lock),
@@ -128,17 +150,20 @@ fn warmed_up(core: &Core, nodes: &[NodeView]) -> bool {
         .all(|n| store.replica_version(n.id) >= n.table_version)
 }
 
-/// One pass; returns, per replica owner, the table version now in the
-/// kernel (read in the same snapshot the pass programmed from).
-async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<Vec<(NodeId, u64)>, CoreError> {
-    core.refresh_underlay().await?;
-    // Attach creates devices before it stores the endpoint: without the
-    // lock this pass could remove a network's devices mid-attach.
-    let held = core.lock_endpoints().await;
-    let withdrawn = core.withdraw_orphans(&held).await?;
-    if withdrawn > 0 {
-        debug!(withdrawn, "orphaned endpoints withdrawn");
-    }
+/// What the last full pass left in the kernel: the plan of every network
+/// with a local endpoint, and the data plane's change count right after.
+struct Applied {
+    plans: Vec<(NetworkId, NetworkPlan)>,
+    generation: u64,
+}
+
+/// The desired state read from one store snapshot: per replica owner the
+/// table version it reflects, and the plans of the networks having a local
+/// endpoint (sorted by VNI). No kernel access.
+async fn desired(
+    core: &Core,
+    nodes: &[NodeView],
+) -> (Vec<(NodeId, u64)>, Vec<(NetworkId, NetworkPlan)>) {
     let me = core.cluster.node_id();
     let (networks, endpoints, programmed) = {
         let s = core.store();
@@ -155,20 +180,63 @@ async fn pass(core: &Arc<Core>, nodes: &[NodeView]) -> Result<Vec<(NodeId, u64)>
         .collect();
     let ids: Vec<_> = wanted.iter().map(|n| n.id).collect();
     let owners = core.owners_merged(nodes, &ids).await;
-    for net in &wanted {
-        let plan = core.plan(net, nodes, &owners);
-        let report = core.dataplane.ensure_network(&plan).await?;
+    let mut plans: Vec<_> = wanted
+        .iter()
+        .map(|net| (net.id, core.plan(net, nodes, &owners)))
+        .collect();
+    plans.sort_by_key(|(_, p)| p.vni);
+    (programmed, plans)
+}
+
+/// The versions to ack when the kernel already holds what the store asks
+/// for: the plans equal the last full pass's and nothing programmed the
+/// data plane since. `None`: run a full pass.
+async fn unchanged(core: &Core, nodes: &[NodeView], last: &Applied) -> Option<Vec<(NodeId, u64)>> {
+    // As in a full pass: an attach programs the kernel under this lock.
+    let _held = core.lock_endpoints().await;
+    if core.dataplane.generation() != last.generation {
+        return None;
+    }
+    let (programmed, plans) = desired(core, nodes).await;
+    (plans == last.plans).then_some(programmed)
+}
+
+/// One full pass; returns, per replica owner, the table version now in the
+/// kernel (read in the same snapshot the pass programmed from), and what
+/// the pass left in the kernel.
+async fn pass(
+    core: &Arc<Core>,
+    nodes: &[NodeView],
+) -> Result<(Vec<(NodeId, u64)>, Applied), CoreError> {
+    core.refresh_underlay().await?;
+    // Attach creates devices before it stores the endpoint: without the
+    // lock this pass could remove a network's devices mid-attach.
+    let held = core.lock_endpoints().await;
+    let present = core.dataplane.inventory().await?;
+    let withdrawn = core.withdraw_orphans(&held, &present.host_ends).await?;
+    if withdrawn > 0 {
+        debug!(withdrawn, "orphaned endpoints withdrawn");
+    }
+    let (programmed, plans) = desired(core, nodes).await;
+    for (network, plan) in &plans {
+        let report = core.dataplane.ensure_network(plan).await?;
         if report.added + report.removed + report.created_devices > 0 {
-            info!(network = %net.id, vni = %net.vni, added = report.added, removed = report.removed,
+            info!(network = %network, vni = %plan.vni, added = report.added, removed = report.removed,
                   devices = report.created_devices, "kernel reconciled");
         }
     }
-    let keep: HashSet<_> = wanted.iter().map(|n| n.vni).collect();
-    for vni in core.dataplane.networks_present().await? {
+    // Devices this pass created belong to wanted networks: the inventory
+    // taken before it is enough to find the unwanted ones.
+    let keep: HashSet<_> = plans.iter().map(|(_, p)| p.vni).collect();
+    for vni in present.networks {
         if !keep.contains(&vni) {
             core.dataplane.remove_network(vni).await?;
             info!(vni = %vni, "network devices removed (no local endpoint left)");
         }
     }
-    Ok(programmed)
+    // Read under the endpoint lock: only an attach (which takes it) or
+    // this pass program networks.
+    let generation = core.dataplane.generation();
+    drop(held);
+    Ok((programmed, Applied { plans, generation }))
 }

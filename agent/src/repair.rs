@@ -91,7 +91,7 @@ pub async fn run(core: Arc<Core>) {
             Lookup::NotOurs => {}
             Lookup::Remote => {
                 debug!(vni = %vni, ?miss, "miss for an address the table knows: reconciling now");
-                core.notify();
+                core.repair_kernel();
             }
             Lookup::Unknown => {
                 if last_pull.is_some_and(|t| t.elapsed() < PULL_EVERY) {

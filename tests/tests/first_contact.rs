@@ -1,8 +1,11 @@
 //! Issue #12 acceptance, against real agents in network namespaces: a
 //! container is reachable the moment `endpoint attach` returns (no
-//! one-second ARP retry on first contact), a dead peer does not hold attach
-//! past its bound, and an address detached on one host and re-attached on
-//! another with a new MAC is reached at the new MAC on the first ping.
+//! one-second ARP retry on first contact), a dead peer does not delay
+//! attach (a killed agent is not waited for at all; a host cut off the
+//! underlay, at most for the bound), a host without endpoints in the
+//! network is never waited for, and an address detached on one host and
+//! re-attached on another with a new MAC is reached at the new MAC on the
+//! first ping.
 //!
 //! Needs root and the binaries (`cargo build --release --workspace --bins`).
 //! Every test measures latency, so each holds `ovl_e2e::exclusive()`.
@@ -23,6 +26,39 @@ const FIRST_REPLY: f64 = 100.0;
 const ATTACH_WAIT: Duration = Duration::from_secs(1);
 /// What ovlctl and process start-up may add to the agent's bound.
 const CTL_SLACK: Duration = Duration::from_millis(500);
+
+/// Host k's count of attach/detach waits that ran out of `--attach-wait`.
+fn wait_timeouts(lab: &Lab, k: usize) -> u64 {
+    lab.status(k)
+        .ok()
+        .and_then(|s| s.counters["attach_wait_timeouts"].as_u64())
+        .unwrap_or(0)
+}
+
+/// A new container attached on host k, timed: the endpoint, the hosts
+/// attach named lagging, how long the command took, and how many times
+/// host k's wait ran out meanwhile.
+struct Timed {
+    ep: EndpointRow,
+    lagging: Vec<String>,
+    took: Duration,
+    ran_out: u64,
+}
+
+fn timed_attach(lab: &mut Lab, k: usize, label: &str, network: &str) -> Timed {
+    let before = wait_timeouts(lab, k);
+    let c = lab.add_container(k, label).expect("container");
+    let t = Instant::now();
+    let (ep, lagging) =
+        attach_json(lab, network, &c, &[]).unwrap_or_else(|e| panic!("attach on h{k}: {e:#}"));
+    let took = t.elapsed();
+    Timed {
+        ep,
+        lagging,
+        took,
+        ran_out: wait_timeouts(lab, k) - before,
+    }
+}
 
 /// One `ping -c 1` from `c`; the RTT of the first reply in ms, or `None`
 /// when no reply came within 3 s. The RTT includes the sender's ARP
@@ -149,10 +185,12 @@ fn dead_peer_does_not_hold_attach_past_the_bound() {
     lab.wait_dataplane(&[1, 2, 3], net.vni, &eps)
         .expect("entries everywhere");
     lab.kill_agent(3).expect("kill -9 h3's agent");
-    let n = lab.add_container(2, "n").expect("container");
-    let t = Instant::now();
-    let (ep, lagging) = attach_json(&lab, "dp", &n, &[]).expect("attach on h2");
-    let took = t.elapsed();
+    let Timed {
+        ep,
+        lagging,
+        took,
+        ran_out,
+    } = timed_attach(&mut lab, 2, "n", "dp");
     // Right on return, before anything else runs: h1's kernel has it.
     let fdb = lab.fdb(1, net.vni).unwrap_or_default();
     let neigh = lab.neigh(1, net.vni).unwrap_or_default();
@@ -170,8 +208,13 @@ fn dead_peer_does_not_hold_attach_past_the_bound() {
             "attach took {took:?} with h3 dead, bound {ATTACH_WAIT:?} (+{CTL_SLACK:?} for ovlctl)"
         )
     });
-    f.check(lagging.iter().all(|h| h == "h3"), || {
-        format!("lagging hosts {lagging:?}: only the dead h3 may lag")
+    f.check(lagging == ["h3"], || {
+        format!("lagging hosts {lagging:?}: the dead h3, and only it, must be named")
+    });
+    // h3's host is up and its agent gone: the notify of the new endpoint
+    // is refused at once, so attach does not wait for h3 at all.
+    f.check(ran_out == 0, || {
+        format!("h2's wait ran out {ran_out} time(s): it waited for the killed h3 (took {took:?})")
     });
     let mac = ep.mac.to_lowercase();
     f.check(
@@ -199,6 +242,59 @@ fn dead_peer_does_not_hold_attach_past_the_bound() {
     println!("h1/c -> new h2 endpoint, first reply: {rtt:?} ms");
     f.check(rtt.is_some_and(|v| v < FIRST_REPLY), || {
         format!("h1 -> new h2 endpoint with h3 dead: first reply {rtt:?} ms")
+    });
+    f.finish();
+}
+
+/// A live host without endpoints in the network holds none of its entries,
+/// so attach never waits for it: cut off the underlay (its agent cannot
+/// ack, and no call to it fails fast), it still costs nothing; a host that
+/// does have endpoints there, cut off the same way, costs the bound.
+#[test]
+fn host_without_endpoints_in_the_network_is_not_waited_for() {
+    let _serial = exclusive();
+    let (mut lab, net) = cluster_with_network(3, "bw", &[]);
+    let (c1, ep1) = attached(&mut lab, 1, "c1", "bw", &[]);
+    let (_c2, ep2) = attached(&mut lab, 2, "c2", "bw", &[]);
+    lab.wait_dataplane(&[1, 2], net.vni, &[ep1.clone(), ep2.clone()])
+        .expect("entries on h1 and h2");
+    lab.partition(3).expect("cut h3 off");
+    let Timed {
+        ep,
+        lagging,
+        took,
+        ran_out,
+    } = timed_attach(&mut lab, 2, "n", "bw");
+    let rtt = first_reply_ms(&lab, &c1, &ep.ip);
+    println!(
+        "attach on h2 with h3 (no endpoint in the network) cut off: {took:.2?}; lagging {lagging:?}; h1 -> new endpoint first reply {rtt:?} ms"
+    );
+    // Control: once h3 has an endpoint in the network, the same cut costs
+    // the bound (h3 cannot ack, and nothing tells h2 it is gone yet).
+    lab.heal(3).expect("reconnect h3");
+    let (_c3, ep3) = attached(&mut lab, 3, "c3", "bw", &[]);
+    lab.wait_dataplane(&[1, 2, 3], net.vni, &[ep1, ep2, ep.clone(), ep3])
+        .expect("h3's endpoint everywhere");
+    lab.partition(3).expect("cut h3 off again");
+    let control = timed_attach(&mut lab, 2, "m", "bw");
+    let lagging_member = control.lagging;
+    println!(
+        "control, h3 with an endpoint cut off: attach {:.2?}; lagging {lagging_member:?}",
+        control.took
+    );
+    let mut f = Findings::new();
+    f.check(lagging.is_empty(), || {
+        format!("lagging hosts {lagging:?}: h3 has no endpoint in the network and must not be waited for")
+    });
+    f.check(ran_out == 0, || {
+        format!("h2's wait ran out {ran_out} time(s) with only h3 (no endpoints there) cut off")
+    });
+    f.check(rtt.is_some_and(|v| v < FIRST_REPLY), || {
+        format!("h1 -> new h2 endpoint: first reply {rtt:?} ms")
+    });
+    // h3 is named unless membership already marked it dead (phi detector).
+    f.check(lagging_member.iter().all(|h| h == "h3"), || {
+        format!("control: lagging {lagging_member:?}, only h3 (cut off) may be named")
     });
     f.finish();
 }

@@ -10,7 +10,7 @@ use ovl_proto::records::{EndpointRecord, table_entry::Value};
 use tracing::{info, warn};
 
 use super::{Core, CoreError, now_ms};
-use crate::dataplane::LocalEndpoint;
+use crate::dataplane::{Dataplane, LocalEndpoint};
 use crate::ids::{EndpointId, MacAddr, NetworkId};
 use crate::membership::NodeStatus;
 use crate::store::{EndpointView, key};
@@ -321,9 +321,15 @@ impl Core {
     }
 
     /// Withdraws local endpoints whose namespace is gone (the kernel deleted
-    /// the veth pair with it) or whose network was removed.
-    /// The caller holds the endpoint lock (see `lock_endpoints`).
-    pub async fn withdraw_orphans(&self, _held: &EndpointGuard<'_>) -> Result<usize, CoreError> {
+    /// the veth pair with it: its host end is not in `host_ends`, the names
+    /// of [`crate::dataplane::Inventory`]) or whose network was removed.
+    /// The caller holds the endpoint lock (see `lock_endpoints`) and took
+    /// `host_ends` under it.
+    pub async fn withdraw_orphans(
+        &self,
+        _held: &EndpointGuard<'_>,
+        host_ends: &std::collections::HashSet<String>,
+    ) -> Result<usize, CoreError> {
         let me = self.cluster.node_id();
         let (mine, networks) = {
             let s = self.store();
@@ -344,7 +350,7 @@ impl Core {
                     "network lost a clash to an older one: {}",
                     v.conflict.as_deref().unwrap_or_default()
                 ),
-                Some(_) if !self.dataplane.endpoint_present(ep.id).await? => {
+                Some(_) if !host_ends.contains(&Dataplane::host_ifname(ep.id)) => {
                     "namespace or interface disappeared".to_string()
                 }
                 Some(_) => continue,

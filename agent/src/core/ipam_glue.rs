@@ -258,9 +258,25 @@ impl Core {
     /// Merges every ring view peers published into ours (each from its
     /// publisher's own table); forged entries are refused, counted once and
     /// logged; a view that finds corruption is refused whole and reported.
+    ///
+    /// Our merged view is persisted and republished only when it knows
+    /// ranges that no live host (us included) publishes yet: a relay, e.g.
+    /// of a dead owner's blocks to hosts that never pulled its table.
+    /// Ranges that live hosts publish themselves (a donor's grant is in the
+    /// donor's view and then the recipient's) reach everyone straight from
+    /// them; every host republishing them as well made each donation cost
+    /// N-1 extra table versions, (N-1)² notifies, pulls and reconcile passes
+    /// and 2(N-1) fsyncs, all during the attach that asked for the space.
+    /// Merges only add knowledge, so such a merge is persisted lazily, with
+    /// this host's next write of the network's state (`ipam` module docs).
     pub async fn merge_rings(&self) {
         let networks = self.store().networks();
         let nodes = self.cluster.members().await;
+        let live: HashSet<NodeId> = nodes
+            .iter()
+            .filter(|n| n.status == NodeStatus::Alive)
+            .map(|n| n.id)
+            .collect();
         let departed = departed_fn(nodes, self.store().replica_owners());
         let mut touched = Vec::new();
         {
@@ -268,12 +284,20 @@ impl Core {
             for net in &networks {
                 let raw = self.store().ipam_rings(net.id);
                 let mut views: Vec<(NodeId, Ring)> = Vec::new();
+                // Entries live hosts publish themselves, our own view included.
+                let mut published = HashSet::new();
                 for (publisher, json) in raw {
-                    if publisher == self.ipam.me {
-                        continue;
-                    }
                     match serde_json::from_slice::<Ring>(&json) {
-                        Ok(r) => views.push((publisher, r)),
+                        Ok(r) => {
+                            if publisher == self.ipam.me || live.contains(&publisher) {
+                                published.extend(
+                                    r.entries().iter().map(|e| (e.block, e.owner, e.version)),
+                                );
+                            }
+                            if publisher != self.ipam.me {
+                                views.push((publisher, r));
+                            }
+                        }
                         Err(e) => {
                             if let Some(suppressed) = FORGED_LOG.check(std::time::Instant::now()) {
                                 warn!(network = %net.id, peer = %publisher, error = %e, suppressed, "undecodable IPAM ring ignored");
@@ -284,19 +308,20 @@ impl Core {
                 let a = nets
                     .entry(net.id)
                     .or_insert_with(|| self.ipam.fresh(net.id));
-                let before = serde_json::to_vec(a.ring().entries()).ok();
                 let refs: Vec<(NodeId, &Ring)> = views.iter().map(|(p, r)| (*p, r)).collect();
                 let report = a.merge_views(&refs, &departed);
                 for (publisher, e) in &report.errors {
                     warn!(network = %net.id, peer = %publisher, error = %e, "IPAM ring merge refused: replicas disagree; investigate before allocating");
                 }
                 self.count_forged(net.id, &report.forged);
-                // Only a change of ranges is persisted and republished. Free-
-                // space reports (advisory: they pick donors) change with
-                // every allocation anywhere, and each owner publishes its own;
-                // every peer republishing them made each attach cost N²
-                // notifies, pulls and disk writes.
-                if serde_json::to_vec(a.ring().entries()).ok() != before {
+                // Free-space reports are not compared: advisory (they pick
+                // donors), and each owner publishes its own.
+                let relays = a
+                    .ring()
+                    .entries()
+                    .iter()
+                    .any(|e| !published.contains(&(e.block, e.owner, e.version)));
+                if relays {
                     if let Err(e) = self.ipam.persist(net.id, a) {
                         warn!(network = %net.id, error = %e, "could not persist merged IPAM ring");
                         continue;
@@ -339,6 +364,40 @@ impl Core {
         ep: EndpointId,
         exact: Option<Ipv4Addr>,
     ) -> Result<Ipv4Addr, CoreError> {
+        let mut granted = false;
+        let r = self.allocate_with(net, ep, exact, &mut granted).await;
+        // A grant accepted without an allocation to persist it with is
+        // persisted and published on its own.
+        if granted && r.is_err() {
+            let persisted = {
+                let nets = self.ipam.nets.lock().await;
+                nets.get(&net.id)
+                    .map_or(Ok(()), |a| self.ipam.persist(net.id, a))
+            };
+            match persisted {
+                Ok(()) => {
+                    if let Err(e) = self.publish_ring(net.id).await {
+                        warn!(network = %net.id, error = %e, "could not publish IPAM ring");
+                    }
+                }
+                Err(e) => {
+                    warn!(network = %net.id, error = %e, "could not persist granted address space")
+                }
+            }
+        }
+        r
+    }
+
+    /// [`Core::allocate`]; `granted` is set once a donor's grant has been
+    /// accepted (in memory: the allocation from it persists both in one
+    /// write, ring and allocations together).
+    async fn allocate_with(
+        &self,
+        net: &NetworkView,
+        ep: EndpointId,
+        exact: Option<Ipv4Addr>,
+        granted: &mut bool,
+    ) -> Result<Ipv4Addr, CoreError> {
         let name = net.name().to_string();
         let mut asked: Vec<String> = Vec::new();
         // A host that never held space in this network learns the ring
@@ -378,8 +437,10 @@ impl Core {
                     // our free-space report, which the reconciler publishes
                     // at most once a second (`publish_own_reports`): published
                     // here, it would be a second table version every peer
-                    // pulls and reconciles before it acks the endpoint.
-                    if ranges_moved {
+                    // pulls and reconciles before it acks the endpoint. New
+                    // ranges are published (persisted with the allocation):
+                    // peers check the endpoint's IP against them.
+                    if ranges_moved || *granted {
                         self.publish_ring(net.id).await?;
                     }
                     return Ok(ip);
@@ -427,21 +488,26 @@ impl Core {
                     "no ring yet: no host owns address space of this network".into(),
                 ));
             }
-            if !self.ask_donors(net.id, &donors, exact, &mut asked).await? {
+            if !self
+                .ask_donors(net.id, &donors, exact, &mut asked, granted)
+                .await?
+            {
                 return Err(CoreError::IpamUnreachable(name, asked.join("; ")));
             }
         }
         Err(CoreError::IpamUnreachable(name, asked.join("; ")))
     }
 
-    /// Asks each donor in turn; true once one granted space (already merged
-    /// and persisted).
+    /// Asks each donor in turn; true once one granted space, accepted into
+    /// our allocator in memory: the caller persists it with the allocation
+    /// it makes from it, before the address or the ring goes anywhere.
     async fn ask_donors(
         &self,
         id: NetworkId,
         donors: &[NodeId],
         exact: Option<Ipv4Addr>,
         asked: &mut Vec<String>,
+        granted: &mut bool,
     ) -> Result<bool, CoreError> {
         let (Some(membership), Some(channels)) =
             (self.cluster.membership().await, self.channels.get())
@@ -491,8 +557,9 @@ impl Core {
                 let mut nets = self.ipam.nets.lock().await;
                 let a = nets.entry(id).or_insert_with(|| self.ipam.fresh(id));
                 match a.accept(&grant, *donor, &departed) {
+                    // Held in memory: the allocation from it persists both
+                    // in one write (see `allocate`).
                     Ok(()) => {
-                        self.ipam.persist(id, a)?;
                         accepted = Ok(());
                         break;
                     }
@@ -509,16 +576,19 @@ impl Core {
                 asked.push(format!("{}: grant refused: {e}", node.name));
                 continue;
             }
+            *granted = true;
             info!(network = %id, donor = %donor, "address space received");
-            self.publish_ring(id).await?;
             return Ok(true);
         }
         Ok(false)
     }
 
-    /// Peer asked us for space: donate, persist, publish, then answer.
+    /// Peer asked us for space: donate, persist, answer; our ring view is
+    /// republished beside the answer, not before it: the recipient
+    /// publishes the granted block with its first allocation from it, and
+    /// a merge takes the higher version, so nothing waits for our view.
     pub async fn donate_space(
-        &self,
+        self: &Arc<Self>,
         to: NodeId,
         network_id: &[u8],
         exact_ip: &str,
@@ -554,8 +624,13 @@ impl Core {
             self.ipam.persist(id, a)?;
             g
         };
-        self.publish_ring(id).await?;
         info!(network = %id, to = %to, "address space donated");
+        let core = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = core.publish_ring(id).await {
+                warn!(network = %id, error = %e, "could not publish IPAM ring");
+            }
+        });
         serde_json::to_vec(&grant).map_err(|e| CoreError::Ipam(id.short(), e.to_string()))
     }
 

@@ -65,6 +65,9 @@ pub struct Core {
     /// Our own table version each peer's kernel holds (its `Programmed`
     /// ack, sent after its reconcile pass): what attach and detach wait for.
     acks: acks::Acks,
+    /// Set when the kernel may have lost what the last pass applied (a
+    /// VXLAN miss for an entry the table has): the next pass is a full one.
+    kernel_suspect: std::sync::atomic::AtomicBool,
 }
 
 pub use crate::clock::now_ms;
@@ -100,6 +103,7 @@ impl Core {
             backdated_seen: Mutex::new(std::collections::HashSet::new()),
             reports_published: Mutex::new(std::collections::HashMap::new()),
             acks: watch::channel(Default::default()).0,
+            kernel_suspect: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -196,6 +200,18 @@ impl Core {
     /// Wakes the reconciler and the sync publisher.
     pub fn notify(&self) {
         self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// The kernel may lack what the last pass applied: wakes the
+    /// reconciler for a full pass (one that reads the kernel back).
+    pub fn repair_kernel(&self) {
+        self.kernel_suspect.store(true, Ordering::Release);
+        self.notify();
+    }
+
+    /// Whether a full pass was asked for since the last call.
+    pub fn take_repair_request(&self) -> bool {
+        self.kernel_suspect.swap(false, Ordering::AcqRel)
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

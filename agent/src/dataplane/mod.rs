@@ -18,9 +18,10 @@
 //! subnets coexist, and two networks only meet if something routes between
 //! bridges, which nothing here does.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rtnetlink::Handle;
 
@@ -101,6 +102,15 @@ pub struct KernelView {
     pub vxlan: bool,
 }
 
+/// What the kernel holds, from one link dump: for a reconcile pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Names of the links named like endpoints' host ends (`ovl` + 8 hex).
+    pub host_ends: HashSet<String>,
+    /// VNIs that have a bridge or VXLAN device.
+    pub networks: Vec<Vni>,
+}
+
 /// What one `ensure_network` changed. All zero when the kernel already
 /// matched the plan.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,6 +165,9 @@ pub struct Dataplane {
     /// Serialises mutations: an attach and a reconcile pass must not both
     /// create the same device.
     lock: tokio::sync::Mutex<()>,
+    /// Counts changes of networks' devices and entries (see
+    /// [`Dataplane::generation`]).
+    generation: AtomicU64,
 }
 
 impl Dataplane {
@@ -178,7 +191,20 @@ impl Dataplane {
             handle,
             _conn: conn,
             lock: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Moves whenever `ensure_network` or `remove_network` changed (or may
+    /// have changed, failing midway) a network's devices or entries: equal
+    /// values mean the kernel still holds what was last applied, unless
+    /// something outside the agent changed it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn bridge_name(vni: Vni) -> String {
@@ -209,6 +235,7 @@ fn futures_are_send(dp: &Dataplane, plan: &NetworkPlan, ep: &LocalEndpoint, id: 
     send(dp.ensure_network(plan));
     send(dp.remove_network(plan.vni));
     send(dp.networks_present());
+    send(dp.inventory());
     send(dp.attach(plan.vni, ep));
     send(dp.detach(id));
     send(dp.endpoint_present(id));

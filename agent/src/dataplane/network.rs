@@ -12,10 +12,23 @@ use super::fdb;
 use super::netlink::{self as nl, Ctx, Link};
 use super::plan::{self, VxlanAction};
 use super::{
-    BRIDGE_PREFIX, Dataplane, DataplaneError, KernelView, NetworkPlan, ReconcileReport,
+    BRIDGE_PREFIX, Dataplane, DataplaneError, Inventory, KernelView, NetworkPlan, ReconcileReport,
     VXLAN_PREFIX,
 };
 use crate::ids::{MacAddr, Vni};
+
+fn network_vnis(links: &[Link]) -> Vec<Vni> {
+    let mut vnis: Vec<Vni> = links
+        .iter()
+        .filter_map(|l| {
+            plan::vni_of_device(&l.name, BRIDGE_PREFIX)
+                .or_else(|| plan::vni_of_device(&l.name, VXLAN_PREFIX))
+        })
+        .collect();
+    vnis.sort();
+    vnis.dedup();
+    vnis
+}
 
 impl Dataplane {
     /// Makes the kernel match `plan`: the bridge (fixed MAC, MTU, up), the
@@ -29,6 +42,14 @@ impl Dataplane {
         plan: &NetworkPlan,
     ) -> Result<ReconcileReport, DataplaneError> {
         let _g = self.lock.lock().await;
+        let r = self.ensure_locked(plan).await;
+        if !matches!(r, Ok(report) if report == ReconcileReport::default()) {
+            self.changed();
+        }
+        r
+    }
+
+    async fn ensure_locked(&self, plan: &NetworkPlan) -> Result<ReconcileReport, DataplaneError> {
         let mut report = ReconcileReport::default();
         let links = nl::links(&self.handle).await?;
         let bridge = self.ensure_bridge(plan, &links, &mut report).await?;
@@ -271,6 +292,8 @@ impl Dataplane {
     /// them). Idempotent.
     pub async fn remove_network(&self, vni: Vni) -> Result<(), DataplaneError> {
         let _g = self.lock.lock().await;
+        // Counted before: a failure midway may have removed one device.
+        self.changed();
         for name in [Self::vxlan_name(vni), Self::bridge_name(vni)] {
             if let Some(l) = nl::link_by_name(&self.handle, &name).await?
                 && nl::delete_link(&self.handle, l.index, &name).await?
@@ -283,17 +306,20 @@ impl Dataplane {
 
     /// VNIs that have a bridge or VXLAN device on this host.
     pub async fn networks_present(&self) -> Result<Vec<Vni>, DataplaneError> {
-        let mut vnis: Vec<Vni> = nl::links(&self.handle)
-            .await?
-            .iter()
-            .filter_map(|l| {
-                plan::vni_of_device(&l.name, BRIDGE_PREFIX)
-                    .or_else(|| plan::vni_of_device(&l.name, VXLAN_PREFIX))
-            })
-            .collect();
-        vnis.sort();
-        vnis.dedup();
-        Ok(vnis)
+        Ok(network_vnis(&nl::links(&self.handle).await?))
+    }
+
+    /// Networks' devices and endpoints' host ends, from one link dump.
+    pub async fn inventory(&self) -> Result<Inventory, DataplaneError> {
+        let links = nl::links(&self.handle).await?;
+        Ok(Inventory {
+            host_ends: links
+                .iter()
+                .filter(|l| plan::is_host_ifname(&l.name))
+                .map(|l| l.name.clone())
+                .collect(),
+            networks: network_vnis(&links),
+        })
     }
 
     /// What the kernel holds for the network.

@@ -97,7 +97,7 @@ async fn pusher(core: Arc<Core>, channels: Arc<Channels>) {
             Some(m) => {
                 let version = core.store().own().version();
                 if pushed != Some(version) {
-                    push(&channels, &m.nodes().await, version);
+                    push(&core, &channels, &m.nodes().await, version);
                     pushed = Some(version);
                 }
             }
@@ -112,15 +112,21 @@ async fn pusher(core: Arc<Core>, channels: Arc<Channels>) {
 
 /// Tells every live peer our table moved, so they pull now (fire and
 /// forget: a lost notify only costs latency, gossip still carries `tv`).
-fn push(channels: &Arc<Channels>, nodes: &[NodeView], version: u64) {
+/// A peer whose agent refuses the call at the transport level (connection
+/// refused or reset: not running) is not waited for by attach and detach.
+fn push(core: &Arc<Core>, channels: &Arc<Channels>, nodes: &[NodeView], version: u64) {
     for n in nodes
         .iter()
         .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
     {
-        let (addr, peer, channels) = (n.gossip_addr, n.id, channels.clone());
+        let (addr, peer) = (n.gossip_addr, n.id);
+        let (core, channels) = (core.clone(), channels.clone());
         tokio::spawn(async move {
             if let Err(e) = channels.notify(addr, peer, version).await {
                 debug!(peer = %peer, error = %e, "notify failed; gossip will carry the version");
+                if e.code() == tonic::Code::Unavailable {
+                    core.unreachable(peer, version);
+                }
             }
         });
     }
