@@ -164,6 +164,14 @@ impl Peer for PeerService {
                 Status::failed_precondition("this agent is not in a cluster"),
             );
         };
+        if self.cluster.keeper().is_some_and(|k| k.hello_on_hold()) {
+            return self.refuse(
+                conn.as_ref(),
+                Status::unavailable(
+                    "a cluster key rotation is in progress here; retry in a few seconds",
+                ),
+            );
+        }
         let keys = current.token.admission();
         if req.cluster_id.as_slice() != keys.cluster_id.as_bytes() {
             return self.refuse(

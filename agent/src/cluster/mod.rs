@@ -407,7 +407,7 @@ impl Cluster {
             .token
             .rotated(&self.rng)
             .map_err(|_| ClusterError::Random)?;
-        let issued_at = crate::clock::now_ms().max(current.issued_at + 1);
+        let issued_at = crate::clock::now_ms().max(current.issued_at.saturating_add(1));
         let creds = adopt(&self.credentials, membership, &self.cluster_file(), |c| {
             c.token = token;
             c.issued_at = issued_at;
@@ -695,6 +695,7 @@ impl Cluster {
             me: self.identity.node_id,
             rng: SystemRandom::new(),
             counters: self.counters.clone(),
+            token_pending: std::sync::Mutex::new(None),
         });
         *self.keeper.write().unwrap_or_else(|e| e.into_inner()) = Some(keeper.clone());
         let fatal = self.fatal.clone();
@@ -818,14 +819,16 @@ async fn watch_members(
             others.clone().map(|n| n.gossip_addr).collect(),
             others.map(|n| n.id).collect(),
         );
-        let current = creds.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(current) = current
-            && !known.0.is_empty()
-            && known != persisted
-        {
+        if !known.0.is_empty() && known != persisted {
             let peers: Vec<SocketAddr> = known.0.iter().copied().collect();
             let members: Vec<NodeId> = known.1.iter().copied().collect();
-            match write_cluster_file(&path, &current, Some(&peers), Some(&members)) {
+            // Under the credentials' lock, as `adopt` writes: a key or token
+            // adopted meanwhile is never written back to its old value.
+            let written = match &*creds.read().unwrap_or_else(|e| e.into_inner()) {
+                Some(current) => write_cluster_file(&path, current, Some(&peers), Some(&members)),
+                None => Ok(()),
+            };
+            match written {
                 Ok(()) => persisted = known,
                 Err(e) => warn!(error = %e, "could not persist known peers"),
             }
@@ -844,8 +847,7 @@ async fn adopt_removals(
     removed: &membership::Removed,
     me: NodeId,
 ) {
-    let mut next = removed.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let mut learned = Vec::new();
+    let mut offered = Vec::new();
     for (by, ids) in membership.published_removals().await {
         for id in ids {
             if id == me {
@@ -854,23 +856,51 @@ async fn adopt_removals(
                 }
                 continue;
             }
-            if next.len() < membership::record::MAX_REMOVED && next.insert(id) {
-                learned.push((by, id));
-            }
+            offered.push((by, id));
         }
     }
-    if learned.is_empty() {
-        return;
-    }
-    if let Err(e) = persist_removed(path, &next) {
-        warn!(error = %e, "could not persist node removals; not applying them yet");
-        return;
-    }
-    *removed.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
-    for (by, id) in learned {
-        warn!(peer = %id, by = %by, "node removed from the cluster by a member: its gossip and peer calls are refused");
-    }
+    let ids: Vec<NodeId> = offered.iter().map(|(_, id)| *id).collect();
+    let next = match union_removals(removed, path, &ids, me) {
+        Ok(Some((next, learned))) => {
+            for (by, id) in offered.iter().filter(|(_, id)| learned.contains(id)) {
+                warn!(peer = %id, by = %by, "node removed from the cluster by a member: its gossip and peer calls are refused");
+            }
+            next
+        }
+        Ok(None) => return,
+        Err(e) => {
+            warn!(error = %e, "could not persist node removals; not applying them yet");
+            return;
+        }
+    };
     membership.publish(|f| f.removed = next).await;
+}
+
+/// A removal union's result: the new set and the ids it added.
+pub(super) type Union = (BTreeSet<NodeId>, Vec<NodeId>);
+
+/// Unions `ids` into the removed set in one step under its lock (persisted
+/// first, then in force), so concurrent unions never drop each other's ids.
+/// Returns the new set and the ids it added, or `None` if nothing was new.
+pub(super) fn union_removals(
+    removed: &membership::Removed,
+    path: &std::path::Path,
+    ids: &[NodeId],
+    me: NodeId,
+) -> Result<Option<Union>, PersistError> {
+    let mut set = removed.write().unwrap_or_else(|e| e.into_inner());
+    let mut next = set.clone();
+    let learned: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .filter(|id| *id != me && next.len() < membership::record::MAX_REMOVED && next.insert(*id))
+        .collect();
+    if learned.is_empty() {
+        return Ok(None);
+    }
+    persist_removed(path, &next)?;
+    *set = next.clone();
+    Ok(Some((next, learned)))
 }
 
 static SELF_REMOVED_LOG: crate::metrics::RateLimit =

@@ -18,7 +18,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{ClusterError, SharedCredentials, adopt, current_file, persist_removed};
+use super::{ClusterError, SharedCredentials, adopt, current_file, union_removals};
 use crate::ids::NodeId;
 use crate::keys::{ClusterKey, KeyId};
 use crate::membership::{self, KeyEvent, Membership, NodeStatus};
@@ -46,7 +46,17 @@ pub struct KeyKeeper {
     pub(super) me: NodeId,
     pub(super) rng: SystemRandom,
     pub(super) counters: Arc<Counters>,
+    /// Set while a rotation's new key is here but its new token is not
+    /// yet: (the token secret held then, until when). `Hello` is refused
+    /// meanwhile, so the old token never buys the new key.
+    pub(super) token_pending: std::sync::Mutex<Option<([u8; 32], Instant)>>,
 }
+
+/// How long `Hello` waits for a rotation's token at most.
+const TOKEN_PENDING_FOR: Duration = Duration::from_secs(30);
+/// How often the keyring's primary is compared with what is persisted (a
+/// switch event lost to a full channel is caught up here).
+const SYNC_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -59,6 +69,40 @@ pub enum InstallError {
 }
 
 impl KeyKeeper {
+    /// Refuses `Hello` until the token that comes with a rotation arrives.
+    fn hold_hello(&self) {
+        let token = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.token.secret());
+        if let Some(t) = token {
+            *self.token_pending.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((t, Instant::now() + TOKEN_PENDING_FOR));
+        }
+    }
+
+    /// Whether `Hello` must wait: a new key is here and the token that
+    /// admits with it not yet.
+    pub fn hello_on_hold(&self) -> bool {
+        let mut pending = self.token_pending.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((old, until)) = *pending else {
+            return false;
+        };
+        let current = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.token.secret());
+        if Instant::now() >= until || current != Some(old) {
+            *pending = None;
+            return false;
+        }
+        true
+    }
+
     fn cluster_id(&self) -> Option<crate::ids::ClusterId> {
         self.credentials
             .read()
@@ -97,25 +141,9 @@ impl KeyKeeper {
         ids: &[NodeId],
         by: Option<NodeId>,
     ) -> Result<(), ClusterError> {
-        let (next, learned) = {
-            let set = self.removed.read().unwrap_or_else(|e| e.into_inner());
-            let mut next = set.clone();
-            let learned: Vec<NodeId> = ids
-                .iter()
-                .copied()
-                .filter(|id| {
-                    *id != self.me
-                        && next.len() < membership::record::MAX_REMOVED
-                        && next.insert(*id)
-                })
-                .collect();
-            (next, learned)
-        };
-        if learned.is_empty() {
+        let Some((next, learned)) = union_removals(&self.removed, &self.path, ids, self.me)? else {
             return Ok(());
-        }
-        persist_removed(&self.path, &next)?;
-        *self.removed.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        };
         if let Some(by) = by {
             for id in &learned {
                 warn!(peer = %id, by = %by, "node removed from the cluster by a member: its gossip and peer calls are refused");
@@ -135,7 +163,13 @@ impl KeyKeeper {
             .map_err(|_| ClusterError::Random)?;
         let newest = self.sealer.with_ring(|r| r.newest_epoch());
         let key = ClusterKey::derive(cluster_id, newest.saturating_add(1), secret);
-        self.sealer.with_ring(|r| r.install(key.clone()));
+        if !self.sealer.with_ring(|r| r.install(key.clone())) {
+            return Err(ClusterError::Refused(format!(
+                "cluster key {} not installed (epochs exhausted?)",
+                key.id()
+            )));
+        }
+        self.hold_hello();
         let msg = ClusterKeyMessage {
             epoch: key.id().epoch,
             secret: secret.to_vec(),
@@ -186,6 +220,7 @@ impl KeyKeeper {
         self.add_removals(&removed_of(msg)?, Some(by)).await?;
         let fresh = self.sealer.with_ring(|r| r.install(key.clone()));
         if fresh {
+            self.hold_hello();
             self.counters.inc(Counter::ClusterKeyInstalled);
             info!(by = %by, key = %key.id(), "cluster key installed; switching when members use it");
         }
@@ -225,7 +260,18 @@ impl KeyKeeper {
     /// Follows gossip's key events until the channel closes.
     pub async fn run(self: Arc<Self>, mut events: mpsc::Receiver<KeyEvent>) {
         let mut last_fetch: Option<Instant> = None;
-        while let Some(ev) = events.recv().await {
+        let mut tick = tokio::time::interval(SYNC_EVERY);
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => ev,
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    self.catch_up().await;
+                    continue;
+                }
+            };
             match ev {
                 KeyEvent::Switched { key, by } => self.switched(*key, by).await,
                 KeyEvent::MissedRotation { from, id } => {
@@ -237,6 +283,22 @@ impl KeyKeeper {
                 }
             }
             self.sealer.with_ring(|r| r.expire(crate::clock::now_ms()));
+        }
+    }
+
+    /// Persists the keyring's primary if a switch event was lost.
+    async fn catch_up(&self) {
+        let now = crate::clock::now_ms();
+        self.sealer.with_ring(|r| r.expire(now));
+        let primary = self.primary();
+        let persisted = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.cluster_key.id());
+        if persisted.is_some_and(|p| p < primary.id()) {
+            self.switched(primary, None).await;
         }
     }
 

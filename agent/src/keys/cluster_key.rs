@@ -68,8 +68,9 @@ impl hkdf::KeyType for Len {
     }
 }
 
-fn expand(prk: &hkdf::Prk, label: &[u8], cluster_id: ClusterId, out: &mut [u8]) {
-    let info = [label, cluster_id.as_bytes().as_slice()];
+fn expand(prk: &hkdf::Prk, label: &[u8], cluster_id: ClusterId, epoch: u32, out: &mut [u8]) {
+    let epoch = epoch.to_be_bytes();
+    let info = [label, cluster_id.as_bytes().as_slice(), &epoch];
     // At most 32 bytes: far below HKDF-SHA256's limit of 255 * 32
     // (RFC 5869 §2.3).
     prk.expand(&info, Len(out.len()))
@@ -103,9 +104,9 @@ impl ClusterKey {
     pub fn derive(cluster_id: ClusterId, epoch: u32, secret: [u8; 32]) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&secret);
         let mut gossip = [0u8; 32];
-        expand(&prk, b"ovl gossip aead", cluster_id, &mut gossip);
+        expand(&prk, b"ovl gossip aead", cluster_id, epoch, &mut gossip);
         let mut fp = [0u8; 4];
-        expand(&prk, b"ovl gossip key id", cluster_id, &mut fp);
+        expand(&prk, b"ovl gossip key id", cluster_id, epoch, &mut fp);
         let gossip = aead::UnboundKey::new(&aead::AES_256_GCM, &gossip)
             .map(aead::LessSafeKey::new)
             .expect("AES-256-GCM takes a 32-byte key");

@@ -92,8 +92,10 @@ impl EpochSecret {
     }
 }
 
-/// Both directions of one pair in one epoch.
-#[derive(Debug, Clone)]
+/// Both directions of one pair in one epoch. Not `Clone`: a direction key
+/// moves into the one `Sender` (or `Receiver`) that uses it, because two
+/// senders on one key would both start at sequence 0 and reuse nonces.
+#[derive(Debug)]
 pub struct PairKeys {
     pub send: DirectionKey,
     pub recv: DirectionKey,
@@ -116,8 +118,7 @@ fn expand(prk: &hkdf::Prk, info: &[&[u8]], out: &mut [u8]) {
 
 /// One direction (sender → receiver) of a pair in one epoch: the SPI the
 /// receiver finds it by, the nonce salt, and the traffic secret each key
-/// generation comes from. Never printed.
-#[derive(Clone)]
+/// generation comes from. Never printed, never cloned (see [`PairKeys`]).
 pub struct DirectionKey {
     pub spi: u32,
     pub salt: [u8; 4],

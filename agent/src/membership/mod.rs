@@ -260,11 +260,21 @@ impl Membership {
     /// The join token each node publishes (rotation): (node, issued at,
     /// secret). Never logged.
     pub async fn published_tokens(&self) -> Vec<(NodeId, u64, [u8; 32])> {
+        let removed = self
+            .removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.incarnations()
             .await
             .into_iter()
             .filter_map(|i| {
                 let r = i.record?;
+                // A removed node's token must not outbid the rotation that
+                // removed it.
+                if removed.contains(&r.node_id) {
+                    return None;
+                }
                 let (issued, secret) = r.facts.token?;
                 Some((r.node_id, issued, secret))
             })

@@ -49,7 +49,8 @@ pub struct Signing {
     /// Nodes removed from the cluster: their datagrams are refused.
     pub removed: super::Removed,
     /// Where key switches and missed rotations are reported (never blocks:
-    /// a full channel drops the event, and the next datagram reports again).
+    /// a full channel drops the event; a missed rotation is reported again
+    /// by the next datagram, a switch is caught up by the keeper's timer).
     pub key_events: tokio::sync::mpsc::Sender<KeyEvent>,
 }
 

@@ -269,7 +269,7 @@ mod tests {
     #[test]
     fn replays_tampering_and_the_wrong_key_are_dropped() {
         let (a, b) = pair();
-        let (mut tx, mut rx) = (Sender::new(a.send.clone()), Receiver::new(b.recv));
+        let (mut tx, mut rx) = (Sender::new(a.send), Receiver::new(b.recv));
         let d = sealed(&mut tx, 9, b"payload-bytes");
         assert!(rx.open(&mut d.clone()).is_ok());
         assert_eq!(
