@@ -149,10 +149,13 @@ pub struct Opened {
 /// The receiving half of a pair direction: keys and the replay window.
 pub struct Receiver {
     key: DirectionKey,
-    /// The newest generation's key; the one before it is derived on
-    /// demand (only packets reordered across a 2^32 boundary need it).
+    /// The newest generation's key.
     generation: u32,
     aead: LessSafeKey,
+    /// A neighbouring generation's key (the next one, or after a rollover
+    /// the previous one for reordered packets), derived once: a forged
+    /// packet naming it must not cost a key derivation each.
+    other: Option<(u32, LessSafeKey)>,
     window: ReplayWindow,
 }
 
@@ -161,6 +164,7 @@ impl Receiver {
         Self {
             aead: key.generation(0),
             generation: 0,
+            other: None,
             key,
             window: ReplayWindow::new(),
         }
@@ -181,14 +185,18 @@ impl Receiver {
         let seq = u64::from_be_bytes(seq);
         self.window.check(seq).map_err(DropReason::Replay)?;
         let g = generation_of(seq);
-        let next_generation;
         let aead = if g == self.generation {
             &self.aead
         } else if Some(g) == self.generation.checked_add(1)
             || g.checked_add(1) == Some(self.generation)
         {
-            next_generation = self.key.generation(g);
-            &next_generation
+            if self.other.as_ref().is_none_or(|(og, _)| *og != g) {
+                self.other = Some((g, self.key.generation(g)));
+            }
+            match &self.other {
+                Some((_, k)) => k,
+                None => return Err(DropReason::Generation),
+            }
         } else {
             return Err(DropReason::Generation);
         };
@@ -204,9 +212,14 @@ impl Receiver {
             0..,
         )
         .map_err(|_| DropReason::BadTag)?;
-        if g > self.generation {
-            self.aead = self.key.generation(g);
-            self.generation = g;
+        if g > self.generation
+            && let Some((og, k)) = self.other.take()
+        {
+            // The sender moved on: the old key stays as the neighbour for
+            // packets reordered across the boundary.
+            let old = std::mem::replace(&mut self.aead, k);
+            self.other = Some((self.generation, old));
+            self.generation = og;
         }
         // Authentic: record it (cannot fail: checked above, nothing between).
         self.window.record(seq).map_err(DropReason::Replay)?;
