@@ -313,3 +313,77 @@ fn removal_rotates_the_cluster_key_and_an_offline_member_catches_up() {
     );
     f.finish();
 }
+
+/// Two `node rm` at once on two hosts: each rotation is installed on the
+/// node the other removes. The member handed a key that does not know of
+/// its own removal rotates again, so the key and token everyone settles on
+/// are held by neither removed node.
+#[test]
+fn two_removals_at_once_settle_on_a_key_neither_removed_node_holds() {
+    let (lab, _net) = cluster_with_network(5, "rm2", &[]);
+    let names: Vec<String> = (1..=5).map(|k| lab.node_name(k)).collect();
+    let id_of = |k: usize| {
+        lab.nodes(1)
+            .expect("nodes")
+            .into_iter()
+            .find(|r| r.name == names[k - 1])
+            .expect("listed")
+            .id
+    };
+    let (h4, h5) = (id_of(4), id_of(5));
+    let mut f = Findings::new();
+    let c1 = lab.ctl_command(1, &["node", "rm", &h4]).expect("ctl");
+    let c2 = lab.ctl_command(2, &["node", "rm", &h5]).expect("ctl");
+    let outs = ovl_e2e::cmd::run_all(vec![c1, c2], Duration::from_secs(20));
+    for o in &outs {
+        f.check(o.as_ref().is_ok_and(|o| o.success()), || {
+            format!("node rm: {o:?}")
+        });
+    }
+    let settled = wait_until(Duration::from_secs(15), POLL, || {
+        let keys: Vec<String> = (1..=3).map(|k| cluster_key(&lab, k)).collect();
+        let tokens: Vec<String> = (1..=3).map(|k| join_token(&lab, k)).collect();
+        ensure!(
+            keys.iter().all(|k| k == &keys[0]) && tokens.iter().all(|t| t == &tokens[0]),
+            "h1-h3 keys {keys:?}"
+        );
+        for k in [4, 5] {
+            ensure!(
+                cluster_key(&lab, k) != keys[0],
+                "h{k} holds the settled key {}",
+                keys[0]
+            );
+            ensure!(
+                join_token(&lab, k) != tokens[0],
+                "h{k} holds the settled token"
+            );
+        }
+        Ok(true)
+    });
+    match &settled {
+        Ok(d) => println!(
+            "h1-h3 settled on {} {d:.2?} after both node rm returned; h4 on {}, h5 on {}",
+            cluster_key(&lab, 1),
+            cluster_key(&lab, 4),
+            cluster_key(&lab, 5)
+        ),
+        Err(e) => {
+            f.check(false, || {
+                format!("no settled key that h4 and h5 lack: {e:#}")
+            });
+        }
+    }
+    let steady = always_for(Duration::from_secs(4), POLL, || {
+        let k1 = cluster_key(&lab, 1);
+        for k in [4, 5] {
+            ensure!(cluster_key(&lab, k) != k1, "h{k} caught up to {k1}");
+        }
+        sees_alive(&lab, 1, &names[1..3])?;
+        Ok(())
+    });
+    f.ok(
+        "the removed nodes stay behind; h1-h3 stay alive",
+        steady.map(|_| ()),
+    );
+    f.finish();
+}

@@ -696,6 +696,7 @@ impl Cluster {
             rng: SystemRandom::new(),
             counters: self.counters.clone(),
             token_pending: std::sync::Mutex::new(None),
+            rerotating: std::sync::atomic::AtomicBool::new(false),
         });
         *self.keeper.write().unwrap_or_else(|e| e.into_inner()) = Some(keeper.clone());
         let fatal = self.fatal.clone();

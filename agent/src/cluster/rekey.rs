@@ -50,6 +50,8 @@ pub struct KeyKeeper {
     /// yet: (the token secret held then, until when). `Hello` is refused
     /// meanwhile, so the old token never buys the new key.
     pub(super) token_pending: std::sync::Mutex<Option<([u8; 32], Instant)>>,
+    /// Set while a corrective rotation runs (see `install`).
+    pub(super) rerotating: std::sync::atomic::AtomicBool,
 }
 
 /// How long `Hello` waits for a rotation's token at most.
@@ -215,16 +217,83 @@ impl KeyKeeper {
     }
 
     /// A member hands us a new key (`by` is authenticated by TLS).
-    pub async fn install(&self, by: NodeId, msg: &ClusterKeyMessage) -> Result<bool, InstallError> {
+    pub async fn install(
+        self: &Arc<Self>,
+        by: NodeId,
+        msg: &ClusterKeyMessage,
+    ) -> Result<bool, InstallError> {
         let key = self.key_of(msg)?;
-        self.add_removals(&removed_of(msg)?, Some(by)).await?;
+        let theirs = removed_of(msg)?;
+        self.add_removals(&theirs, Some(by)).await?;
         let fresh = self.sealer.with_ring(|r| r.install(key.clone()));
         if fresh {
             self.hold_hello();
             self.counters.inc(Counter::ClusterKeyInstalled);
             info!(by = %by, key = %key.id(), "cluster key installed; switching when members use it");
         }
+        // A rotation made without knowing one of our removals (two `node
+        // rm` at once on two hosts) was installed on that removed node too:
+        // rotate again, with every removal we know, so the key that wins
+        // is one no removed node holds.
+        let missing: Vec<NodeId> = self
+            .removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|id| !theirs.contains(id))
+            .copied()
+            .collect();
+        if fresh
+            && !missing.is_empty()
+            && !self
+                .rerotating
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            warn!(by = %by, key = %key.id(), missing = ?missing,
+                  "a member rotated the cluster key without knowing of some removals: rotating again");
+            let this = self.clone();
+            tokio::spawn(async move {
+                let membership = this.membership.clone();
+                // The key, then the token (published under the new key
+                // only): the removed node may have read the other
+                // rotation's token.
+                let r = match this.rotate(&membership).await {
+                    Ok(_) => this.rotate_token().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    warn!(error = %e, "could not rotate the cluster key and token again");
+                }
+                this.rerotating
+                    .store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
         Ok(fresh)
+    }
+
+    /// A new join token, adopted and published (after a key rotation).
+    async fn rotate_token(&self) -> Result<(), ClusterError> {
+        let current = self
+            .credentials
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(ClusterError::NotClustered)?;
+        let token = current
+            .token
+            .rotated(&self.rng)
+            .map_err(|_| ClusterError::Random)?;
+        let issued_at = crate::clock::now_ms().max(current.issued_at.saturating_add(1));
+        adopt(&self.credentials, &self.membership, &self.path, |c| {
+            c.token = token;
+            c.issued_at = issued_at;
+        })
+        .await?;
+        info!(
+            issued_at,
+            "join token rotated here after the corrective key rotation"
+        );
+        Ok(())
     }
 
     fn key_of(&self, msg: &ClusterKeyMessage) -> Result<ClusterKey, InstallError> {
