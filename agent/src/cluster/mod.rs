@@ -347,25 +347,12 @@ impl Cluster {
         Ok(())
     }
 
-    /// True while the node is in a cluster (answers without waiting).
-    pub fn in_cluster(&self) -> bool {
-        self.keeper().is_some()
-    }
-
     /// What rotates and hands out the cluster key, while in a cluster.
     pub fn keeper(&self) -> Option<Arc<KeyKeeper>> {
         self.keeper
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Every node as membership sees it; empty when not in a cluster.
-    pub async fn members(&self) -> Vec<NodeView> {
-        match self.membership().await {
-            Some(m) => m.nodes().await,
-            None => Vec::new(),
-        }
     }
 
     /// The running membership, while the node is in a cluster.
@@ -396,23 +383,14 @@ impl Cluster {
 
     /// A new join token for the cluster: it admits new nodes, the old one
     /// stops admitting as members learn of it (gossip), and members stay
-    /// (the cluster secret does not change).
+    /// (the cluster key does not change).
     pub async fn rotate_token(&self) -> Result<String, ClusterError> {
         let phase = self.phase.lock().await;
-        let Phase::Active { membership, .. } = &*phase else {
+        if !matches!(&*phase, Phase::Active { .. }) {
             return Err(ClusterError::NotClustered);
-        };
-        let current = self.admission().ok_or(ClusterError::NotClustered)?;
-        let token = current
-            .token
-            .rotated(&self.rng)
-            .map_err(|_| ClusterError::Random)?;
-        let issued_at = crate::clock::now_ms().max(current.issued_at.saturating_add(1));
-        let creds = adopt(&self.credentials, membership, &self.cluster_file(), |c| {
-            c.token = token;
-            c.issued_at = issued_at;
-        })
-        .await?;
+        }
+        let keeper = self.keeper().ok_or(ClusterError::NotClustered)?;
+        let creds = keeper.rotate_token().await?;
         info!(cluster = %creds.token.cluster_id(), issued_at = creds.issued_at, "join token rotated here; the old token stops admitting as members learn of it");
         Ok(creds.token.reveal())
     }

@@ -261,8 +261,14 @@ impl KeyKeeper {
                     Ok(_) => this.rotate_token().await,
                     Err(e) => Err(e),
                 };
-                if let Err(e) = r {
-                    warn!(error = %e, "could not rotate the cluster key and token again");
+                match r {
+                    Ok(c) => info!(
+                        issued_at = c.issued_at,
+                        "join token rotated here after the corrective key rotation"
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, "could not rotate the cluster key and token again")
+                    }
                 }
                 this.rerotating
                     .store(false, std::sync::atomic::Ordering::Release);
@@ -271,8 +277,9 @@ impl KeyKeeper {
         Ok(fresh)
     }
 
-    /// A new join token, adopted and published (after a key rotation).
-    async fn rotate_token(&self) -> Result<(), ClusterError> {
+    /// A new join token, adopted and published; returns the credentials
+    /// with it (`rotate-token`, and after a corrective key rotation).
+    pub(super) async fn rotate_token(&self) -> Result<super::Credentials, ClusterError> {
         let current = self
             .credentials
             .read()
@@ -288,12 +295,7 @@ impl KeyKeeper {
             c.token = token;
             c.issued_at = issued_at;
         })
-        .await?;
-        info!(
-            issued_at,
-            "join token rotated here after the corrective key rotation"
-        );
-        Ok(())
+        .await
     }
 
     fn key_of(&self, msg: &ClusterKeyMessage) -> Result<ClusterKey, InstallError> {
