@@ -9,6 +9,7 @@ pub mod core;
 pub mod dataplane;
 pub mod ids;
 pub mod ipam;
+pub mod keying;
 pub mod keys;
 pub mod membership;
 pub mod metrics;

@@ -62,6 +62,8 @@ counters! {
     AttachWaitTimeouts => "attach_wait_timeouts",
     DataplaneMiss => "dataplane_miss",
     DataplaneMissUnknown => "dataplane_miss_unknown",
+    // A peer's published key-exchange key no pair key can come from.
+    ExchangeKeyRefused => "exchange_key_refused",
 }
 
 pub struct Counters {

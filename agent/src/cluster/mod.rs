@@ -633,6 +633,9 @@ impl Cluster {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            // Published by the key schedule task once membership runs.
+            exchange_keys: Vec::new(),
+            encrypted_port: self.config.encrypted_port,
         };
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,

@@ -195,6 +195,10 @@ impl Membership {
         Ok(this)
     }
 
+    pub fn cluster_id(&self) -> ClusterId {
+        self.cluster_id
+    }
+
     /// Changes what we publish about ourselves; unchanged facts cost nothing.
     pub async fn publish(&self, change: impl FnOnce(&mut NodeFacts)) {
         let mut next = self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone();

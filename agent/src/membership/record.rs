@@ -12,12 +12,13 @@ use std::net::SocketAddr;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
-use ovl_proto::records::{NodeRecord, SignedNodeRecord};
+use ovl_proto::records::{ExchangeKey, NodeRecord, SignedNodeRecord};
 use prost::Message;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::ids::{ClusterId, NodeId};
 use crate::keys::identity::node_id_of;
+use crate::keys::schedule::{MAX_PUBLISHED, Published};
 
 /// The chitchat key the record lives under; no other key is accepted.
 pub const RECORD_KEY: &str = "rec";
@@ -43,6 +44,10 @@ pub struct NodeFacts {
     pub token: Option<(u64, [u8; 32])>,
     /// Nodes removed from the cluster, as this node knows them.
     pub removed: std::collections::BTreeSet<NodeId>,
+    /// X25519 public keys per epoch, oldest first (`keys::schedule`).
+    pub exchange_keys: Vec<Published>,
+    /// UDP port of the encrypted data plane (0: none published).
+    pub encrypted_port: u16,
 }
 
 impl std::fmt::Debug for NodeFacts {
@@ -56,6 +61,11 @@ impl std::fmt::Debug for NodeFacts {
             .field("left", &self.left)
             .field("token_issued_at", &self.token.map(|t| t.0))
             .field("removed", &self.removed.len())
+            .field(
+                "exchange_epochs",
+                &self.exchange_keys.iter().map(|k| k.0).collect::<Vec<_>>(),
+            )
+            .field("encrypted_port", &self.encrypted_port)
             .finish()
     }
 }
@@ -128,6 +138,16 @@ pub fn sign(
             .take(MAX_REMOVED)
             .map(|id| id.as_bytes().to_vec())
             .collect(),
+        exchange_keys: facts
+            .exchange_keys
+            .iter()
+            .take(MAX_PUBLISHED)
+            .map(|&(epoch, public)| ExchangeKey {
+                epoch,
+                public_key: public.to_vec(),
+            })
+            .collect(),
+        encrypted_port: u32::from(facts.encrypted_port),
     }
     .encode_to_vec();
     let signature = key.sign(&signed_message(cluster, &record));
@@ -136,6 +156,25 @@ pub fn sign(
         signature: signature.as_ref().to_vec(),
     };
     STANDARD_NO_PAD.encode(signed.encode_to_vec())
+}
+
+/// At most [`MAX_PUBLISHED`] keys of 32 bytes, epochs strictly ascending.
+fn exchange_keys(keys: &[ExchangeKey]) -> Result<Vec<Published>, RecordError> {
+    if keys.len() > MAX_PUBLISHED {
+        return Err(RecordError::Field("exchange_keys"));
+    }
+    let out: Vec<Published> = keys
+        .iter()
+        .map(|k| {
+            <[u8; 32]>::try_from(k.public_key.as_slice())
+                .map(|pk| (k.epoch, pk))
+                .map_err(|_| RecordError::Field("exchange_keys"))
+        })
+        .collect::<Result<_, _>>()?;
+    if out.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return Err(RecordError::Field("exchange_keys"));
+    }
+    Ok(out)
 }
 
 fn field(s: &str, name: &'static str) -> Result<String, RecordError> {
@@ -240,6 +279,9 @@ fn check_slot(record: &NodeRecord, slot: Slot<'_>) -> Result<VerifiedRecord, Rec
                 )),
             },
             removed,
+            exchange_keys: exchange_keys(&record.exchange_keys)?,
+            encrypted_port: u16::try_from(record.encrypted_port)
+                .map_err(|_| RecordError::Field("encrypted_port"))?,
         },
     })
 }
@@ -263,6 +305,8 @@ mod tests {
             left: false,
             token: Some((5, [3; 32])),
             removed: [NodeId::from_bytes([1; 16])].into_iter().collect(),
+            exchange_keys: vec![(4, [9; 32]), (5, [8; 32])],
+            encrypted_port: 4500,
         }
     }
 
@@ -339,5 +383,19 @@ mod tests {
         bad.name = "evil\u{1b}[2J".into();
         let v = sign(&k, cluster, 1, 1, addr, &bad);
         assert_eq!(verify(cluster, &v, slot), Err(RecordError::Field("name")));
+        for keys in [
+            vec![(5, [1; 32]), (4, [2; 32])],
+            vec![(4, [1; 32]), (4, [2; 32])],
+        ] {
+            let bad = NodeFacts {
+                exchange_keys: keys,
+                ..facts()
+            };
+            let v = sign(&k, cluster, 1, 1, addr, &bad);
+            assert_eq!(
+                verify(cluster, &v, slot),
+                Err(RecordError::Field("exchange_keys"))
+            );
+        }
     }
 }

@@ -53,6 +53,10 @@ pub struct NodeView {
     pub is_self: bool,
     /// The node's own table version as gossiped (0 when not published).
     pub table_version: u64,
+    /// Its X25519 public keys per epoch, from its own signed record.
+    pub exchange_keys: Vec<crate::keys::schedule::Published>,
+    /// Its encrypted data plane's UDP port (0: not published).
+    pub encrypted_port: u16,
 }
 
 /// One row per node id, newest generation, sorted by name then id. Only
@@ -99,6 +103,8 @@ pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView
                 status,
                 is_self: id == self_id,
                 table_version: rec.facts.table_version,
+                exchange_keys: rec.facts.exchange_keys.clone(),
+                encrypted_port: rec.facts.encrypted_port,
             }
         })
         .collect();
