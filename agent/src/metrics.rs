@@ -62,6 +62,10 @@ counters! {
     AttachWaitTimeouts => "attach_wait_timeouts",
     DataplaneMiss => "dataplane_miss",
     DataplaneMissUnknown => "dataplane_miss_unknown",
+    // A network with a local endpoint whose mode this host runs no VTEP
+    // for (an encrypted network without the userspace data plane): left
+    // unprogrammed, once per reconcile pass.
+    DataplaneNoVtep => "dataplane_no_vtep",
 }
 
 pub struct Counters {
