@@ -431,8 +431,7 @@ impl Core {
         let kernel = self.dataplane.kernel_view(plan.mode, view.vni).await?;
         let fdb: Vec<_> = plan.remotes.iter().map(|r| (r.mac, r.vtep)).collect();
         let neigh: Vec<_> = plan.remotes.iter().map(|r| (r.ip, r.mac)).collect();
-        let mut flood: Vec<_> = plan.peers.iter().map(|p| p.vtep).collect();
-        flood.dedup();
+        let flood: Vec<_> = plan.peers.iter().map(|p| p.vtep).collect();
         let want = fdb_entries(&fdb, &neigh, &flood);
         let have = fdb_entries(&kernel.fdb, &kernel.neigh, &kernel.flood);
         let row = |(kind, mac, ip, vtep): &FdbEntry, state| FdbRow {
