@@ -101,6 +101,10 @@ fn core_status(e: CoreError) -> Status {
         NotClustered | Conflict(..) | InUse { .. } | NotLocal(..) => {
             Status::failed_precondition(msg)
         }
+        // A mode this host cannot carry: the operator's setup, not a fault.
+        Dataplane(crate::dataplane::DataplaneError::NoVtep { .. }) => {
+            Status::failed_precondition(msg)
+        }
         Invalid(_) | NetnsArgs | BadIp(..) | BadMac(_) | BadIfname(_) | BadEndpointName(_) => {
             Status::invalid_argument(msg)
         }

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod peer;
 pub mod peer_api;
 pub mod persist;
+pub mod planner;
 pub mod reconcile;
 pub mod repair;
 pub mod store;

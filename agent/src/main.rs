@@ -8,7 +8,7 @@ use ovl_agent::api;
 use ovl_agent::cluster::Cluster;
 use ovl_agent::config::{Config, Options};
 use ovl_agent::core::{Core, Ipam};
-use ovl_agent::dataplane::Dataplane;
+use ovl_agent::dataplane::{Dataplane, VxlanConfig};
 use ovl_agent::keys::identity::Identity;
 use ovl_agent::metrics::Counters;
 use ovl_agent::peer::{self, TlsIdentity};
@@ -96,7 +96,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let node_id = identity.node_id;
     let store = Store::load(&state_dir, node_id)?;
     let ipam = Ipam::load(&state_dir, identity.key.clone())?;
-    let dataplane = Dataplane::new().await.context("open netlink")?;
+    // Encrypted networks need the userspace VTEP (`Dataplane::set_vtep`);
+    // until it is wired, their attaches are refused with a clear error.
+    let dataplane = Dataplane::new(VxlanConfig {
+        port: config.data_path_port,
+    })
+    .await
+    .context("open netlink")?;
     let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     let cluster = Cluster::start(config, identity, counters.clone(), channels.clone()).await?;
     let core = Core::new(

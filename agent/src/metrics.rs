@@ -64,6 +64,10 @@ counters! {
     DataplaneMissUnknown => "dataplane_miss_unknown",
     // A peer's published key-exchange key no pair key can come from.
     ExchangeKeyRefused => "exchange_key_refused",
+    // A network with a local endpoint whose mode this host runs no VTEP
+    // for (an encrypted network without the userspace data plane): left
+    // unprogrammed, once per reconcile pass.
+    DataplaneNoVtep => "dataplane_no_vtep",
 }
 
 pub struct Counters {

@@ -23,12 +23,14 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::core::{Core, CoreError};
-use crate::dataplane::NetworkPlan;
+use crate::dataplane::DataplaneError;
 use crate::ids::{NetworkId, NodeId};
 use crate::membership::{NodeStatus, NodeView};
-use crate::metrics::Counter;
+use crate::metrics::{Counter, RateLimit};
+use crate::planner::NetworkPlan;
 
 const REPAIR_TICK: Duration = Duration::from_secs(2);
+static NO_VTEP_LOG: RateLimit = RateLimit::new(Duration::from_secs(30));
 /// Membership needs this long to list live peers after a start.
 const WARMUP_MIN: Duration = Duration::from_secs(2);
 const WARMUP_MAX: Duration = Duration::from_secs(15);
@@ -219,14 +221,27 @@ async fn pass(
     }
     let (programmed, plans) = desired(core, nodes).await;
     for (network, plan) in &plans {
-        let report = core.dataplane.ensure_network(plan).await?;
-        if report.added + report.removed + report.created_devices > 0 {
+        let report = match core.dataplane.ensure_network(plan).await {
+            Ok(r) => r,
+            // One network this host cannot carry must not stop the others.
+            Err(e @ DataplaneError::NoVtep { .. }) => {
+                core.counters.inc(Counter::DataplaneNoVtep);
+                if let Some(suppressed) = NO_VTEP_LOG.check(std::time::Instant::now()) {
+                    warn!(network = %network, vni = %plan.vni, mode = %plan.mode, error = %e, suppressed,
+                          "network not programmed");
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if !report.is_empty() {
             info!(network = %network, vni = %plan.vni, added = report.added, removed = report.removed,
                   devices = report.created_devices, "kernel reconciled");
         }
     }
     // Devices this pass created belong to wanted networks: the inventory
-    // taken before it is enough to find the unwanted ones.
+    // taken before it (bridges, and each VTEP's `present`) is enough to
+    // find the unwanted ones.
     let keep: HashSet<_> = plans.iter().map(|(_, p)| p.vni).collect();
     for vni in present.networks {
         if !keep.contains(&vni) {

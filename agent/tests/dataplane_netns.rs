@@ -5,7 +5,6 @@
 //! container. A `Lab` guard deletes every namespace it made, also when a
 //! test fails. Traffic stays inside these namespaces.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -13,10 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnetwork::IpNetwork;
 use ovl_agent::dataplane::{
-    Dataplane, DataplaneError, KernelView, LocalEndpoint, NetworkPlan, ReconcileReport,
-    RemoteEndpoint,
+    Dataplane, DataplaneError, KernelView, LocalEndpoint, NetworkMode, NetworkPlan, PeerHost,
+    ReconcileReport, RemoteEndpoint, VxlanConfig, VxlanVtep,
 };
-use ovl_agent::ids::{EndpointId, MacAddr, Vni};
+use ovl_agent::ids::{EndpointId, MacAddr, NodeId, Vni};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -77,7 +76,7 @@ struct Host {
 
 impl Host {
     async fn new(ns: String, vtep: &str) -> Self {
-        let dp = Dataplane::new_in(&netns_path(&ns))
+        let dp = Dataplane::new_in(&netns_path(&ns), VxlanConfig::default())
             .await
             .expect("netlink in host namespace");
         Self {
@@ -87,15 +86,14 @@ impl Host {
         }
     }
 
-    async fn plan(&self, vni: Vni, port: u16, remotes: Vec<RemoteEndpoint>) -> NetworkPlan {
-        let (mtu, index) = self.dp.underlay_mtu(self.vtep).await.expect("underlay");
+    async fn plan(&self, vni: Vni, remotes: Vec<RemoteEndpoint>) -> NetworkPlan {
+        let mtu = self.dp.refresh_underlay(self.vtep).await.expect("underlay");
         NetworkPlan {
             vni,
+            mode: NetworkMode::Plain,
             mtu: mtu - 50,
             local_vtep: self.vtep,
-            vxlan_port: port,
-            underlay_ifindex: Some(index),
-            flood_vteps: remotes.iter().map(|r| r.vtep).collect::<BTreeSet<_>>(),
+            peers: peers_of(&remotes),
             remotes,
         }
     }
@@ -176,12 +174,34 @@ fn local(id: u8, netns: &str, cidr: &str) -> LocalEndpoint {
     }
 }
 
+/// The node id of the host at `vtep` (its last octet, repeated).
+fn node_at(vtep: IpAddr) -> NodeId {
+    let IpAddr::V4(v4) = vtep else {
+        panic!("v4 only")
+    };
+    NodeId::from_bytes([v4.octets()[3]; 16])
+}
+
 fn remote(ip: &str, vtep: IpAddr) -> RemoteEndpoint {
     RemoteEndpoint {
         mac: mac(ip),
         ip: ip.parse().unwrap(),
+        node: node_at(vtep),
         vtep,
     }
+}
+
+fn peers_of(remotes: &[RemoteEndpoint]) -> Vec<PeerHost> {
+    let mut p: Vec<PeerHost> = remotes
+        .iter()
+        .map(|r| PeerHost {
+            node: r.node,
+            vtep: r.vtep,
+        })
+        .collect();
+    p.sort();
+    p.dedup();
+    p
 }
 
 #[tokio::test]
@@ -193,12 +213,8 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     let (h1, h2) = lab.hosts().await;
     let (c1, c2) = (lab.netns("c1"), lab.netns("c2"));
     let net = vni(4242);
-    let p1 = h1
-        .plan(net, 4789, vec![remote("198.19.1.3", h2.vtep)])
-        .await;
-    let p2 = h2
-        .plan(net, 4789, vec![remote("198.19.1.2", h1.vtep)])
-        .await;
+    let p1 = h1.plan(net, vec![remote("198.19.1.3", h2.vtep)]).await;
+    let p2 = h2.plan(net, vec![remote("198.19.1.2", h1.vtep)]).await;
     assert_eq!(p1.mtu, 1450);
 
     let r = h1.dp.ensure_network(&p1).await.unwrap();
@@ -226,7 +242,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     let host_end = Dataplane::host_ifname(ep_id(1));
     let devs = [
         Dataplane::bridge_name(net),
-        Dataplane::vxlan_name(net),
+        VxlanVtep::device_name(net),
         host_end.clone(),
     ];
     let before: Vec<u32> = devs.iter().map(|d| h1.ifindex(d)).collect();
@@ -239,7 +255,15 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
         .await
         .unwrap();
     // A restarted agent (new connection, no memory) adopts everything.
-    let restarted = Dataplane::new_in(&netns_path(&h1.ns)).await.unwrap();
+    let restarted = Dataplane::new_in(&netns_path(&h1.ns), VxlanConfig::default())
+        .await
+        .unwrap();
+    // Before it read the underlay (no lower device known yet).
+    assert_eq!(
+        restarted.ensure_network(&p1).await.unwrap(),
+        ReconcileReport::default()
+    );
+    restarted.refresh_underlay(h1.vtep).await.unwrap();
     assert_eq!(
         restarted.ensure_network(&p1).await.unwrap(),
         ReconcileReport::default()
@@ -252,13 +276,13 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     let after: Vec<u32> = devs.iter().map(|d| h1.ifindex(d)).collect();
     assert_eq!(before, after, "devices kept their ifindex");
     assert_eq!(
-        h1.dp.kernel_view(net).await.unwrap(),
+        h1.dp.kernel_view(NetworkMode::Plain, net).await.unwrap(),
         KernelView {
             fdb: vec![(mac("198.19.1.3"), h2.vtep)],
             neigh: vec![("198.19.1.3".parse().unwrap(), mac("198.19.1.3"))],
             flood: vec![h2.vtep],
             bridge: true,
-            vxlan: true,
+            vtep: true,
         }
     );
     assert_eq!(h1.dp.networks_present().await.unwrap(), vec![net]);
@@ -279,7 +303,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     let third: IpAddr = "198.18.0.3".parse().unwrap();
     let mut wide = p1.clone();
     wide.remotes.push(remote("198.19.1.9", third));
-    wide.flood_vteps.insert(third);
+    wide.peers = peers_of(&wide.remotes);
     assert_eq!(
         h1.dp.ensure_network(&wide).await.unwrap(),
         ReconcileReport {
@@ -288,7 +312,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
             created_devices: 0
         }
     );
-    let vx = Dataplane::vxlan_name(net);
+    let vx = VxlanVtep::device_name(net);
     let fdb = run(&["bridge", "-n", &h1.ns, "fdb", "show", "dev", &vx]);
     assert_eq!(fdb.matches("00:00:00:00:00:00").count(), 2, "{fdb}");
     assert!(fdb.contains(&mac("198.19.1.9").to_string()), "{fdb}");
@@ -335,7 +359,10 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     assert!(!h1.dp.endpoint_present(ep_id(1)).await.unwrap());
     assert!(h1.dp.networks_present().await.unwrap().is_empty());
     assert!(h1.dp.local_endpoints().await.unwrap().is_empty());
-    assert_eq!(h1.dp.kernel_view(net).await.unwrap(), KernelView::default());
+    assert_eq!(
+        h1.dp.kernel_view(NetworkMode::Plain, net).await.unwrap(),
+        KernelView::default()
+    );
     let links = run(&["ip", "-n", &h1.ns, "-o", "link"]);
     for dev in [&devs[0], &devs[1], &host_end] {
         assert!(!links.contains(dev.as_str()), "{dev} left behind: {links}");
@@ -362,19 +389,19 @@ async fn networks_with_the_same_subnet_stay_isolated() {
     let a_on_h2 = remote("198.19.5.3", h2.vtep);
     let b_on_h2 = remote("198.19.5.4", h2.vtep);
     h1.dp
-        .ensure_network(&h1.plan(na, 4789, vec![a_on_h2]).await)
+        .ensure_network(&h1.plan(na, vec![a_on_h2]).await)
         .await
         .unwrap();
     h1.dp
-        .ensure_network(&h1.plan(nb, 4789, vec![b_on_h2]).await)
+        .ensure_network(&h1.plan(nb, vec![b_on_h2]).await)
         .await
         .unwrap();
     h2.dp
-        .ensure_network(&h2.plan(na, 4789, vec![remote("198.19.5.2", h1.vtep)]).await)
+        .ensure_network(&h2.plan(na, vec![remote("198.19.5.2", h1.vtep)]).await)
         .await
         .unwrap();
     h2.dp
-        .ensure_network(&h2.plan(nb, 4789, vec![remote("198.19.5.2", h1.vtep)]).await)
+        .ensure_network(&h2.plan(nb, vec![remote("198.19.5.2", h1.vtep)]).await)
         .await
         .unwrap();
     h1.dp
@@ -444,7 +471,7 @@ async fn attach_failures_are_clear_and_leave_nothing() {
         matches!(e, DataplaneError::NetworkMissing(v) if v == net),
         "{e}"
     );
-    let plan = h1.plan(net, 4789, vec![]).await;
+    let plan = h1.plan(net, vec![]).await;
     assert_eq!(
         h1.dp.ensure_network(&plan).await.unwrap().created_devices,
         2
@@ -502,15 +529,22 @@ async fn attach_failures_are_clear_and_leave_nothing() {
     assert!(!h1.dp.endpoint_present(ep.id).await.unwrap());
     assert!(!run(&["ip", "-n", &c, "-o", "link"]).contains("eth0"));
 
-    // Attach works afterwards; a changed VXLAN port recreates only the VXLAN
+    // Attach works afterwards; an agent restarted with another VXLAN port
+    // (the VTEP's own setting, not the plan's) recreates only the VXLAN
     // device, and the endpoint stays on its bridge.
     h1.dp.attach(net, &ep).await.unwrap();
-    let (br, vx) = (Dataplane::bridge_name(net), Dataplane::vxlan_name(net));
+    let (br, vx) = (Dataplane::bridge_name(net), VxlanVtep::device_name(net));
     let (br_before, vx_before) = (h1.ifindex(&br), h1.ifindex(&vx));
-    let moved = NetworkPlan {
-        vxlan_port: 4790,
-        ..plan
+    let moved_dp = Dataplane::new_in(&netns_path(&h1.ns), VxlanConfig { port: 4790 })
+        .await
+        .unwrap();
+    moved_dp.refresh_underlay(h1.vtep).await.unwrap();
+    let h1 = Host {
+        ns: h1.ns.clone(),
+        vtep: h1.vtep,
+        dp: moved_dp,
     };
+    let moved = plan;
     assert_eq!(
         h1.dp.ensure_network(&moved).await.unwrap().created_devices,
         1
@@ -551,4 +585,50 @@ async fn attach_failures_are_clear_and_leave_nothing() {
         details.contains("nolearning") && details.contains(" proxy"),
         "{details}"
     );
+}
+
+#[tokio::test]
+async fn an_encrypted_network_without_its_vtep_is_refused_and_creates_nothing() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (h1, h2) = lab.hosts().await;
+    let net = vni(4244);
+    let plain = h1.plan(net, vec![remote("198.19.8.3", h2.vtep)]).await;
+    let encrypted = NetworkPlan {
+        mode: NetworkMode::Encrypted,
+        mtu: plain.mtu - 28,
+        ..plain.clone()
+    };
+    assert!(h1.dp.vtep(NetworkMode::Encrypted).is_none());
+    let e = h1.dp.ensure_network(&encrypted).await.unwrap_err();
+    assert!(
+        matches!(e, DataplaneError::NoVtep { vni, mode: NetworkMode::Encrypted } if vni == net),
+        "{e}"
+    );
+    assert!(e.to_string().contains("encrypted"), "{e}");
+    assert!(h1.dp.networks_present().await.unwrap().is_empty());
+    let links = run(&["ip", "-n", &h1.ns, "-o", "link"]);
+    assert!(!links.contains(&Dataplane::bridge_name(net)), "{links}");
+    assert!(!links.contains(&VxlanVtep::device_name(net)), "{links}");
+    // The plain VTEP carries the same VNI as a plain network, and the
+    // inventory names which VTEP holds it.
+    h1.dp.ensure_network(&plain).await.unwrap();
+    let inv = h1.dp.inventory().await.unwrap();
+    assert_eq!(inv.networks, vec![net]);
+    assert_eq!(inv.vteps, vec![(NetworkMode::Plain, vec![net])]);
+    assert_eq!(
+        h1.dp
+            .kernel_view(NetworkMode::Encrypted, net)
+            .await
+            .unwrap(),
+        KernelView {
+            bridge: true,
+            ..KernelView::default()
+        },
+        "no encrypted VTEP: nothing of it, only the shared bridge"
+    );
+    h1.dp.remove_network(net).await.unwrap();
+    assert!(h1.dp.networks_present().await.unwrap().is_empty());
 }

@@ -79,10 +79,12 @@ enum NetworkCmd {
         /// VXLAN network id, 1-16777215 [default: allocated].
         #[arg(long)]
         vni: Option<u64>,
-        /// Endpoint MTU [default: data-path interface MTU - 50].
+        /// Endpoint MTU [default: data-path interface MTU - 50, or - 78 with
+        /// --encrypted].
         #[arg(long)]
         mtu: Option<u32>,
-        /// Encrypt traffic between hosts (not available yet).
+        /// Encrypt traffic between hosts (userspace AES-256-GCM data plane);
+        /// fixed at creation.
         #[arg(long)]
         encrypted: bool,
         /// Allow standalone attaches (recorded for runtimes).

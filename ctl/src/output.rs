@@ -191,10 +191,15 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     }
 }
 
+/// A network's mode, fixed at creation: `plain` or `encrypted`.
+fn mode(n: &Network) -> &'static str {
+    if n.encrypted { "encrypted" } else { "plain" }
+}
+
 fn network_json(n: &Network) -> Value {
     json!({
         "name": n.name, "id": n.id, "vni": n.vni, "subnet": n.subnet, "gateway": n.gateway,
-        "ip_range": n.ip_range, "mtu": n.mtu, "encrypted": n.encrypted, "attachable": n.attachable,
+        "ip_range": n.ip_range, "mtu": n.mtu, "encrypted": n.encrypted, "mode": mode(n), "attachable": n.attachable,
         "internal": n.internal, "labels": n.labels, "state": n.state, "reason": n.reason,
         "created_by": n.created_by, "created_at_ms": n.created_at_ms, "endpoints": n.endpoints,
     })
@@ -218,13 +223,14 @@ pub fn network(f: Format, n: &Network) {
 pub fn networks(f: Format, nets: &[Network]) {
     match f {
         Format::Table => {
-            let rows: Vec<[String; 7]> = nets
+            let rows: Vec<[String; 8]> = nets
                 .iter()
                 .map(|n| {
                     [
                         n.name.clone(),
                         short(&n.id).to_string(),
                         n.vni.to_string(),
+                        mode(n).to_string(),
                         n.subnet.clone(),
                         n.mtu.to_string(),
                         n.endpoints.to_string(),
@@ -237,7 +243,16 @@ pub fn networks(f: Format, nets: &[Network]) {
                 })
                 .collect();
             table(
-                &["NAME", "ID", "VNI", "SUBNET", "MTU", "ENDPOINTS", "STATE"],
+                &[
+                    "NAME",
+                    "ID",
+                    "VNI",
+                    "MODE",
+                    "SUBNET",
+                    "MTU",
+                    "ENDPOINTS",
+                    "STATE",
+                ],
                 &rows,
             );
         }

@@ -81,6 +81,8 @@ pub struct NetworkRow {
     pub ip_range: Value,
     pub mtu: Value,
     pub encrypted: bool,
+    /// "plain" | "encrypted" (fixed at creation).
+    pub mode: String,
     pub attachable: bool,
     pub internal: bool,
     pub labels: Value,

@@ -653,6 +653,97 @@ fn bad_input_is_refused_with_one_line_errors_and_changes_nothing() {
     f.finish();
 }
 
+// ---- encrypted networks (definition and refusal; the data plane is issue 7) ----------
+
+#[test]
+fn an_encrypted_network_replicates_its_mode_and_is_refused_where_it_cannot_be_carried() {
+    let _serial = shared();
+    let (mut lab, plain) = cluster_with_network(2, "p", &["--subnet", "198.19.12.0/24"]);
+    let mut f = Findings::new();
+    let sec = lab
+        .network_create(1, "s", &["--subnet", "198.19.13.0/24", "--encrypted"])
+        .expect("network create --encrypted");
+    lab.wait_network(&[1, 2], "s").expect("s reaches h2");
+    let mtu = |v: &serde_json::Value| v.as_u64().unwrap_or_default();
+    f.check(sec.encrypted && sec.mode == "encrypted", || {
+        format!("created: {sec:?}")
+    });
+    f.check(plain.mode == "plain" && !plain.encrypted, || {
+        format!("plain: {plain:?}")
+    });
+    f.check(mtu(&plain.mtu) == mtu(&sec.mtu) + 28, || {
+        format!(
+            "MTU plain {} vs encrypted {}: want 50 vs 78 bytes of overhead",
+            plain.mtu, sec.mtu
+        )
+    });
+    // The mode travels with the definition: h2 lists it too, table and JSON.
+    let on_h2 = lab.networks(2).expect("network ls on h2");
+    let row = on_h2.iter().find(|n| n.name == "s");
+    f.check(
+        row.is_some_and(|r| r.encrypted && r.mode == "encrypted" && r.mtu == sec.mtu),
+        || format!("h2 lists {row:?}"),
+    );
+    let table = lab
+        .ctl_ok(2, &["network", "ls"])
+        .expect("network ls")
+        .stdout;
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("s "))
+        .unwrap_or_default();
+    f.check(line.contains("encrypted"), || {
+        format!("h2 network ls:\n{table}")
+    });
+    let inspect = lab
+        .ctl_ok(2, &["network", "inspect", "s"])
+        .expect("inspect")
+        .stdout;
+    f.check(inspect.contains("encrypted"), || {
+        format!("h2 inspect:\n{inspect}")
+    });
+
+    // No encrypted data plane on these agents yet: an attach is refused in
+    // one line that says why, and leaves no device behind.
+    let c = lab.add_container(2, "c").expect("container");
+    let out = lab
+        .ctl(2, &["endpoint", "attach", "s", "--netns", &c.path_str()])
+        .expect("ovlctl");
+    match out.one_line_error() {
+        Ok(line) => {
+            println!("h2: attach to an encrypted network -> {line}");
+            f.check(line.to_lowercase().contains("encrypted"), || {
+                format!("the refusal does not say why: {line}")
+            });
+        }
+        Err(e) => {
+            f.check(false, || format!("attach to s: {e:#}"));
+        }
+    }
+    let links = lab.links_in(&lab.ns(2)).unwrap_or_default();
+    let br = bridge_dev(sec.vni);
+    f.check(!links.iter().any(|l| l.ifname == br), || {
+        format!("h2 created {br} for a network it cannot carry")
+    });
+    let inside: Vec<String> = lab
+        .links_in(&c.name)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| l.ifname)
+        .collect();
+    f.check(inside == vec!["lo".to_string()], || {
+        format!("{c} got links from a refused attach: {inside:?}")
+    });
+    // Plain works beside it, on the same hosts.
+    let (c1, _) = attached(&mut lab, 1, "c1", "p", &[]);
+    let (_c2, e2) = attached(&mut lab, 2, "c2", "p", &[]);
+    f.ok(
+        "plain network beside the encrypted one",
+        wait_reachable(&lab, &[(&c1, e2.ip.as_str())], Duration::from_secs(20)).map(|_| ()),
+    );
+    f.finish();
+}
+
 // ---- network rm --------------------------------------------------------------------
 
 #[test]

@@ -43,10 +43,9 @@ pub struct Core {
     default_pool: Ipv4Network,
     rng: SystemRandom,
     pub started: Instant,
-    /// MTU and ifindex of the data-path interface, refreshed by the
-    /// reconciler (it can change under us).
+    /// MTU of the data-path interface, refreshed by the reconciler (it can
+    /// change under us).
     underlay: AtomicU32,
-    underlay_index: AtomicU32,
     /// Our own table version last served to each peer's Pull: what that
     /// peer has applied (it reconciles its kernel right after).
     served: Mutex<std::collections::HashMap<NodeId, u64>>,
@@ -94,7 +93,6 @@ impl Core {
             rng: SystemRandom::new(),
             started: Instant::now(),
             underlay: AtomicU32::new(1500),
-            underlay_index: AtomicU32::new(0),
             channels: std::sync::OnceLock::new(),
             hints: Mutex::new(std::collections::HashMap::new()),
             served: Mutex::new(std::collections::HashMap::new()),
@@ -176,20 +174,13 @@ impl Core {
         Ok(())
     }
 
-    /// Re-reads the data-path interface (MTU, ifindex) from the kernel.
+    /// Re-reads the data-path interface from the kernel (its MTU here, its
+    /// index for the VXLAN VTEP).
     pub async fn refresh_underlay(&self) -> Result<(), CoreError> {
         let addr = self.cluster.config().data_path_addr;
-        let (mtu, index) = self.dataplane.underlay_mtu(addr).await?;
+        let mtu = self.dataplane.refresh_underlay(addr).await?;
         self.underlay.store(mtu, Ordering::Relaxed);
-        self.underlay_index.store(index, Ordering::Relaxed);
         Ok(())
-    }
-
-    fn underlay_ifindex(&self) -> Option<u32> {
-        match self.underlay_index.load(Ordering::Relaxed) {
-            0 => None,
-            i => Some(i),
-        }
     }
 
     /// The store, for short, non-async critical sections.

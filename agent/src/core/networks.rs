@@ -9,17 +9,14 @@ use ring::rand::SecureRandom;
 use tracing::{info, warn};
 
 use super::{Core, CoreError, now_ms};
-use crate::dataplane::{NetworkPlan, RemoteEndpoint};
 use crate::ids::{MacAddr, NetworkId, NodeId, Vni};
-use crate::membership::{NodeStatus, NodeView};
+use crate::membership::NodeView;
 use crate::metrics::{Counter, RateLimit};
+use crate::planner::{self, NetworkMode, NetworkPlan};
 use crate::store::networks::{self, NetworkError, NetworkView, PoolSpec};
 use crate::store::ownership::{self, Owners};
 use crate::store::{EndpointView, key};
 
-/// VXLAN overhead on an IPv4 underlay: 20 IP + 8 UDP + 8 VXLAN + 14 inner
-/// Ethernet (RFC 7348 §5).
-pub const VXLAN_OVERHEAD: u32 = 50;
 /// Auto-assigned VNIs start above the range operators tend to pick by hand.
 const AUTO_VNI_MIN: u32 = 4096;
 
@@ -93,9 +90,6 @@ impl Core {
         networks::validate_name(&spec.name)?;
         networks::validate_mtu(spec.mtu)?;
         networks::validate_labels(&spec.labels)?;
-        if spec.encrypted {
-            return Err(NetworkError::EncryptedUnsupported.into());
-        }
         let requested_vni = match spec.vni {
             0 => None,
             v => Some(Vni::new(v).map_err(|e| NetworkError::BadVni(e.to_string()))?),
@@ -124,7 +118,10 @@ impl Core {
             gateway: pool.gateway.to_string(),
             ip_range: pool.ip_range.map(|r| r.to_string()).unwrap_or_default(),
             mtu: spec.mtu,
-            encrypted: false,
+            // The mode is part of the definition: fixed here, replicated
+            // with it, and a second creation of the name in another mode
+            // is a clash like any other (`store::networks::resolve`).
+            encrypted: spec.encrypted,
             attachable: spec.attachable,
             internal: spec.internal,
             labels: spec.labels,
@@ -148,7 +145,12 @@ impl Core {
             s.put(&key::network(id), Value::Network(record))?;
         }
         self.notify();
-        info!(network = %id, name = %spec.name, vni = %vni, subnet = %pool.subnet, "network created");
+        let mode = if spec.encrypted {
+            NetworkMode::Encrypted
+        } else {
+            NetworkMode::Plain
+        };
+        info!(network = %id, name = %spec.name, vni = %vni, subnet = %pool.subnet, %mode, "network created");
         self.network_info(&id.to_string()).await
     }
 
@@ -327,14 +329,19 @@ impl Core {
         Ok(view.id)
     }
 
-    /// The configured MTU, or the data-path interface's minus VXLAN overhead.
+    /// The configured MTU, or the data-path interface's minus the mode's
+    /// overhead (see [`planner::mtu`]).
     pub fn network_mtu(&self, view: &NetworkView) -> u32 {
-        if view.record.mtu != 0 {
-            return view.record.mtu;
+        planner::mtu(view, &self.planner_host())
+    }
+
+    /// This host, as the planner needs it.
+    fn planner_host(&self) -> planner::Host {
+        planner::Host {
+            me: self.cluster.node_id(),
+            local_vtep: self.cluster.config().data_path_addr,
+            underlay_mtu: self.underlay_mtu(),
         }
-        self.underlay_mtu()
-            .saturating_sub(VXLAN_OVERHEAD)
-            .max(networks::MIN_MTU)
     }
 
     fn underlay_mtu(&self) -> u32 {
@@ -381,23 +388,14 @@ impl Core {
         self.owners(nodes, networks).await
     }
 
-    /// A network's endpoint rows that pass the owner checks, and the
-    /// refused ones with their reasons.
-    pub fn vetted_endpoints(
-        &self,
-        network: NetworkId,
-        owners: &Owners,
-    ) -> (Vec<EndpointView>, Vec<(EndpointView, ownership::Refusal)>) {
-        let eps: Vec<EndpointView> = self
-            .store()
-            .endpoints()
-            .into_iter()
-            .filter(|e| e.network == network)
-            .collect();
-        let (ok, refused) = ownership::vet(eps, owners);
+    /// Counts and reports endpoint rows the owner checks refused, once
+    /// per row (not once per reconcile pass).
+    fn note_refused(&self, refused: &[(EndpointView, ownership::Refusal)]) {
+        if refused.is_empty() {
+            return;
+        }
         let mut seen = self.refused_seen.lock().unwrap_or_else(|e| e.into_inner());
-        for (e, why) in &refused {
-            // Counted once per row, not once per reconcile pass.
+        for (e, why) in refused {
             if !seen.insert((e.owner, e.id)) {
                 continue;
             }
@@ -407,41 +405,15 @@ impl Core {
                       vtep = %e.vtep, reason = %why, suppressed, "endpoint record refused: never programmed");
             }
         }
-        (ok, refused)
     }
 
-    /// What the kernel should hold for `view` on this host: every endpoint
-    /// of the network on a live peer that passes the owner checks, and one
-    /// flood entry per such peer.
+    /// What this host should carry for `view`: the planner's plan from the
+    /// store's endpoint rows (refused rows are counted here).
     pub fn plan(&self, view: &NetworkView, nodes: &[NodeView], owners: &Owners) -> NetworkPlan {
-        let me = self.cluster.node_id();
-        let live: HashSet<NodeId> = nodes
-            .iter()
-            .filter(|n| n.status == NodeStatus::Alive)
-            .map(|n| n.id)
-            .collect();
-        let remotes: Vec<RemoteEndpoint> = self
-            .vetted_endpoints(view.id, owners)
-            .0
-            .into_iter()
-            .filter(|e| e.owner != me && live.contains(&e.owner))
-            .map(|e| RemoteEndpoint {
-                mac: e.mac,
-                ip: IpAddr::V4(e.ip),
-                vtep: e.vtep,
-            })
-            .collect();
-        let flood_vteps = remotes.iter().map(|r| r.vtep).collect();
-        let cfg = self.cluster.config();
-        NetworkPlan {
-            vni: view.vni,
-            mtu: self.network_mtu(view),
-            local_vtep: cfg.data_path_addr,
-            vxlan_port: cfg.data_path_port,
-            underlay_ifindex: self.underlay_ifindex(),
-            remotes,
-            flood_vteps,
-        }
+        let endpoints = self.store().endpoints();
+        let planned = planner::plan(view, &endpoints, nodes, owners, &self.planner_host());
+        self.note_refused(&planned.refused);
+        planned.plan
     }
 
     /// Desired entries next to the kernel's, for `ovlctl fdb`.
@@ -456,10 +428,10 @@ impl Core {
             .any(|e| e.network == view.id && e.owner == me);
         let owners = self.owners_merged(&nodes, &[view.id]).await;
         let plan = self.plan(&view, &nodes, &owners);
-        let kernel = self.dataplane.kernel_view(view.vni).await?;
+        let kernel = self.dataplane.kernel_view(plan.mode, view.vni).await?;
         let fdb: Vec<_> = plan.remotes.iter().map(|r| (r.mac, r.vtep)).collect();
         let neigh: Vec<_> = plan.remotes.iter().map(|r| (r.ip, r.mac)).collect();
-        let flood: Vec<_> = plan.flood_vteps.iter().copied().collect();
+        let flood: Vec<_> = plan.peers.iter().map(|p| p.vtep).collect();
         let want = fdb_entries(&fdb, &neigh, &flood);
         let have = fdb_entries(&kernel.fdb, &kernel.neigh, &kernel.flood);
         let row = |(kind, mac, ip, vtep): &FdbEntry, state| FdbRow {

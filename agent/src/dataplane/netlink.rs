@@ -13,7 +13,7 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::{Handle, LinkUnspec};
 
 use super::DataplaneError;
-use super::plan::VxlanParams;
+use super::vxlan::plan::VxlanParams;
 use crate::ids::MacAddr;
 
 /// A link as dumped, reduced to what the data plane looks at.
@@ -153,6 +153,13 @@ async fn one_link(
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// A link that must exist: it was created a moment ago.
+pub(crate) async fn must_find(h: &Handle, name: &str) -> Result<Link, DataplaneError> {
+    link_by_name(h, name).await?.ok_or_else(|| {
+        DataplaneError::KernelReply(format!("{name} missing right after its creation"))
+    })
 }
 
 /// Deletes a link; `false` if it was already gone.

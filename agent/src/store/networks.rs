@@ -50,10 +50,6 @@ pub enum NetworkError {
     BadLabel(String),
     #[error("--vni: {0}")]
     BadVni(String),
-    #[error(
-        "--encrypted networks are not supported yet (the userspace encrypted data plane is not built)"
-    )]
-    EncryptedUnsupported,
 }
 
 pub fn validate_name(name: &str) -> Result<(), NetworkError> {
@@ -618,6 +614,56 @@ mod tests {
         let (v, invalid) = resolve(&with(&[(1, &bad)]));
         assert!(v.is_empty());
         assert_eq!(invalid, 1);
+    }
+
+    #[test]
+    fn the_mode_is_part_of_the_definition() {
+        // Two creations of one name in different modes (two sides of a
+        // partition) are two networks: a name clash like any other, the
+        // older wins on every host and the loser is reported.
+        let mut enc = rec(1, "db", 100, 5);
+        enc.encrypted = true;
+        let plain = rec(2, "db", 200, 3);
+        for order in [
+            vec![enc.clone(), plain.clone()],
+            vec![plain.clone(), enc.clone()],
+        ] {
+            let (v, _) = effective(&order, &HashSet::new());
+            let state: Vec<(u8, bool, bool)> = v
+                .iter()
+                .map(|n| (n.record.id[0], n.record.encrypted, n.is_active()))
+                .collect();
+            assert_eq!(state, vec![(1, true, false), (2, false, true)]);
+            assert!(
+                v[0].conflict
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("name \"db\"")
+            );
+        }
+        // A member republishing someone's encrypted network as plain is an
+        // altered copy: the creator's copy counts, the mode stays.
+        enc.creator = node(1).as_bytes().to_vec();
+        let mut downgraded = enc.clone();
+        downgraded.encrypted = false;
+        let src = Sources {
+            records: vec![
+                (node(1), enc.clone()),
+                (node(5), downgraded.clone()),
+                (node(6), downgraded),
+            ],
+            ..Default::default()
+        };
+        let (v, _) = resolve(&src);
+        assert!(v[0].record.encrypted, "{:?}", v[0].record);
+        // A definition stored before the field existed decodes as plain
+        // (proto3 leaves a false bool out: these are an old record's bytes).
+        use prost::Message;
+        let mut old = rec(3, "old", 300, 1);
+        old.encrypted = false;
+        let bytes = old.encode_to_vec();
+        let back = NetworkRecord::decode(bytes.as_slice()).expect("decodes");
+        assert!(!back.encrypted);
     }
 
     #[test]

@@ -14,9 +14,9 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
 
 use super::fdb::dst_of;
-use super::netlink::mac_of;
-use super::netns::ConnTask;
-use super::{Dataplane, DataplaneError};
+use crate::dataplane::netlink::mac_of;
+use crate::dataplane::netns::{self, ConnTask};
+use crate::dataplane::{Dataplane, DataplaneError};
 use crate::ids::MacAddr;
 
 /// `RTNLGRP_NEIGH` (linux/rtnetlink.h).
@@ -91,7 +91,7 @@ impl Dataplane {
             .map_err(DataplaneError::Socket)?;
         Ok(Misses {
             rx,
-            _conn: super::netns::spawn_conn(conn),
+            _conn: netns::spawn_conn(conn),
         })
     }
 
@@ -100,9 +100,7 @@ impl Dataplane {
         &self,
         ifindex: u32,
     ) -> Result<Option<crate::ids::Vni>, DataplaneError> {
-        Ok(super::netlink::link_by_index(&self.handle, ifindex)
-            .await?
-            .and_then(|l| super::plan::vni_of_device(&l.name, super::VXLAN_PREFIX)))
+        self.vxlan.vni_of_index(ifindex).await
     }
 }
 

@@ -1,7 +1,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
-use crate::dataplane::{Dataplane, RemoteEndpoint};
+use crate::dataplane::{NetworkMode, PeerHost, RemoteEndpoint};
+use crate::ids::{NodeId, Vni};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -15,25 +16,40 @@ fn mac_of(s: &str) -> MacAddr {
 }
 
 fn remote(addr: &str, vtep: &str) -> RemoteEndpoint {
+    let v = ip(vtep);
+    let IpAddr::V4(v4) = v else { panic!("v4 only") };
     RemoteEndpoint {
         mac: mac_of(addr),
         ip: ip(addr),
-        vtep: ip(vtep),
+        node: NodeId::from_bytes([v4.octets()[3]; 16]),
+        vtep: v,
     }
 }
 
 fn plan(remotes: Vec<RemoteEndpoint>) -> NetworkPlan {
-    let flood_vteps = remotes.iter().map(|r| r.vtep).collect();
+    let mut peers: Vec<PeerHost> = remotes
+        .iter()
+        .map(|r| PeerHost {
+            node: r.node,
+            vtep: r.vtep,
+        })
+        .collect();
+    peers.sort();
+    peers.dedup();
     NetworkPlan {
         vni: Vni::new(42).unwrap(),
+        mode: NetworkMode::Plain,
         mtu: 1450,
         local_vtep: ip("198.18.0.1"),
-        vxlan_port: 4789,
-        underlay_ifindex: Some(2),
         remotes,
-        flood_vteps,
+        peers,
     }
 }
+
+const SETTINGS: Settings = Settings {
+    port: 4789,
+    dev: Some(2),
+};
 
 fn fdb(mac: MacAddr, dst: &str) -> FdbSeen {
     FdbSeen {
@@ -176,8 +192,13 @@ fn neighbour_with_wrong_mac_is_replaced_and_extras_removed() {
 #[test]
 fn flood_never_targets_self_or_nothing() {
     let mut p = plan(vec![]);
-    p.flood_vteps = [ip("198.18.0.1"), ip("0.0.0.0"), ip("198.18.0.4")]
+    p.peers = [ip("198.18.0.1"), ip("0.0.0.0"), ip("198.18.0.4")]
         .into_iter()
+        .enumerate()
+        .map(|(i, vtep)| PeerHost {
+            node: NodeId::from_bytes([i as u8; 16]),
+            vtep,
+        })
         .collect();
     let d = diff(&p, &Observed::default());
     assert_eq!(d.flood_add, vec![ip("198.18.0.4")]);
@@ -207,11 +228,11 @@ fn vxlan_settings_decide_keep_change_or_recreate() {
         learning: Some(false),
         proxy: Some(true),
     };
-    assert_eq!(vxlan_action(&p, &good), VxlanAction::Keep);
+    assert_eq!(vxlan_action(&p, &SETTINGS, &good), VxlanAction::Keep);
     let v = |f: fn(&mut VxlanParams)| {
         let mut x = good.clone();
         f(&mut x);
-        vxlan_action(&p, &x)
+        vxlan_action(&p, &SETTINGS, &x)
     };
     assert_eq!(v(|x| x.learning = Some(true)), VxlanAction::Change);
     assert_eq!(v(|x| x.learning = None), VxlanAction::Change);
@@ -223,68 +244,12 @@ fn vxlan_settings_decide_keep_change_or_recreate() {
         VxlanAction::Recreate
     );
     assert_eq!(v(|x| x.dev = Some(3)), VxlanAction::Recreate);
-    let mut unknown_underlay = p.clone();
-    unknown_underlay.underlay_ifindex = None;
-    assert_eq!(vxlan_action(&unknown_underlay, &good), VxlanAction::Keep);
-}
-
-#[test]
-fn names_parse_back() {
-    let vni = Vni::new(16_777_215).unwrap();
-    let br = Dataplane::bridge_name(vni);
-    assert!(br.len() <= 15, "{br}");
-    assert_eq!(vni_of_device(&br, BRIDGE_PREFIX), Some(vni));
+    let unknown_underlay = Settings {
+        dev: None,
+        ..SETTINGS
+    };
     assert_eq!(
-        vni_of_device(&Dataplane::vxlan_name(vni), VXLAN_PREFIX),
-        Some(vni)
-    );
-    for bad in [
-        "ovlbr-",
-        "ovlbr-0",
-        "ovlbr-012",
-        "ovlbr-16777216",
-        "ovlbr-1x",
-        "ovlvx-5",
-    ] {
-        assert_eq!(vni_of_device(bad, BRIDGE_PREFIX), None, "{bad}");
-    }
-    let id: EndpointId = "0123456789abcdef0123456789abcdef".parse().unwrap();
-    let host = Dataplane::host_ifname(id);
-    assert_eq!(host, "ovl01234567");
-    assert!(is_host_ifname(&host));
-    for bad in [
-        "ovlbr-1234",
-        "ovl0123456",
-        "ovl0123456G",
-        "eth0",
-        "ovl012345678",
-    ] {
-        assert!(!is_host_ifname(bad), "{bad}");
-    }
-    assert_eq!(vni_of_alias(&host_alias(vni, id)), Some(vni));
-    assert_eq!(vni_of_alias("ovl vni=x"), None);
-    assert_eq!(vni_of_alias("something else"), None);
-}
-
-#[test]
-fn interface_names_follow_the_kernel_rules() {
-    for good in ["eth0", "a", "net-1_x.y", "fifteen-chars-x"] {
-        assert!(valid_ifname(good), "{good}");
-    }
-    for bad in ["", ".", "..", "a/b", "a:b", "a b", "sixteen-chars-xx"] {
-        assert!(!valid_ifname(bad), "{bad}");
-    }
-}
-
-#[test]
-fn bridge_mac_is_fixed_unicast_local_and_per_vni() {
-    let a = bridge_mac(Vni::new(1).unwrap());
-    let b = bridge_mac(Vni::new(0x0a0b0c).unwrap());
-    assert_eq!(a.to_string(), "02:6f:76:00:00:01");
-    assert_eq!(b.to_string(), "02:6f:76:0a:0b:0c");
-    assert_eq!(a.0[0] & 0b11, 0b10, "unicast, locally administered");
-    assert_ne!(
-        a.0[..2],
-        MacAddr::from_ipv4(Ipv4Addr::new(198, 19, 0, 1)).0[..2]
+        vxlan_action(&p, &unknown_underlay, &good),
+        VxlanAction::Keep
     );
 }

@@ -1,67 +1,13 @@
-//! Pure logic: names, derived addresses, and the diff between what a
-//! network's plan wants and what the kernel holds. No sockets here; the
-//! caller dumps the kernel into [`Observed`] and applies the [`EntryDiff`].
+//! Pure logic of the kernel VXLAN VTEP: the device's settings and the diff
+//! between what a network's plan wants and what the device's tables hold.
+//! No sockets here; the caller dumps the kernel into [`Observed`] and
+//! applies the [`EntryDiff`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::{ALIAS_PREFIX, BRIDGE_PREFIX, HOST_IF_PREFIX, NetworkPlan, VXLAN_PREFIX};
-use crate::ids::{EndpointId, MacAddr, Vni};
-
-/// Linux `IFNAMSIZ` minus the terminating NUL.
-const IFNAME_MAX: usize = 15;
-
-/// The bridge's fixed MAC: locally administered `02:6f:76` ("ov") + the
-/// 24-bit VNI. Fixed, so enslaving a port never changes it (a change would
-/// flush the bridge's neighbour entries). Disjoint from endpoint MACs
-/// (`02:42:` + IPv4, see `MacAddr::from_ipv4`).
-pub(crate) fn bridge_mac(vni: Vni) -> MacAddr {
-    let v = vni.get().to_be_bytes();
-    MacAddr([0x02, 0x6f, 0x76, v[1], v[2], v[3]])
-}
-
-/// The VNI in a device name `<prefix><decimal vni>`, if it is one of ours.
-pub(crate) fn vni_of_device(name: &str, prefix: &str) -> Option<Vni> {
-    let digits = name.strip_prefix(prefix)?;
-    if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Vni::new(digits.parse().ok()?).ok()
-}
-
-/// Whether `name` looks like the host end of an endpoint (`ovl` + 8 hex).
-pub(crate) fn is_host_ifname(name: &str) -> bool {
-    name.strip_prefix(HOST_IF_PREFIX).is_some_and(|h| {
-        h.len() == 8
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    }) && !name.starts_with(BRIDGE_PREFIX)
-        && !name.starts_with(VXLAN_PREFIX)
-}
-
-/// The kernel's `dev_valid_name`: 1..=15 bytes, not `.`/`..`, no `/`, `:`
-/// or whitespace.
-pub(crate) fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= IFNAME_MAX
-        && name != "."
-        && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-}
-
-/// Alias of a host veth end, naming its network so a recreated bridge gets
-/// its ports back.
-pub(crate) fn host_alias(vni: Vni, id: EndpointId) -> String {
-    format!("{ALIAS_PREFIX}{vni} ep={id}")
-}
-
-pub(crate) fn vni_of_alias(alias: &str) -> Option<Vni> {
-    let rest = alias.strip_prefix(ALIAS_PREFIX)?;
-    let digits = rest.split(' ').next()?;
-    Vni::new(digits.parse().ok()?).ok()
-}
+use crate::dataplane::NetworkPlan;
+use crate::ids::MacAddr;
 
 /// The settings of an existing VXLAN device, as dumped (absent = not
 /// reported by the kernel).
@@ -86,13 +32,23 @@ pub(crate) enum VxlanAction {
     Recreate,
 }
 
-/// What to do with an existing VXLAN device. A plan without an underlay
-/// index accepts any lower device (no flap while the underlay is unknown).
-pub(crate) fn vxlan_action(plan: &NetworkPlan, have: &VxlanParams) -> VxlanAction {
-    let dev_ok = plan.underlay_ifindex.is_none() || have.dev == plan.underlay_ifindex;
+/// The VTEP's own settings of its devices, as of one `ensure`: not part of
+/// the plan (a plan is the same for every mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settings {
+    /// VXLAN `dstport` (and the port the device listens on).
+    pub port: u16,
+    /// VXLAN `dev`: the interface holding the data-path address, once known.
+    pub dev: Option<u32>,
+}
+
+/// What to do with an existing VXLAN device. Without a known underlay
+/// index any lower device is accepted (no flap while it is unknown).
+pub(crate) fn vxlan_action(plan: &NetworkPlan, s: &Settings, have: &VxlanParams) -> VxlanAction {
+    let dev_ok = s.dev.is_none() || have.dev == s.dev;
     if have.vni != Some(plan.vni.get())
         || have.local != Some(plan.local_vtep)
-        || have.port != Some(plan.vxlan_port)
+        || have.port != Some(s.port)
         || have.proxy != Some(true)
         || !dev_ok
     {
@@ -176,9 +132,9 @@ pub(crate) fn wanted(
         neigh.insert(r.ip, r.mac);
     }
     let flood = plan
-        .flood_vteps
+        .peers
         .iter()
-        .copied()
+        .map(|p| p.vtep)
         .filter(|v| *v != plan.local_vtep && !v.is_unspecified())
         .collect();
     (fdb, neigh, flood)

@@ -14,9 +14,9 @@ use rtnetlink::packet_route::neighbour::{
 };
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::DataplaneError;
-use super::netlink::{Ctx, mac_of};
 use super::plan::{FdbSeen, NeighSeen, Observed};
+use crate::dataplane::DataplaneError;
+use crate::dataplane::netlink::{self, Ctx, mac_of};
 use crate::ids::MacAddr;
 
 /// An FDB entry on a VXLAN device (`bridge fdb ... self permanent dst`).
@@ -109,7 +109,7 @@ pub(crate) fn dst_of(attr: &NeighbourAddress) -> Option<IpAddr> {
 
 /// The VXLAN device's own FDB (NTF_SELF) and its neighbour entries.
 pub(crate) async fn observe(h: &Handle, vx_index: u32) -> Result<Observed, DataplaneError> {
-    let _dump = super::netlink::dump_guard().await;
+    let _dump = netlink::dump_guard().await;
     let mut seen = Observed::default();
     let fdb: Vec<NeighbourMessage> = h
         .neighbours()

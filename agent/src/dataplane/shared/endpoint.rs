@@ -7,8 +7,9 @@ use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
 use tracing::{info, warn};
 
-use super::netlink::{self as nl, Ctx, Link};
-use super::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, netns, plan};
+use super::names;
+use crate::dataplane::netlink::{self as nl, Ctx, Link};
+use crate::dataplane::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, netns};
 use crate::ids::{EndpointId, Vni};
 
 impl Dataplane {
@@ -16,7 +17,7 @@ impl Dataplane {
     /// correct pair is left alone (settings that drifted are corrected); a
     /// failure midway removes the pair it created.
     pub async fn attach(&self, vni: Vni, ep: &LocalEndpoint) -> Result<(), DataplaneError> {
-        if !plan::valid_ifname(&ep.ifname) {
+        if !names::valid_ifname(&ep.ifname) {
             return Err(DataplaneError::BadIfname(ep.ifname.clone()));
         }
         let _g = self.lock.lock().await;
@@ -72,7 +73,7 @@ impl Dataplane {
         info!(vni = %vni, endpoint = %ep.id, device = %host, peer = %ep.ifname, netns = %ep.netns.display(), "veth pair created");
 
         let configured = async {
-            let h = self.must_find(&host).await?;
+            let h = nl::must_find(&self.handle, &host).await?;
             self.converge_host(vni, ep, &h, bridge.index).await?;
             let c = nl::link_by_name(&ns, &ep.ifname).await?.ok_or_else(|| {
                 DataplaneError::KernelReply(format!(
@@ -104,7 +105,7 @@ impl Dataplane {
         h: &Link,
         bridge: u32,
     ) -> Result<(), DataplaneError> {
-        let alias = plan::host_alias(vni, ep.id);
+        let alias = names::host_alias(vni, ep.id);
         let mut fix = nl::set_msg(h.index);
         let mut changed = Vec::new();
         if h.master != Some(bridge) {
@@ -159,11 +160,11 @@ impl Dataplane {
         let links = nl::links(&self.handle).await?;
         let vni_of_master = |m: u32| {
             let master = links.iter().find(|l| l.index == m)?;
-            plan::vni_of_device(&master.name, BRIDGE_PREFIX)
+            names::vni_of_device(&master.name, BRIDGE_PREFIX)
         };
         Ok(links
             .iter()
-            .filter(|l| plan::is_host_ifname(&l.name) && l.kind == Some(InfoKind::Veth))
+            .filter(|l| names::is_host_ifname(&l.name) && l.kind == Some(InfoKind::Veth))
             .map(|l| (l.name.clone(), l.master.and_then(vni_of_master)))
             .collect())
     }

@@ -1,0 +1,197 @@
+//! The planner: store + membership view + owners → one neutral
+//! [`NetworkPlan`] per network (DESIGN.md, "Agent internals"). Pure: no
+//! kernel, no clock, no locks; the same inputs give the same plan. The plan
+//! says *what* a host must carry for a network (mode, MTU, who is where);
+//! how frames get there is the business of the network's `Vtep` in
+//! `dataplane/` (kernel VXLAN for plain networks, the userspace engine for
+//! encrypted ones), whose own settings (UDP port, underlay device) are not
+//! part of the plan.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use crate::ids::{MacAddr, NodeId, Vni};
+use crate::membership::{NodeStatus, NodeView};
+use crate::store::EndpointView;
+use crate::store::networks::{self, NetworkView};
+use crate::store::ownership::{self, Owners, Refusal};
+
+/// VXLAN overhead: 20 IP + 8 UDP + 8 VXLAN + 14 inner Ethernet (RFC 7348
+/// §5). Applied on any underlay, as before the split (issue 9 revisits the
+/// MTU derivation).
+pub const PLAIN_OVERHEAD: u32 = 50;
+/// Encrypted overhead on an IPv4 underlay: 20 IP + 8 UDP + 4 SPI + 8
+/// sequence + 8 VXLAN + 14 inner Ethernet + 16 tag (DESIGN.md, "Encrypted
+/// data plane"). Equals `dataplane::encrypted::codec::MTU_OVERHEAD_IPV4`
+/// (checked by a test there: the planner cannot import the data plane).
+pub const ENCRYPTED_OVERHEAD_IPV4: u32 = 78;
+/// The same on an IPv6 underlay: its header is 20 bytes longer.
+pub const ENCRYPTED_OVERHEAD_IPV6: u32 = ENCRYPTED_OVERHEAD_IPV4 + 20;
+
+/// How a network's traffic crosses between hosts; fixed when the network
+/// is created (`ovlctl network create --encrypted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NetworkMode {
+    /// Kernel VXLAN, cleartext on the underlay (UDP 4789).
+    Plain,
+    /// The userspace encrypted VTEP (AES-256-GCM in UDP, port 4500).
+    Encrypted,
+}
+
+impl NetworkMode {
+    pub const ALL: [NetworkMode; 2] = [NetworkMode::Plain, NetworkMode::Encrypted];
+
+    /// The mode a network definition fixes. Definitions stored before the
+    /// field existed decode as `encrypted = false`: plain.
+    pub fn of(view: &NetworkView) -> Self {
+        if view.record.encrypted {
+            NetworkMode::Encrypted
+        } else {
+            NetworkMode::Plain
+        }
+    }
+
+    /// Bytes the data path adds around a container's packet on an
+    /// underlay whose local address is `underlay`.
+    pub fn overhead(self, underlay: IpAddr) -> u32 {
+        match (self, underlay) {
+            (NetworkMode::Plain, _) => PLAIN_OVERHEAD,
+            (NetworkMode::Encrypted, IpAddr::V4(_)) => ENCRYPTED_OVERHEAD_IPV4,
+            (NetworkMode::Encrypted, IpAddr::V6(_)) => ENCRYPTED_OVERHEAD_IPV6,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Plain => "plain",
+            NetworkMode::Encrypted => "encrypted",
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An endpoint on another host: where its frames go.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RemoteEndpoint {
+    pub mac: MacAddr,
+    pub ip: IpAddr,
+    /// The host that owns the endpoint.
+    pub node: NodeId,
+    /// That host's data-path address.
+    pub vtep: IpAddr,
+}
+
+/// A remote host having endpoints in the network (broadcast goes to each;
+/// an encrypted network accepts frames only from these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerHost {
+    pub node: NodeId,
+    pub vtep: IpAddr,
+}
+
+/// Everything this host should carry for one network, whatever the mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkPlan {
+    pub vni: Vni,
+    pub mode: NetworkMode,
+    /// MTU of the bridge, the VTEP device and the endpoints' veths.
+    pub mtu: u32,
+    /// This host's data-path address.
+    pub local_vtep: IpAddr,
+    /// Every remote endpoint of the network, sorted, no duplicates.
+    pub remotes: Vec<RemoteEndpoint>,
+    /// Remote hosts having endpoints in the network, sorted, no duplicates.
+    pub peers: Vec<PeerHost>,
+}
+
+/// What the planner needs to know about this host.
+#[derive(Debug, Clone, Copy)]
+pub struct Host {
+    pub me: NodeId,
+    /// Data-path address (`--data-path-addr`).
+    pub local_vtep: IpAddr,
+    /// MTU of the interface holding the data-path address.
+    pub underlay_mtu: u32,
+}
+
+/// A plan and the endpoint rows the owner checks refused on the way (never
+/// programmed; the caller counts and reports them).
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub plan: NetworkPlan,
+    pub refused: Vec<(EndpointView, Refusal)>,
+}
+
+/// A network's MTU on every host: the configured one, or the data-path
+/// MTU minus the mode's overhead (never below the minimum).
+pub fn mtu(view: &NetworkView, host: &Host) -> u32 {
+    if view.record.mtu != 0 {
+        return view.record.mtu;
+    }
+    host.underlay_mtu
+        .saturating_sub(NetworkMode::of(view).overhead(host.local_vtep))
+        .max(networks::MIN_MTU)
+}
+
+/// The plan of `view` on `host`: every endpoint of the network (from
+/// `endpoints`, any network) owned by a live peer that passes the owner
+/// checks, and each such peer once.
+pub fn plan(
+    view: &NetworkView,
+    endpoints: &[EndpointView],
+    nodes: &[NodeView],
+    owners: &Owners,
+    host: &Host,
+) -> Planned {
+    let live: HashSet<NodeId> = nodes
+        .iter()
+        .filter(|n| n.status == NodeStatus::Alive)
+        .map(|n| n.id)
+        .collect();
+    let rows: Vec<EndpointView> = endpoints
+        .iter()
+        .filter(|e| e.network == view.id)
+        .cloned()
+        .collect();
+    let (ok, refused) = ownership::vet(rows, owners);
+    let mut remotes: Vec<RemoteEndpoint> = ok
+        .into_iter()
+        .filter(|e| e.owner != host.me && live.contains(&e.owner))
+        .map(|e| RemoteEndpoint {
+            mac: e.mac,
+            ip: IpAddr::V4(e.ip),
+            node: e.owner,
+            vtep: e.vtep,
+        })
+        .collect();
+    remotes.sort();
+    remotes.dedup();
+    let mut peers: Vec<PeerHost> = remotes
+        .iter()
+        .map(|r| PeerHost {
+            node: r.node,
+            vtep: r.vtep,
+        })
+        .collect();
+    peers.sort();
+    peers.dedup();
+    Planned {
+        plan: NetworkPlan {
+            vni: view.vni,
+            mode: NetworkMode::of(view),
+            mtu: mtu(view, host),
+            local_vtep: host.local_vtep,
+            remotes,
+            peers,
+        },
+        refused,
+    }
+}
+
+#[cfg(test)]
+mod tests;
