@@ -152,7 +152,10 @@ fn host(lab: &mut Lab, tag: &str, n: u8) -> Host {
     ]);
     let engine = Engine::start(EngineConfig {
         bind: underlay,
-        workers: 2,
+        workers: std::env::var("OVL_ENGINE_WORKERS")
+            .ok()
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(2),
         netns: Some(netns_path(&ns)),
     })
     .expect("engine starts");
@@ -683,6 +686,10 @@ fn throughput() {
         "198.18.91.2",
     ]);
     println!("{}", String::from_utf8_lossy(&ping.stdout));
+    for ns in [&p.a.ns, &p.b.ns] {
+        let l = output(&["ip", "-n", ns, "-s", "link", "show", "ovltap0"]);
+        println!("{ns}: {}", String::from_utf8_lossy(&l.stdout));
+    }
     println!("engine A: {:?}", p.a.engine.counters().total);
     println!("engine B: {:?}", p.b.engine.counters().total);
     assert!(

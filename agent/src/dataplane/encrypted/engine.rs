@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::codec::{Receiver, Sender};
 use super::counters::{Counters, Dropped, LogLimit, Traffic};
 use super::forward::{Forwarding, Table};
-use super::{tap, worker};
+use super::{tap, udp, worker};
 use crate::ids::{NodeId, Vni};
 use crate::keys::pair::PairKeys;
 
@@ -131,7 +131,8 @@ struct Master {
 
 /// State shared between the engine's handle and its workers.
 pub(crate) struct Shared {
-    pub socket: UdpSocket,
+    /// One socket per worker, all bound to the same address (SO_REUSEPORT).
+    pub sockets: Vec<UdpSocket>,
     pub snapshot: RwLock<Arc<Snapshot>>,
     /// Bumped with every new snapshot.
     pub version: AtomicU64,
@@ -271,24 +272,34 @@ fn eventfd() -> Result<OwnedFd, EngineError> {
 impl Engine {
     pub fn start(cfg: EngineConfig) -> Result<Arc<Engine>, EngineError> {
         let bind = cfg.bind;
-        let socket = in_netns(cfg.netns.as_deref(), || {
-            UdpSocket::bind(bind).map_err(|source| EngineError::Bind { addr: bind, source })
+        let workers = cfg.workers.max(1);
+        let sockets = in_netns(cfg.netns.as_deref(), || {
+            let err = |source| EngineError::Bind { addr: bind, source };
+            let first = udp::bind_reuseport(bind).map_err(err)?;
+            // With port 0 asked, the others join the port the first got.
+            let at = first.local_addr().map_err(err)?;
+            let mut v = vec![first];
+            for _ in 1..workers {
+                v.push(udp::bind_reuseport(at).map_err(err)?);
+            }
+            Ok(v)
         })?;
-        // Force the buffers past rmem_max/wmem_max when allowed (root).
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-            if set_buffer(&socket, opt).is_err() {
-                let plain = if opt == libc::SO_RCVBUFFORCE {
-                    libc::SO_RCVBUF
-                } else {
-                    libc::SO_SNDBUF
-                };
-                set_buffer(&socket, plain)?;
+        for socket in &sockets {
+            // Force the buffers past rmem_max/wmem_max when allowed (root).
+            for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+                if set_buffer(socket, opt).is_err() {
+                    let plain = if opt == libc::SO_RCVBUFFORCE {
+                        libc::SO_RCVBUF
+                    } else {
+                        libc::SO_SNDBUF
+                    };
+                    set_buffer(socket, plain)?;
+                }
             }
         }
-        let workers = cfg.workers.max(1);
         let wake = (0..workers).map(|_| eventfd()).collect::<Result<_, _>>()?;
         let shared = Arc::new(Shared {
-            socket,
+            sockets,
             snapshot: RwLock::new(Arc::new(Snapshot::default())),
             version: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -323,7 +334,10 @@ impl Engine {
 
     /// The socket's bound address (the port when 0 was asked).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.shared.socket.local_addr()
+        match self.shared.sockets.first() {
+            Some(s) => s.local_addr(),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
 
     /// Create (or adopt) the TAP device `tap_name` for `vni` in the

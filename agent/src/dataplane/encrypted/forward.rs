@@ -165,13 +165,13 @@ fn arp(table: &Table, frame: &[u8], reply: &mut [u8]) -> Egress {
 /// Whether an opened frame for `vni` from `from` may be delivered: the VNI
 /// must be a local encrypted network (`networks`) and `from` one of its
 /// peer hosts. Returns the network's entry.
-pub fn ingress<'a, N>(
-    networks: &'a HashMap<u32, N>,
+pub fn ingress<N>(
+    networks: &HashMap<u32, N>,
     table_of: impl Fn(&N) -> &Table,
     vni: u32,
     from: NodeId,
     frame_len: usize,
-) -> Result<&'a N, Dropped> {
+) -> Result<&N, Dropped> {
     let net = networks.get(&vni).ok_or(Dropped::UnknownVni)?;
     if !table_of(net).is_member(from) {
         return Err(Dropped::NotMember);

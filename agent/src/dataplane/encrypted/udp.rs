@@ -7,8 +7,9 @@
 
 use std::io;
 use std::mem::{size_of, zeroed};
+use std::net::UdpSocket;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 
 /// Datagrams per syscall.
 pub const BATCH: usize = 64;
@@ -184,6 +185,48 @@ impl Batch {
         let failed = if err.is_some() { 1 } else { 0 };
         (failed, err)
     }
+}
+
+/// A UDP socket bound to `addr` with `SO_REUSEPORT`, so each worker has
+/// its own socket on the one port: the kernel steers a peer's datagrams
+/// (one 4-tuple) to one socket, hence one worker, and a flow is never
+/// reordered between workers (reordering made TCP retransmit).
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the fd is owned right below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket and is owned by nothing else.
+    let sock = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let len = to_storage(addr, &mut ss);
+    // SAFETY: `ss` holds a sockaddr of `len` bytes, alive for the call.
+    let rc = unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
 }
 
 fn to_storage(a: SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen_t {

@@ -110,7 +110,7 @@ impl Worker {
         self.fds.clear();
         self.vnis.clear();
         self.fds.push(pollfd(self.sh.wake[self.index].as_raw_fd()));
-        self.fds.push(pollfd(self.sh.socket.as_raw_fd()));
+        self.fds.push(pollfd(self.socket()));
         for (vni, n) in &self.snap.networks {
             if let Some(q) = queue(n, self.index) {
                 self.fds.push(pollfd(q));
@@ -119,13 +119,18 @@ impl Worker {
         }
     }
 
+    /// This worker's socket.
+    fn socket(&self) -> RawFd {
+        self.sh.sockets[self.index % self.sh.sockets.len()].as_raw_fd()
+    }
+
     /// Frames from one network's TAP queue → sealed datagrams.
     fn transmit(&mut self, vni: u32, fd: RawFd) {
         let snap = self.snap.clone();
         let Some(net) = snap.networks.get(&vni) else {
             return;
         };
-        let sock = self.sh.socket.as_raw_fd();
+        let sock = self.socket();
         for _ in 0..TAP_BURST {
             if self.tx.is_full() {
                 self.flush(sock);
@@ -236,7 +241,7 @@ impl Worker {
     /// Datagrams from the socket → opened frames on the TAPs.
     fn receive(&mut self) {
         let snap = self.snap.clone();
-        let sock = self.sh.socket.as_raw_fd();
+        let sock = self.socket();
         for _ in 0..RX_ROUNDS {
             let n = match self.rx.recv(sock) {
                 Ok(n) => n,
