@@ -545,6 +545,19 @@ fn ping_broadcast_replay_tamper_and_membership() {
         drops(&p.b.engine.counters(), Dropped::UnknownSpi) > drops(&before, Dropped::UnknownSpi)
     );
 
+    assert!(p.a.engine.healthy() && p.b.engine.healthy());
+    // A TAP deleted under the engine is made again by ensure_network.
+    run(&["ip", "-n", &p.a.ns, "link", "del", "ovltap0"]);
+    let vni = Vni::new(VNI).unwrap();
+    p.a.engine
+        .ensure_network_in(vni, "ovltap0", MTU, Some(&netns_path(&p.a.ns)))
+        .expect("TAP recreated");
+    assert!(
+        output(&["ip", "-n", &p.a.ns, "link", "show", "ovltap0"])
+            .status
+            .success()
+    );
+
     // Removing the network deletes the TAP device.
     p.b.engine.remove_network(Vni::new(VNI).unwrap());
     let until = Instant::now() + Duration::from_secs(2);

@@ -365,9 +365,7 @@ impl Engine {
         let have = m.networks.get(&v).map(|n| n.name == tap_name);
         let workers = self.workers;
         let (ifindex, queues) = in_netns(netns, || {
-            let queues = if have == Some(true) {
-                None
-            } else {
+            let open = || -> Result<Vec<OwnedFd>, EngineError> {
                 let q = (0..workers)
                     .map(|_| tap::open_queue(tap_name))
                     .collect::<io::Result<Vec<_>>>()
@@ -375,10 +373,19 @@ impl Engine {
                 if let Some(first) = q.first() {
                     tap::set_persist(first, true).map_err(tap_err)?;
                 }
-                Some(q)
+                Ok(q)
             };
+            if have == Some(true) {
+                match tap::configure(tap_name, mtu) {
+                    Ok(ifindex) => return Ok((ifindex, None)),
+                    // Deleted under us (`ip link del`): make it again.
+                    Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
+                    Err(e) => return Err(tap_err(e)),
+                }
+            }
+            let q = open()?;
             let ifindex = tap::configure(tap_name, mtu).map_err(tap_err)?;
-            Ok((ifindex, queues))
+            Ok((ifindex, Some(q)))
         })?;
         if let Some(queues) = queues {
             if let Some(old) = m.networks.remove(&v) {
@@ -545,6 +552,13 @@ impl Engine {
                 })
                 .collect(),
         }
+    }
+
+    /// Whether every worker thread still runs (the caller supervises: a
+    /// dead worker means a dead data path, so end the process).
+    pub fn healthy(&self) -> bool {
+        !self.shared.stop.load(Ordering::SeqCst)
+            && lock(&self.threads).iter().all(|t| !t.is_finished())
     }
 
     /// Stops the workers (also done when the last handle drops).
