@@ -8,7 +8,8 @@ use ovl_agent::api;
 use ovl_agent::cluster::Cluster;
 use ovl_agent::config::{Config, Options};
 use ovl_agent::core::{Core, Ipam};
-use ovl_agent::dataplane::{Dataplane, VxlanConfig};
+use ovl_agent::dataplane::encrypted::{EncryptedVtep, Engine, EngineConfig};
+use ovl_agent::dataplane::{Dataplane, NetworkMode, VxlanConfig};
 use ovl_agent::keys::identity::Identity;
 use ovl_agent::metrics::Counters;
 use ovl_agent::peer::{self, TlsIdentity};
@@ -96,13 +97,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let node_id = identity.node_id;
     let store = Store::load(&state_dir, node_id)?;
     let ipam = Ipam::load(&state_dir, identity.key.clone())?;
-    // Encrypted networks need the userspace VTEP (`Dataplane::set_vtep`);
-    // until it is wired, their attaches are refused with a clear error.
-    let dataplane = Dataplane::new(VxlanConfig {
+    let mut dataplane = Dataplane::new(VxlanConfig {
         port: config.data_path_port,
     })
     .await
     .context("open netlink")?;
+    // Encrypted networks: the userspace VTEP, bound before joining like
+    // every other socket (a taken port fails the start).
+    let engine = Engine::start(EngineConfig {
+        bind: std::net::SocketAddr::new(config.data_path_addr, config.encrypted_port),
+        workers: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        netns: None,
+    })
+    .context("start the encrypted data plane")?;
+    let encrypted = EncryptedVtep::new(engine.clone(), dataplane.netlink(), None);
+    dataplane.set_vtep(NetworkMode::Encrypted, encrypted.clone());
+    let key_rotation = config.key_rotation;
     let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     let cluster = Cluster::start(config, identity, counters.clone(), channels.clone()).await?;
     let core = Core::new(
@@ -120,6 +130,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // repairs everything, only later (it logs why it stopped).
     tokio::spawn(ovl_agent::repair::run(core.clone()));
     let mut gossip_fatal = cluster.fatal();
+    let mut keying_task = tokio::spawn(ovl_agent::keying::run(
+        cluster.view(),
+        encrypted.peers(),
+        encrypted.clone(),
+        key_rotation,
+        counters.clone(),
+    ));
+    let mut engine_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        while engine.healthy() {
+            tick.tick().await;
+        }
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -156,6 +179,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         _ = int.recv() => { info!("SIGINT: shutting down"); None }
         r = &mut sync_task => Some(task_end("table sync", r.map(Ok::<(), String>))),
         r = &mut reconcile_task => Some(task_end("reconciler", r.map(Ok::<(), String>))),
+        r = &mut keying_task => Some(task_end("key schedule", r.map(Ok::<(), String>))),
+        r = &mut engine_task => Some(task_end("encrypted data plane (a worker thread died)", r.map(Ok::<(), String>))),
         r = &mut peer_task => Some(task_end("peer server", r.map(|r| r.map_err(|e| e.to_string())))),
         r = &mut api_task => Some(task_end("API server", r.map(|r| r.map_err(|e| e.to_string())))),
         r = gossip_fatal.wait_for(Option::is_some) => Some(match r {

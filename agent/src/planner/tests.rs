@@ -57,6 +57,8 @@ fn member(n: u8, status: NodeStatus) -> NodeView {
         status,
         is_self: n == 1,
         table_version: 1,
+        exchange_keys: Vec::new(),
+        encrypted_port: 4500,
     }
 }
 

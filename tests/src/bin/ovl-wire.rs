@@ -9,6 +9,8 @@
 //!     sends again, to their original destination, the UDP payloads of the
 //!     datagrams to port P in a tcpdump capture (-w, Ethernet or Linux cooked);
 //!     with --flip, byte OFFSET of each payload is inverted first (tamper)
+//! ovl-wire send --to IP:PORT --payload TEXT [--count N] [--interval-ms MS]
+//!     plain UDP datagrams (run inside a container namespace)
 //! ovl-wire listen --port P --secs S
 //!     counts UDP datagrams arriving on 0.0.0.0:P for S seconds, prints
 //!     `received N` and each payload (run inside a container namespace)
@@ -30,6 +32,7 @@ fn main() -> Result<()> {
         "vxlan" => vxlan(&flags),
         "replay" => replay(&flags),
         "listen" => listen(&flags),
+        "send" => send(&flags),
         other => bail!("unknown command {other:?}"),
     }
 }
@@ -211,6 +214,21 @@ fn replay(f: &Flags) -> Result<()> {
     if sent == 0 {
         bail!("the capture holds no datagram to port {port}");
     }
+    Ok(())
+}
+
+fn send(f: &Flags) -> Result<()> {
+    let to: SocketAddr = f.req("to")?;
+    let payload = f.get("payload").unwrap_or("ovl-wire");
+    let count: u32 = f.get("count").map_or(Ok(1), str::parse)?;
+    let gap = Duration::from_millis(f.get("interval-ms").map_or(Ok(20), str::parse)?);
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    for _ in 0..count {
+        sock.send_to(payload.as_bytes(), to)
+            .with_context(|| format!("send to {to}"))?;
+        std::thread::sleep(gap);
+    }
+    println!("sent {count} datagram(s) to {to}");
     Ok(())
 }
 

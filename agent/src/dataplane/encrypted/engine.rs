@@ -446,6 +446,18 @@ impl Engine {
         }
     }
 
+    /// Stops sending to the peer (no address) but keeps its keys, whose
+    /// senders' sequence numbers must go on where they are: a peer that
+    /// drops out of the networks for a moment and comes back finds them.
+    pub fn clear_peer_address(&self, node: NodeId) {
+        let mut m = lock(&self.master);
+        if let Some(p) = m.peers.get_mut(&node) {
+            if p.addr.take().is_some() {
+                self.publish(&m);
+            }
+        }
+    }
+
     /// Forgets the peer: address, keys and counters.
     pub fn remove_peer(&self, node: NodeId) {
         let mut m = lock(&self.master);

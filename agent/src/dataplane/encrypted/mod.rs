@@ -15,6 +15,7 @@ pub mod forward;
 pub mod replay;
 mod tap;
 mod udp;
+pub mod vtep;
 mod worker;
 
 pub use counters::{Dropped, Traffic};
@@ -22,3 +23,4 @@ pub use engine::{
     ENCRYPTED_PORT, Engine, EngineConfig, EngineCounters, EngineError, EpochInfo, PeerCounters,
 };
 pub use forward::Forwarding;
+pub use vtep::EncryptedVtep;
