@@ -9,4 +9,4 @@ pub mod identity;
 pub mod pair;
 pub mod token;
 
-pub use cluster_key::{ClusterKey, KeyId, Keyring, Lookup};
+pub use cluster_key::{ClusterKey, KeyId, KeyScope, Keyring, Lookup};
