@@ -571,4 +571,108 @@ mod tests {
         assert_eq!(own_heartbeat(5, NOW), NOW);
         assert_eq!(own_heartbeat(NOW + 3, NOW), NOW + 4);
     }
+
+    fn admit_in(
+        g: &mut Guard,
+        sender: NodeId,
+        bytes: &[u8],
+        scope: KeyScope<'_>,
+    ) -> Result<(Admitted, wire::Message<'static>), Refusal> {
+        let mut out = Vec::new();
+        let a = g.admit(sender, bytes, NOW, &Default::default(), scope, &mut out)?;
+        let leaked: &'static [u8] = Box::leak(out.into_boxed_slice());
+        Ok((a, wire::parse(leaked).unwrap()))
+    }
+
+    fn nodes_in(m: &wire::Message<'_>) -> Vec<String> {
+        m.delta
+            .iter()
+            .filter_map(|op| match op {
+                DeltaOp::Node { id, .. } => Some(id.node_id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stale_key_teaches_no_new_identity_and_a_member_set_vouches_for_relays() {
+        let me = node(1, 1);
+        let h1 = node(2, 10);
+        let fresh = node(3, 5);
+        let mut g = Guard::new(ClusterId::from_bytes(CLUSTER_BYTES), me.wire.clone());
+        let members: BTreeSet<NodeId> = [me.id, h1.id].into();
+        let stale = KeyScope {
+            members: Some(&members),
+            stale: true,
+        };
+        let current = KeyScope {
+            members: Some(&members),
+            stale: false,
+        };
+        let own = |n: &Node| {
+            encode_message(
+                Kind::SynAck,
+                &[entry(&n.wire, NOW)],
+                &[node_op(&n.wire), rec(n, 1, false)],
+            )
+        };
+        // The removed node's fresh identity, speaking for itself under the
+        // old key: refused whole.
+        assert_eq!(
+            admit_in(&mut g, fresh.id, &own(&fresh), stale).err(),
+            Some(Refusal::StaleKeyStranger)
+        );
+        // A member relays it (a member that accepted it before hearing of
+        // the rotation): its record and digest entry are left out, the
+        // member's own kept.
+        let relay = encode_message(
+            Kind::SynAck,
+            &[entry(&h1.wire, NOW), entry(&fresh.wire, NOW)],
+            &[
+                node_op(&fresh.wire),
+                rec(&fresh, 1, false),
+                node_op(&h1.wire),
+                rec(&h1, 1, false),
+            ],
+        );
+        for (scope, stale_n, unvouched_n) in [(stale, 1, 0), (current, 0, 1)] {
+            let (a, seen) = admit_in(&mut g, h1.id, &relay, scope).unwrap();
+            assert_eq!((a.stale_strangers, a.unvouched), (stale_n, unvouched_n));
+            assert_eq!(a.admit, None);
+            assert_eq!(nodes_in(&seen), vec![h1.wire.node_id.clone()]);
+            assert_eq!(seen.digest.len(), 1, "{:?}", seen.digest);
+        }
+        // Sealing with the key in use proves the identity holds it: it is
+        // learned and handed back to join the set.
+        let (a, seen) = admit_in(&mut g, fresh.id, &own(&fresh), current).unwrap();
+        assert_eq!(a.admit, Some(fresh.id));
+        assert_eq!(nodes_in(&seen), vec![fresh.wire.node_id.clone()]);
+    }
+
+    #[test]
+    fn without_a_member_set_a_stale_key_still_teaches_only_known_identities() {
+        let me = node(1, 1);
+        let h1 = node(2, 10);
+        let fresh = node(3, 5);
+        let mut g = Guard::new(ClusterId::from_bytes(CLUSTER_BYTES), me.wire.clone());
+        let learn = encode_message(Kind::Ack, &[], &[node_op(&h1.wire), rec(&h1, 1, false)]);
+        admit(&mut g, h1.id, &learn).unwrap();
+        let stale = KeyScope {
+            members: None,
+            stale: true,
+        };
+        let (a, _) = admit_in(&mut g, h1.id, &learn, stale).unwrap();
+        assert_eq!(a, Admitted::default(), "known before the switch");
+        let own = encode_message(
+            Kind::Ack,
+            &[],
+            &[node_op(&fresh.wire), rec(&fresh, 1, false)],
+        );
+        assert_eq!(
+            admit_in(&mut g, fresh.id, &own, stale).err(),
+            Some(Refusal::StaleKeyStranger)
+        );
+        let (a, _) = admit_in(&mut g, fresh.id, &own, OPEN).unwrap();
+        assert_eq!(a.admit, None, "no set to join");
+    }
 }
