@@ -393,7 +393,9 @@ fn listed_anywhere(lab: &Lab, hosts: &[usize], id: &str) -> anyhow::Result<()> {
     for &k in hosts {
         let rows = lab.nodes(k)?;
         ensure!(
-            !rows.iter().any(|r| r.id == id || r.name == "fresh-identity"),
+            !rows
+                .iter()
+                .any(|r| r.id == id || r.name == "fresh-identity"),
             "h{k} lists the fresh identity {id}"
         );
     }
@@ -511,7 +513,10 @@ fn a_removed_node_cannot_come_back_as_a_fresh_identity_through_the_old_key() {
                 ],
             )
             .expect("probe runs");
-        println!("FetchClusterKey from h{k} as the fresh identity: {}", out.stdout.trim());
+        println!(
+            "FetchClusterKey from h{k} as the fresh identity: {}",
+            out.stdout.trim()
+        );
         f.check(!out.success(), || {
             format!("h{k} handed the new cluster key to the fresh identity: {out}")
         });
@@ -540,8 +545,12 @@ fn a_removed_node_cannot_come_back_as_a_fresh_identity_through_the_old_key() {
     );
     f.ok(
         "h1, h2 and h4 alive everywhere",
-        lab.wait_members(&[1, 2, 4])
-            .map(|d| println!("h4 alive everywhere {d:.2?} after joining ({:.2?})", t.elapsed())),
+        lab.wait_members(&[1, 2, 4]).map(|d| {
+            println!(
+                "h4 alive everywhere {d:.2?} after joining ({:.2?})",
+                t.elapsed()
+            )
+        }),
     );
     f.ok(
         "still no host lists the fresh identity",

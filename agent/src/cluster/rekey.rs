@@ -271,7 +271,8 @@ impl KeyKeeper {
     ) -> Result<bool, InstallError> {
         let key = self.key_of(msg)?;
         let theirs = removed_of(msg)?;
-        let members = cluster_key::members_from_wire(&msg.members).ok_or(InstallError::BadMembers)?;
+        let members =
+            cluster_key::members_from_wire(&msg.members).ok_or(InstallError::BadMembers)?;
         self.add_removals(&theirs, Some(by)).await?;
         let fresh = self.sealer.with_ring(|r| {
             let fresh = r.install(key.clone());

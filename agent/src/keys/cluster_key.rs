@@ -186,7 +186,11 @@ pub fn members_to_wire(members: Option<&BTreeSet<NodeId>>) -> Vec<Vec<u8>> {
 pub fn members_from_wire(ids: &[Vec<u8>]) -> Option<BTreeSet<NodeId>> {
     ids.iter()
         .take(MAX_KEY_MEMBERS)
-        .map(|b| <[u8; 16]>::try_from(b.as_slice()).ok().map(NodeId::from_bytes))
+        .map(|b| {
+            <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(NodeId::from_bytes)
+        })
         .collect()
 }
 
@@ -480,7 +484,10 @@ mod tests {
         assert_eq!(s.members, Some(&ids(3)), "judged by the newer set");
         assert_eq!(ring.primary_members(), Some(&ids(3)));
         assert!(ring.admit(k1.id(), stranger), "proved it holds k1");
-        assert!(ring.primary_members().is_some_and(|m| m.contains(&stranger)));
+        assert!(
+            ring.primary_members()
+                .is_some_and(|m| m.contains(&stranger))
+        );
 
         // A set never outlives its key.
         ring.adopt(key(2, 3), 1);
@@ -500,7 +507,10 @@ mod tests {
             })
             .collect();
         ring.set_members(key(0, 1).id(), many);
-        assert_eq!(ring.primary_members().map(BTreeSet::len), Some(MAX_KEY_MEMBERS));
+        assert_eq!(
+            ring.primary_members().map(BTreeSet::len),
+            Some(MAX_KEY_MEMBERS)
+        );
         assert!(!ring.admit(key(0, 1).id(), NodeId::from_bytes([0xff; 16])));
     }
 

@@ -186,16 +186,11 @@ impl Guard {
             Some(members) => members.contains(&node),
             None => {
                 !scope.stale
-                    || self
-                        .generations
-                        .get(&node)
-                        .into_iter()
-                        .flatten()
-                        .any(|g| {
-                            self.incarnations
-                                .get(&(node, *g))
-                                .is_some_and(|i| i.record.is_some())
-                        })
+                    || self.generations.get(&node).into_iter().flatten().any(|g| {
+                        self.incarnations
+                            .get(&(node, *g))
+                            .is_some_and(|i| i.record.is_some())
+                    })
             }
         }
     }
