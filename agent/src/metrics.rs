@@ -41,6 +41,10 @@ counters! {
     GossipDropUnsafe => "gossip_drop_unsafe",
     GossipForged => "gossip_forged",
     GossipDropRemoved => "gossip_drop_removed",
+    GossipDropStaleKeyStranger => "gossip_drop_stale_key_stranger",
+    GossipUnvouchedLeftOut => "gossip_unvouched_record_left_out",
+    ClusterKeyMemberAdmitted => "cluster_key_member_admitted",
+    ClusterKeyServeRefused => "cluster_key_serve_refused",
     GossipDigestDropped => "gossip_digest_entry_dropped",
     HelloServed => "peer_hello_served",
     // A call refused by this server: caller not an admitted member, or

@@ -199,6 +199,11 @@ impl Peer for PeerService {
             sealed_cluster_secret: keys
                 .seal_secret(&req.client_nonce, &current.cluster_key.secret()),
             cluster_key_epoch: current.cluster_key.id().epoch,
+            cluster_key_members: self
+                .cluster
+                .keeper()
+                .map(|k| k.members_for_joiner())
+                .unwrap_or_default(),
         }))
     }
 
@@ -260,6 +265,14 @@ impl Peer for PeerService {
         req: Request<ClusterKeyMessage>,
     ) -> Result<Response<InstallClusterKeyResponse>, Status> {
         let (caller, keeper) = self.member_and_keeper(&req).await?;
+        if !keeper.serves(caller) {
+            return self.refuse(
+                req.extensions().get::<PeerConn>(),
+                Status::permission_denied(format!(
+                    "node {caller} is not in this cluster key's member set"
+                )),
+            );
+        }
         match keeper.install(caller, req.get_ref()).await {
             Ok(_) => Ok(Response::new(InstallClusterKeyResponse {})),
             Err(e) => self.refuse(
@@ -274,6 +287,14 @@ impl Peer for PeerService {
         req: Request<FetchClusterKeyRequest>,
     ) -> Result<Response<ClusterKeyMessage>, Status> {
         let (caller, keeper) = self.member_and_keeper(&req).await?;
+        if !keeper.serves(caller) {
+            return self.refuse(
+                req.extensions().get::<PeerConn>(),
+                Status::permission_denied(format!(
+                    "node {caller} is not in this cluster key's member set"
+                )),
+            );
+        }
         self.counters.inc(Counter::ClusterKeyServed);
         debug!(node = %caller, "cluster key handed to a member that missed a rotation");
         Ok(Response::new(keeper.current()))

@@ -387,3 +387,177 @@ fn two_removals_at_once_settle_on_a_key_neither_removed_node_holds() {
     );
     f.finish();
 }
+
+/// Whether any of `hosts` lists node `id`.
+fn listed_anywhere(lab: &Lab, hosts: &[usize], id: &str) -> anyhow::Result<()> {
+    for &k in hosts {
+        let rows = lab.nodes(k)?;
+        ensure!(
+            !rows
+                .iter()
+                .any(|r| r.id == id || r.name == "fresh-identity"),
+            "h{k} lists the fresh identity {id}"
+        );
+    }
+    Ok(())
+}
+
+/// The removed node's way back in: it still holds the old cluster key and
+/// the old token, so right after `node rm` (while members still open the
+/// old key) it mints a fresh identity, gossips that identity's correctly
+/// signed record under the old key, and asks members for the new key over
+/// TLS with it. The rotated key's member set keeps it out: no host lists
+/// it, `FetchClusterKey` is refused (counted), and a host joining with the
+/// new token still gets in.
+#[test]
+fn a_removed_node_cannot_come_back_as_a_fresh_identity_through_the_old_key() {
+    let mut lab = Lab::new(4).expect("lab");
+    lab.start_cluster(&[1, 2, 3]).expect("h1-h3 form a cluster");
+    lab.start_agent(4, &[]).expect("h4's agent (unclustered)");
+    let names: Vec<String> = (1..=4).map(|k| lab.node_name(k)).collect();
+    let old_token = join_token(&lab, 1);
+    let id_of = |k: usize| {
+        lab.nodes(1)
+            .expect("nodes")
+            .into_iter()
+            .find(|r| r.name == names[k - 1])
+            .expect("listed")
+            .id
+    };
+    let (h1, h2, h3) = (id_of(1), id_of(2), id_of(3));
+    let mut f = Findings::new();
+
+    let t = Instant::now();
+    let out = lab.ctl(1, &["node", "rm", &h3]).expect("ovlctl runs");
+    f.check(out.success(), || format!("node rm: {out}"));
+    let new_token = join_token(&lab, 1);
+    println!("node rm returned in {:.2?}", t.elapsed());
+
+    // From h3's namespace, within the old key's retire window: a fresh
+    // identity gossips itself to h1 and h2 under the old key for 3 s.
+    let key_file = lab.dir().join("fresh-identity.pk8");
+    let forge = ovl_e2e::binary("ovl-gossip-forge").expect("forge binary");
+    let gossip_addr = format!("{}:7947", lab.addr(3));
+    let (to1, to2) = (
+        format!("{}:7946", lab.addr(1)),
+        format!("{}:7946", lab.addr(2)),
+    );
+    let stale_before = counter(&lab, 1, "gossip_drop_stale_key_stranger")
+        + counter(&lab, 2, "gossip_drop_stale_key_stranger");
+    let sent = lab.exec_ok(
+        3,
+        &[
+            &forge.display().to_string(),
+            "--token",
+            &old_token,
+            "--mint",
+            &key_file.display().to_string(),
+            "--gossip-addr",
+            &gossip_addr,
+            "--to",
+            &to1,
+            "--to",
+            &to2,
+            "--mode",
+            "fresh-identity",
+            "--count",
+            "30",
+            "--interval-ms",
+            "100",
+        ],
+    );
+    let fresh = match &sent {
+        Ok(out) => out
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("minted node "))
+            .unwrap_or_default()
+            .to_string(),
+        Err(e) => {
+            f.check(false, || format!("the forge did not run: {e:#}"));
+            String::new()
+        }
+    };
+    println!(
+        "fresh identity {fresh} gossiped under the old key {:.2?} after node rm",
+        t.elapsed()
+    );
+    f.check(t.elapsed() < Duration::from_secs(25), || {
+        "the forgery did not fit in the old key's retire window".into()
+    });
+    let stale_after = counter(&lab, 1, "gossip_drop_stale_key_stranger")
+        + counter(&lab, 2, "gossip_drop_stale_key_stranger");
+    println!("h1+h2 gossip_drop_stale_key_stranger {stale_before} -> {stale_after}");
+    f.check(stale_after > stale_before, || {
+        "the fresh identity's gossip under the old key was not counted".into()
+    });
+
+    // It asks h1 and h2 for the new key over TLS, as the fresh identity.
+    let probe = ovl_e2e::binary("ovl-peer-probe").expect("probe binary");
+    let refused_before =
+        counter(&lab, 1, "peer_call_refused") + counter(&lab, 2, "peer_call_refused");
+    for (k, id) in [(1, &h1), (2, &h2)] {
+        let out = lab
+            .exec(
+                3,
+                &[
+                    &probe.display().to_string(),
+                    "--key",
+                    &key_file.display().to_string(),
+                    "--addr",
+                    &format!("{}:7946", lab.addr(k)),
+                    "--expect",
+                    id,
+                    "--call",
+                    "fetch-key",
+                ],
+            )
+            .expect("probe runs");
+        println!(
+            "FetchClusterKey from h{k} as the fresh identity: {}",
+            out.stdout.trim()
+        );
+        f.check(!out.success(), || {
+            format!("h{k} handed the new cluster key to the fresh identity: {out}")
+        });
+    }
+    let refused_after =
+        counter(&lab, 1, "peer_call_refused") + counter(&lab, 2, "peer_call_refused");
+    println!("h1+h2 peer_call_refused {refused_before} -> {refused_after}");
+    f.check(refused_after >= refused_before + 2, || {
+        "the fresh identity's FetchClusterKey was not counted as refused".into()
+    });
+    f.ok(
+        "no host lists the fresh identity",
+        always_for(Duration::from_secs(3), POLL, || {
+            listed_anywhere(&lab, &[1, 2], &fresh)
+        })
+        .map(|_| ()),
+    );
+
+    // A host joining with the new token still gets in, through h2, and
+    // never hears of the fresh identity either.
+    let t = Instant::now();
+    f.ok(
+        "h4 joins with the new token via h2",
+        lab.cluster_join(4, &new_token, &[&host_addr(2).to_string()])
+            .map(|_| ()),
+    );
+    f.ok(
+        "h1, h2 and h4 alive everywhere",
+        lab.wait_members(&[1, 2, 4]).map(|d| {
+            println!(
+                "h4 alive everywhere {d:.2?} after joining ({:.2?})",
+                t.elapsed()
+            )
+        }),
+    );
+    f.ok(
+        "still no host lists the fresh identity",
+        listed_anywhere(&lab, &[1, 2, 4], &fresh),
+    );
+    f.check(counter(&lab, 3, "cluster_key_fetched") == 0, || {
+        "the removed h3 fetched a cluster key".into()
+    });
+    f.finish();
+}

@@ -91,6 +91,10 @@ struct ClusterFile {
     /// Node ids removed from the cluster (hex).
     #[serde(default)]
     removed: Vec<String>,
+    /// The cluster key's member set (hex node ids; empty: no set), see
+    /// `keys::cluster_key`.
+    #[serde(default)]
+    key_members: Vec<String>,
 }
 
 /// What a member holds: the token it admits with and the cluster key every
@@ -102,6 +106,8 @@ pub struct Credentials {
     pub issued_at: u64,
     /// The key gossip is sealed with now (the keyring's primary).
     pub cluster_key: ClusterKey,
+    /// That key's member set as handed over (empty: no set).
+    pub key_members: BTreeSet<NodeId>,
 }
 
 impl Credentials {
@@ -219,6 +225,11 @@ impl Cluster {
                 cluster_key: ClusterKey::derive(token.cluster_id(), file.cluster_key_epoch, secret),
                 token,
                 issued_at: file.token_issued_at_ms,
+                key_members: file
+                    .key_members
+                    .iter()
+                    .filter_map(|h| h.parse().ok())
+                    .collect(),
             };
             *this.removed.write().unwrap_or_else(|e| e.into_inner()) =
                 file.removed.iter().filter_map(|h| h.parse().ok()).collect();
@@ -282,6 +293,7 @@ impl Cluster {
             cluster_key: token.first_cluster_key(),
             token,
             issued_at: 0,
+            key_members: BTreeSet::new(),
         };
         *phase = self.activate(creds, Vec::new(), true).await?;
         info!(cluster = %id, node = %self.identity.node_id, "initialised a new cluster");
@@ -548,13 +560,15 @@ impl Cluster {
         let mut failures: Vec<HelloError> = Vec::new();
         for &seed in seeds {
             match peer::hello(seed, &keys, &tls, &self.rng).await {
-                Ok((node, epoch, secret)) => {
+                Ok((node, epoch, secret, key_members)) => {
                     let cluster_key = ClusterKey::derive(token.cluster_id(), epoch, secret);
-                    info!(seed = %seed, seed_node = %node, key = %cluster_key.id(), "seed proved the join token and handed over the cluster key");
+                    info!(seed = %seed, seed_node = %node, key = %cluster_key.id(), key_members = key_members.len(),
+                          "seed proved the join token and handed over the cluster key");
                     let creds = Credentials {
                         token: token.clone(),
                         issued_at: 0,
                         cluster_key,
+                        key_members,
                     };
                     return Ok((seed, creds));
                 }
@@ -620,6 +634,7 @@ impl Cluster {
         }
         let cluster_id = creds.token.cluster_id();
         let sealer = membership::sealer(creds.cluster_key.clone());
+        sealer.with_ring(|r| r.set_members(creds.cluster_key.id(), creds.key_members.clone()));
         let (key_events_tx, key_events) = tokio::sync::mpsc::channel(16);
         let facts = NodeFacts {
             name: self.config.node_name.clone(),
@@ -767,6 +782,7 @@ fn write_cluster_file(
             .map(|m| m.iter().map(ToString::to_string).collect())
             .unwrap_or(old_members),
         removed,
+        key_members: creds.key_members.iter().map(ToString::to_string).collect(),
     };
     // Serialising plain strings and addresses cannot fail.
     let json = serde_json::to_vec_pretty(&file).unwrap_or_default();

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{ClusterError, SharedCredentials, adopt, current_file, union_removals};
 use crate::ids::NodeId;
-use crate::keys::{ClusterKey, KeyId};
+use crate::keys::{ClusterKey, KeyId, cluster_key};
 use crate::membership::{self, KeyEvent, Membership, NodeStatus};
 use crate::metrics::{Counter, Counters, RateLimit};
 use crate::peer::Channels;
@@ -34,6 +34,7 @@ const FETCH_EVERY: Duration = Duration::from_secs(2);
 const FETCH_CANDIDATES: usize = 4;
 
 static FETCH_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static SERVE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// Holds what rotating, installing and fetching the cluster key touch.
 pub struct KeyKeeper {
@@ -66,6 +67,8 @@ pub enum InstallError {
     BadSecret,
     #[error("removed node ids must be 16 bytes each")]
     BadRemoved,
+    #[error("key member ids must be 16 bytes each")]
+    BadMembers,
     #[error("{0}")]
     Cluster(#[from] ClusterError),
 }
@@ -117,14 +120,47 @@ impl KeyKeeper {
         self.sealer.with_ring(|r| r.primary().clone())
     }
 
-    /// The key this node seals with, and its removals, for a member.
+    /// The key this node seals with, its removals and its member set, for
+    /// a member.
     pub fn current(&self) -> ClusterKeyMessage {
-        let key = self.primary();
+        let (key, members) = self
+            .sealer
+            .with_ring(|r| (r.primary().clone(), r.primary_members().cloned()));
         ClusterKeyMessage {
             epoch: key.id().epoch,
             secret: key.secret().to_vec(),
             removed: self.removed_ids(),
+            members: cluster_key::members_to_wire(members.as_ref()),
         }
+    }
+
+    /// The member set handed to a joiner with the key in use (empty: no
+    /// set), this node included.
+    pub fn members_for_joiner(&self) -> Vec<Vec<u8>> {
+        let members = self.sealer.with_ring(|r| {
+            r.primary_members().cloned().map(|mut m| {
+                m.insert(self.me);
+                m
+            })
+        });
+        cluster_key::members_to_wire(members.as_ref())
+    }
+
+    /// Whether this node hands its cluster key to `caller` (fetch) or takes
+    /// one from it (install): once the key in use has a member set, only
+    /// its members. A fresh identity minted with an old key never is one.
+    pub fn serves(&self, caller: NodeId) -> bool {
+        let ok = self
+            .sealer
+            .with_ring(|r| r.primary_members().is_none_or(|m| m.contains(&caller)));
+        if !ok {
+            self.counters.inc(Counter::ClusterKeyServeRefused);
+            if let Some(n) = SERVE_LOG.check(Instant::now()) {
+                warn!(node = %caller, suppressed = n,
+                      "cluster key call refused: the node is not in the key's member set (a fresh identity through an old key?)");
+            }
+        }
+        ok
     }
 
     fn removed_ids(&self) -> Vec<Vec<u8>> {
@@ -172,14 +208,25 @@ impl KeyKeeper {
             )));
         }
         self.hold_hello();
+        let nodes = membership.nodes().await;
+        // The key's member set: every member we know (the removed are out
+        // of the view already), ourselves included.
+        let members: BTreeSet<NodeId> = nodes
+            .iter()
+            .filter(|n| n.status != NodeStatus::Left)
+            .map(|n| n.id)
+            .chain(std::iter::once(self.me))
+            .take(cluster_key::MAX_KEY_MEMBERS)
+            .collect();
+        self.sealer
+            .with_ring(|r| r.set_members(key.id(), members.clone()));
         let msg = ClusterKeyMessage {
             epoch: key.id().epoch,
             secret: secret.to_vec(),
             removed: self.removed_ids(),
+            members: cluster_key::members_to_wire(Some(&members)),
         };
-        let targets: Vec<_> = membership
-            .nodes()
-            .await
+        let targets: Vec<_> = nodes
             .into_iter()
             .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
             .collect();
@@ -224,8 +271,16 @@ impl KeyKeeper {
     ) -> Result<bool, InstallError> {
         let key = self.key_of(msg)?;
         let theirs = removed_of(msg)?;
+        let members =
+            cluster_key::members_from_wire(&msg.members).ok_or(InstallError::BadMembers)?;
         self.add_removals(&theirs, Some(by)).await?;
-        let fresh = self.sealer.with_ring(|r| r.install(key.clone()));
+        let fresh = self.sealer.with_ring(|r| {
+            let fresh = r.install(key.clone());
+            if fresh {
+                r.set_members(key.id(), members);
+            }
+            fresh
+        });
         if fresh {
             self.hold_hello();
             self.counters.inc(Counter::ClusterKeyInstalled);
@@ -311,9 +366,14 @@ impl KeyKeeper {
     /// We seal with `key` now: persist it and hand it to joiners.
     async fn switched(&self, key: ClusterKey, by: Option<NodeId>) {
         let id = key.id();
+        let members = self
+            .sealer
+            .with_ring(|r| r.members(id).cloned())
+            .unwrap_or_default();
         let r = adopt(&self.credentials, &self.membership, &self.path, |c| {
             if key.id() > c.cluster_key.id() {
                 c.cluster_key = key;
+                c.key_members = members;
             }
         })
         .await;
@@ -408,14 +468,22 @@ impl KeyKeeper {
                     continue;
                 }
             };
+            let Some(members) = cluster_key::members_from_wire(&msg.members) else {
+                self.counters.inc(Counter::ClusterKeyRefused);
+                failures.push(format!("{addr}: {}", InstallError::BadMembers));
+                continue;
+            };
             if let Ok(removed) = removed_of(&msg) {
                 let _ = self.add_removals(&removed, Some(node)).await;
             }
             let now = crate::clock::now_ms();
-            match self
-                .sealer
-                .with_ring(|r| r.adopt(key.clone(), now).cloned())
-            {
+            match self.sealer.with_ring(|r| {
+                let k = r.adopt(key.clone(), now).cloned();
+                if k.is_some() {
+                    r.set_members(key.id(), members);
+                }
+                k
+            }) {
                 Some(k) => {
                     self.counters.inc(Counter::ClusterKeyFetched);
                     info!(key = %k.id(), from = %node, "missed a cluster key rotation; fetched the key from a member");

@@ -14,12 +14,22 @@
 //!
 //! Keys are ordered by [`KeyId`] `(epoch, fingerprint)`, so two rotations
 //! at once (two `node rm` on two hosts) settle on the same key everywhere.
+//!
+//! A rotated key carries its **member set**: the nodes it was handed to
+//! (the remover's members at rotation time), grown only by nodes that
+//! prove they hold the key (a datagram they sealed with it themselves,
+//! see `membership::guard`). Gossip learns no identity outside it and the
+//! key is served to no one outside it, so a removed node cannot come back
+//! as a fresh identity through the old key it still holds. The cluster's
+//! first key (and one handed over by an agent of an earlier version) has
+//! no set: its holders are whoever the token admitted.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use ring::{aead, hkdf};
 
-use crate::ids::ClusterId;
+use crate::ids::{ClusterId, NodeId};
 
 /// How long a replaced key still opens datagrams.
 pub const RETIRE_AFTER_MS: u64 = 30_000;
@@ -152,10 +162,50 @@ pub struct Keyring {
     primary: ClusterKey,
     installed: Vec<ClusterKey>,
     retiring: Vec<(ClusterKey, u64)>,
+    /// The member set of each held key that has one (see the module doc).
+    members: BTreeMap<KeyId, BTreeSet<NodeId>>,
 }
 
 /// Installed-but-unused keys kept at most (each `node rm` adds one).
 const MAX_INSTALLED: usize = 8;
+/// Members one key's set holds at most (16 bytes each on the wire: 32 KiB,
+/// half the peer API's request limit).
+pub const MAX_KEY_MEMBERS: usize = 2048;
+
+/// A member set as sent on the peer channel: 16-byte node ids.
+pub fn members_to_wire(members: Option<&BTreeSet<NodeId>>) -> Vec<Vec<u8>> {
+    members
+        .into_iter()
+        .flatten()
+        .map(|id| id.as_bytes().to_vec())
+        .collect()
+}
+
+/// A member set from the peer channel (empty: no set); `None` if an id is
+/// not 16 bytes. At most [`MAX_KEY_MEMBERS`] are read.
+pub fn members_from_wire(ids: &[Vec<u8>]) -> Option<BTreeSet<NodeId>> {
+    ids.iter()
+        .take(MAX_KEY_MEMBERS)
+        .map(|b| {
+            <[u8; 16]>::try_from(b.as_slice())
+                .ok()
+                .map(NodeId::from_bytes)
+        })
+        .collect()
+}
+
+/// What a datagram sealed under a key may teach (see `membership::guard`).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyScope<'a> {
+    /// The member set of the key the datagram was sealed with (for a key
+    /// older than the primary, the primary's: it is the newer statement).
+    /// `None`: no set, anyone the token admitted may hold the key.
+    pub members: Option<&'a BTreeSet<NodeId>>,
+    /// Sealed with a key older than the newest held: a replaced key, or
+    /// one about to be replaced. Its holders include the removed node, so
+    /// it may only speak of identities known already.
+    pub stale: bool,
+}
 
 impl Keyring {
     pub fn new(primary: ClusterKey) -> Self {
@@ -163,7 +213,70 @@ impl Keyring {
             primary,
             installed: Vec::new(),
             retiring: Vec::new(),
+            members: BTreeMap::new(),
         }
+    }
+
+    /// Gives the held key `id` its member set (bounded); empty: no set.
+    pub fn set_members(&mut self, id: KeyId, members: BTreeSet<NodeId>) {
+        if members.is_empty() || !self.holds(id) {
+            return;
+        }
+        let members = members.into_iter().take(MAX_KEY_MEMBERS).collect();
+        self.members.insert(id, members);
+    }
+
+    /// The member set of the held key `id`, if it has one.
+    pub fn members(&self, id: KeyId) -> Option<&BTreeSet<NodeId>> {
+        self.members.get(&id)
+    }
+
+    /// The member set of the key in use, if it has one.
+    pub fn primary_members(&self) -> Option<&BTreeSet<NodeId>> {
+        self.members.get(&self.primary.id)
+    }
+
+    /// Adds `node` to the set of key `id` (and of the primary, if `id` is
+    /// newer): it proved it holds `id`. False when the set is full or `id`
+    /// has no set.
+    pub fn admit(&mut self, id: KeyId, node: NodeId) -> bool {
+        let mut ids = vec![id];
+        if id > self.primary.id {
+            ids.push(self.primary.id);
+        }
+        let mut added = false;
+        for id in ids {
+            if let Some(set) = self.members.get_mut(&id)
+                && set.len() < MAX_KEY_MEMBERS
+            {
+                added |= set.insert(node);
+            }
+        }
+        added
+    }
+
+    /// What a datagram sealed under `id` may teach.
+    pub fn scope(&self, id: KeyId) -> KeyScope<'_> {
+        let newest = self
+            .installed
+            .iter()
+            .map(|k| k.id)
+            .fold(self.primary.id, KeyId::max);
+        let members = if id > self.primary.id {
+            self.members.get(&id)
+        } else {
+            self.primary_members()
+        };
+        KeyScope {
+            members,
+            stale: id < newest,
+        }
+    }
+
+    fn holds(&self, id: KeyId) -> bool {
+        self.primary.id == id
+            || self.installed.iter().any(|k| k.id == id)
+            || self.retiring.iter().any(|(k, _)| k.id == id)
     }
 
     /// The key datagrams are sealed with.
@@ -188,7 +301,8 @@ impl Keyring {
         self.installed.push(key);
         self.installed.sort_by_key(|k| k.id);
         if self.installed.len() > MAX_INSTALLED {
-            self.installed.remove(0);
+            let gone = self.installed.remove(0);
+            self.members.remove(&gone.id);
         }
         true
     }
@@ -225,6 +339,11 @@ impl Keyring {
     /// Drops retired keys whose time is up.
     pub fn expire(&mut self, now_ms: u64) {
         self.retiring.retain(|(_, at)| *at > now_ms);
+        let held: BTreeSet<KeyId> = std::iter::once(self.primary.id)
+            .chain(self.installed.iter().map(|k| k.id))
+            .chain(self.retiring.iter().map(|(k, _)| k.id))
+            .collect();
+        self.members.retain(|id, _| held.contains(id));
     }
 
     /// The key that opens a datagram sealed under `id`.
@@ -335,6 +454,64 @@ mod tests {
             ring.adopt(key(3, 4), 5).map(ClusterKey::id),
             Some(key(3, 4).id())
         );
+    }
+
+    fn ids(n: u8) -> BTreeSet<NodeId> {
+        (1..=n).map(|i| NodeId::from_bytes([i; 16])).collect()
+    }
+
+    #[test]
+    fn member_sets_follow_their_keys_and_only_a_holder_of_the_newest_is_admitted() {
+        let (k0, k1) = (key(0, 1), key(1, 2));
+        let mut ring = Keyring::new(k0.clone());
+        let stranger = NodeId::from_bytes([9; 16]);
+        // The first key has no set: nothing is stale, anyone may be learned.
+        let s = ring.scope(k0.id());
+        assert!(s.members.is_none() && !s.stale);
+        assert!(!ring.admit(k0.id(), stranger), "no set to grow");
+
+        ring.install(k1.clone());
+        ring.set_members(k1.id(), ids(3));
+        // A rotation is under way: the old key is stale already.
+        assert!(ring.scope(k0.id()).stale);
+        let s = ring.scope(k1.id());
+        assert_eq!(s.members, Some(&ids(3)));
+        assert!(!s.stale);
+
+        ring.switch_to(k1.id(), 0);
+        let s = ring.scope(k0.id());
+        assert!(s.stale, "the retiring key");
+        assert_eq!(s.members, Some(&ids(3)), "judged by the newer set");
+        assert_eq!(ring.primary_members(), Some(&ids(3)));
+        assert!(ring.admit(k1.id(), stranger), "proved it holds k1");
+        assert!(
+            ring.primary_members()
+                .is_some_and(|m| m.contains(&stranger))
+        );
+
+        // A set never outlives its key.
+        ring.adopt(key(2, 3), 1);
+        ring.expire(1 + RETIRE_AFTER_MS);
+        assert!(ring.members(k1.id()).is_none());
+        assert!(ring.primary_members().is_none(), "k2 came without a set");
+    }
+
+    #[test]
+    fn member_sets_are_bounded() {
+        let mut ring = Keyring::new(key(0, 1));
+        let many: BTreeSet<NodeId> = (0..MAX_KEY_MEMBERS as u32 + 10)
+            .map(|i| {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&i.to_be_bytes());
+                NodeId::from_bytes(b)
+            })
+            .collect();
+        ring.set_members(key(0, 1).id(), many);
+        assert_eq!(
+            ring.primary_members().map(BTreeSet::len),
+            Some(MAX_KEY_MEMBERS)
+        );
+        assert!(!ring.admit(key(0, 1).id(), NodeId::from_bytes([0xff; 16])));
     }
 
     #[test]

@@ -10,4 +10,4 @@ pub mod pair;
 pub mod schedule;
 pub mod token;
 
-pub use cluster_key::{ClusterKey, KeyId, Keyring, Lookup};
+pub use cluster_key::{ClusterKey, KeyId, KeyScope, Keyring, Lookup};

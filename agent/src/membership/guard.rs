@@ -23,13 +23,23 @@
 //! - Digest entries about incarnations with no verified record are dropped,
 //!   except a sender's entry about itself: so a forged incarnation (a newer
 //!   generation of someone else) never appears in chitchat's state.
+//! - **Identities are learned only where the cluster key allows it**
+//!   ([`KeyScope`]). After a rotation the key in use has a member set.
+//!   An identity outside it is learned only from a datagram it sealed with
+//!   that key itself (proof that it holds the key: the install, a fetch
+//!   that only members get, or `Hello` with the current token); then it
+//!   joins the set. Its record relayed by others is left out until then,
+//!   so a member that accepted a stranger under an old key cannot pass it
+//!   on. A datagram sealed with a stale key (replaced, or about to be)
+//!   teaches no new identity at all: the removed node holds that key.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use super::record::{self, RECORD_KEY, RecordError, Slot};
 use super::wire::{self, DeltaOp, DigestEntry, WireError, WireId};
 use crate::ids::{ClusterId, NodeId};
+use crate::keys::KeyScope;
 
 /// Incarnations remembered per node id (a restart makes a new one; the old
 /// one lingers in chitchat until garbage-collected).
@@ -56,6 +66,8 @@ pub enum Refusal {
     Forged(String),
     #[error("sender was removed from the cluster")]
     Removed,
+    #[error("a new identity speaking under a stale cluster key (a removed node's way back in)")]
+    StaleKeyStranger,
 }
 
 /// What chitchat may see of a datagram.
@@ -63,6 +75,13 @@ pub enum Refusal {
 pub struct Admitted {
     /// Digest entries dropped (unverified incarnations).
     pub dropped_entries: usize,
+    /// Records of identities left out because the key does not vouch for
+    /// them: (under a stale key, relayed under the current one).
+    pub stale_strangers: usize,
+    pub unvouched: usize,
+    /// The sender proved it holds the key its datagram was sealed with and
+    /// is outside that key's member set: the caller adds it.
+    pub admit: Option<NodeId>,
 }
 
 #[derive(Debug)]
@@ -97,32 +116,83 @@ impl Guard {
         sender: NodeId,
         bytes: &[u8],
         now_ms: u64,
-        removed: &std::collections::BTreeSet<NodeId>,
+        removed: &BTreeSet<NodeId>,
+        scope: KeyScope<'_>,
         out: &mut Vec<u8>,
     ) -> Result<Admitted, Refusal> {
         // A removed node is no longer heard at all (`ovlctl node rm`).
         if removed.contains(&sender) {
             return Err(Refusal::Removed);
         }
+        let mut admitted = Admitted::default();
+        if !self.vouched(sender, scope) {
+            if scope.stale {
+                return Err(Refusal::StaleKeyStranger);
+            }
+            // Only set-less keys and key holders get here; a set grows.
+            if scope.members.is_some() {
+                admitted.admit = Some(sender);
+            }
+        }
         let msg = wire::parse(bytes).map_err(Refusal::Malformed)?;
         let records = self.check_delta(&msg.delta)?;
+        // Records of identities the key does not vouch for stay out.
+        let mut left_out: BTreeSet<NodeId> = BTreeSet::new();
         for (id, node, version, value) in records {
+            if node != sender && !self.vouched(node, scope) {
+                if scope.stale {
+                    admitted.stale_strangers += 1;
+                } else {
+                    admitted.unvouched += 1;
+                }
+                left_out.insert(node);
+                continue;
+            }
             self.learn(id, node, version, value);
         }
-        if msg.digest.is_empty() {
+        let delta = (!left_out.is_empty()).then(|| without_nodes(&msg.delta, &left_out));
+        if msg.digest.is_empty() && delta.is_none() {
             out.clear();
             out.extend_from_slice(bytes);
-            return Ok(Admitted::default());
+            return Ok(admitted);
         }
         let before = msg.digest.len();
         let digest: Vec<DigestEntry> = msg
             .digest
             .iter()
-            .filter_map(|e| self.rewrite(sender, e, now_ms))
+            .filter_map(|e| self.rewrite(sender, e, now_ms, scope))
             .collect();
-        let dropped_entries = before - digest.len();
-        wire::write_with_digest(&msg, &digest, out);
-        Ok(Admitted { dropped_entries })
+        admitted.dropped_entries = before - digest.len();
+        match delta {
+            None => wire::write_with_digest(&msg, &digest, out),
+            Some(ops) => {
+                let mut tail = Vec::new();
+                wire::encode_delta(&ops, &mut tail);
+                let msg = wire::Message {
+                    tail: &tail,
+                    ..msg.clone()
+                };
+                wire::write_with_digest(&msg, &digest, out);
+            }
+        }
+        Ok(admitted)
+    }
+
+    /// Whether `node` may be learned under `scope` from someone other than
+    /// itself: it is in the key's member set, or (a key without one) not
+    /// stale or already known.
+    fn vouched(&self, node: NodeId, scope: KeyScope<'_>) -> bool {
+        match scope.members {
+            Some(members) => members.contains(&node),
+            None => {
+                !scope.stale
+                    || self.generations.get(&node).into_iter().flatten().any(|g| {
+                        self.incarnations
+                            .get(&(node, *g))
+                            .is_some_and(|i| i.record.is_some())
+                    })
+            }
+        }
     }
 
     /// Verifies every op of a delta; returns the records to remember.
@@ -249,13 +319,22 @@ impl Guard {
     }
 
     /// The digest entry chitchat sees instead of `e`, if any.
-    fn rewrite(&mut self, sender: NodeId, e: &DigestEntry, now_ms: u64) -> Option<DigestEntry> {
+    fn rewrite(
+        &mut self,
+        sender: NodeId,
+        e: &DigestEntry,
+        now_ms: u64,
+        scope: KeyScope<'_>,
+    ) -> Option<DigestEntry> {
         if e.id == self.me {
             // Chitchat ignores heartbeats about itself; the versions tell
             // it what the sender lacks.
             return Some(e.clone());
         }
         let node: NodeId = e.id.node_id.parse().ok()?;
+        if node != sender && !self.vouched(node, scope) {
+            return None;
+        }
         let known = if node == sender {
             // The sender speaks for itself: a pending entry is made so its
             // record, when it comes, has a place.
@@ -275,6 +354,24 @@ impl Guard {
     }
 }
 
+/// `ops` without the node blocks (a `Node` op and its key-values) of
+/// `nodes`.
+fn without_nodes(ops: &[DeltaOp], nodes: &BTreeSet<NodeId>) -> Vec<DeltaOp> {
+    let mut keep = true;
+    ops.iter()
+        .filter(|op| {
+            if let DeltaOp::Node { id, .. } = op {
+                keep = !id
+                    .node_id
+                    .parse::<NodeId>()
+                    .is_ok_and(|n| nodes.contains(&n));
+            }
+            keep
+        })
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +382,10 @@ mod tests {
     use ring::signature::{Ed25519KeyPair, KeyPair};
 
     const CLUSTER_BYTES: [u8; 16] = [7; 16];
+    const OPEN: KeyScope<'static> = KeyScope {
+        members: None,
+        stale: false,
+    };
     const NOW: u64 = 1_800_000_000_000;
 
     struct Node {
@@ -350,7 +451,7 @@ mod tests {
         bytes: &[u8],
     ) -> Result<wire::Message<'static>, Refusal> {
         let mut out = Vec::new();
-        g.admit(sender, bytes, NOW, &Default::default(), &mut out)?;
+        g.admit(sender, bytes, NOW, &Default::default(), OPEN, &mut out)?;
         let leaked: &'static [u8] = Box::leak(out.into_boxed_slice());
         Ok(wire::parse(leaked).unwrap())
     }
@@ -464,5 +565,109 @@ mod tests {
         assert_eq!(hb(&mut g, m.id, u64::MAX - 1), NOW + HEARTBEAT_TOLERANCE_MS);
         assert_eq!(own_heartbeat(5, NOW), NOW);
         assert_eq!(own_heartbeat(NOW + 3, NOW), NOW + 4);
+    }
+
+    fn admit_in(
+        g: &mut Guard,
+        sender: NodeId,
+        bytes: &[u8],
+        scope: KeyScope<'_>,
+    ) -> Result<(Admitted, wire::Message<'static>), Refusal> {
+        let mut out = Vec::new();
+        let a = g.admit(sender, bytes, NOW, &Default::default(), scope, &mut out)?;
+        let leaked: &'static [u8] = Box::leak(out.into_boxed_slice());
+        Ok((a, wire::parse(leaked).unwrap()))
+    }
+
+    fn nodes_in(m: &wire::Message<'_>) -> Vec<String> {
+        m.delta
+            .iter()
+            .filter_map(|op| match op {
+                DeltaOp::Node { id, .. } => Some(id.node_id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stale_key_teaches_no_new_identity_and_a_member_set_vouches_for_relays() {
+        let me = node(1, 1);
+        let h1 = node(2, 10);
+        let fresh = node(3, 5);
+        let mut g = Guard::new(ClusterId::from_bytes(CLUSTER_BYTES), me.wire.clone());
+        let members: BTreeSet<NodeId> = [me.id, h1.id].into();
+        let stale = KeyScope {
+            members: Some(&members),
+            stale: true,
+        };
+        let current = KeyScope {
+            members: Some(&members),
+            stale: false,
+        };
+        let own = |n: &Node| {
+            encode_message(
+                Kind::SynAck,
+                &[entry(&n.wire, NOW)],
+                &[node_op(&n.wire), rec(n, 1, false)],
+            )
+        };
+        // The removed node's fresh identity, speaking for itself under the
+        // old key: refused whole.
+        assert_eq!(
+            admit_in(&mut g, fresh.id, &own(&fresh), stale).err(),
+            Some(Refusal::StaleKeyStranger)
+        );
+        // A member relays it (a member that accepted it before hearing of
+        // the rotation): its record and digest entry are left out, the
+        // member's own kept.
+        let relay = encode_message(
+            Kind::SynAck,
+            &[entry(&h1.wire, NOW), entry(&fresh.wire, NOW)],
+            &[
+                node_op(&fresh.wire),
+                rec(&fresh, 1, false),
+                node_op(&h1.wire),
+                rec(&h1, 1, false),
+            ],
+        );
+        for (scope, stale_n, unvouched_n) in [(stale, 1, 0), (current, 0, 1)] {
+            let (a, seen) = admit_in(&mut g, h1.id, &relay, scope).unwrap();
+            assert_eq!((a.stale_strangers, a.unvouched), (stale_n, unvouched_n));
+            assert_eq!(a.admit, None);
+            assert_eq!(nodes_in(&seen), vec![h1.wire.node_id.clone()]);
+            assert_eq!(seen.digest.len(), 1, "{:?}", seen.digest);
+        }
+        // Sealing with the key in use proves the identity holds it: it is
+        // learned and handed back to join the set.
+        let (a, seen) = admit_in(&mut g, fresh.id, &own(&fresh), current).unwrap();
+        assert_eq!(a.admit, Some(fresh.id));
+        assert_eq!(nodes_in(&seen), vec![fresh.wire.node_id.clone()]);
+    }
+
+    #[test]
+    fn without_a_member_set_a_stale_key_still_teaches_only_known_identities() {
+        let me = node(1, 1);
+        let h1 = node(2, 10);
+        let fresh = node(3, 5);
+        let mut g = Guard::new(ClusterId::from_bytes(CLUSTER_BYTES), me.wire.clone());
+        let learn = encode_message(Kind::Ack, &[], &[node_op(&h1.wire), rec(&h1, 1, false)]);
+        admit(&mut g, h1.id, &learn).unwrap();
+        let stale = KeyScope {
+            members: None,
+            stale: true,
+        };
+        let (a, _) = admit_in(&mut g, h1.id, &learn, stale).unwrap();
+        assert_eq!(a, Admitted::default(), "known before the switch");
+        let own = encode_message(
+            Kind::Ack,
+            &[],
+            &[node_op(&fresh.wire), rec(&fresh, 1, false)],
+        );
+        assert_eq!(
+            admit_in(&mut g, fresh.id, &own, stale).err(),
+            Some(Refusal::StaleKeyStranger)
+        );
+        let (a, _) = admit_in(&mut g, fresh.id, &own, OPEN).unwrap();
+        assert_eq!(a.admit, None, "no set to join");
     }
 }

@@ -124,6 +124,8 @@ pub struct Membership {
     /// Set before we stop gossip on purpose, so the end is not a failure.
     stopping: std::sync::atomic::AtomicBool,
     removed: Removed,
+    /// The keyring: the key in use's member set bounds who exists here.
+    sealer: Arc<Sealer>,
 }
 
 /// Builds the gossip sealer for a cluster key.
@@ -168,7 +170,7 @@ impl Membership {
             removed: cfg.removed.clone(),
             key_events: cfg.key_events.clone(),
         });
-        let transport = SealedUdpTransport::new(cfg.sealer, cfg.counters, signing);
+        let transport = SealedUdpTransport::new(cfg.sealer.clone(), cfg.counters, signing);
         // No initial key-values: the record is signed for the version
         // chitchat stores it at, which `publish` reads under the lock.
         let handle = spawn_chitchat(config, Vec::new(), &transport)
@@ -188,6 +190,7 @@ impl Membership {
             linger: t.leave_linger,
             stopping: std::sync::atomic::AtomicBool::new(false),
             removed: cfg.removed.clone(),
+            sealer: cfg.sealer,
         };
         this.sign_and_set(cfg.facts).await;
         info!(node = %cfg.node_id, generation = cfg.generation, gossip = %cfg.gossip_addr,
@@ -230,14 +233,28 @@ impl Membership {
         state.set(RECORD_KEY, value);
     }
 
-    /// Every incarnation chitchat knows, as plain data.
+    /// Every incarnation chitchat knows, as plain data; once the key in
+    /// use has a member set, only those of its members (and ourselves). A
+    /// node learned before the set came (under an older key, from a member
+    /// that had not heard of a removal yet) is no member.
     pub async fn incarnations(&self) -> Vec<Incarnation> {
+        let members = self.sealer.with_ring(|r| r.primary_members().cloned());
+        let me = self.self_id.to_string();
         let chitchat = self.handle.chitchat();
         let guard = chitchat.lock().await;
         let live: HashSet<&ChitchatId> = guard.live_nodes().collect();
         guard
             .node_states()
             .iter()
+            .filter(|(cid, _)| {
+                members.as_ref().is_none_or(|m| {
+                    *cid.node_id == *me
+                        || cid
+                            .node_id
+                            .parse::<NodeId>()
+                            .is_ok_and(|id| m.contains(&id))
+                })
+            })
             .map(|(cid, state)| Incarnation {
                 node_id: cid.node_id.to_string(),
                 generation: cid.generation_id,

@@ -19,7 +19,7 @@ use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatMessage, Deserializable, Serializable};
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::KeyEvent;
 use super::guard::{Guard, Refusal};
@@ -173,6 +173,7 @@ impl SealedSocket {
 static DROP_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static SEND_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 static FORGED_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+static ADMIT_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 pub fn unix_ms() -> u64 {
     SystemTime::now()
@@ -276,12 +277,38 @@ impl Socket for SealedSocket {
                     .removed
                     .read()
                     .unwrap_or_else(|e| e.into_inner());
-                guard.admit(sender, body, unix_ms(), &removed, &mut self.admitted)
+                let out = &mut self.admitted;
+                self.sealer.with_ring(|ring| {
+                    guard.admit(sender, body, unix_ms(), &removed, ring.scope(key_id), out)
+                })
             };
             match admitted {
                 Ok(a) => {
                     for _ in 0..a.dropped_entries {
                         self.counters.inc(Counter::GossipDigestDropped);
+                    }
+                    for _ in 0..a.stale_strangers {
+                        self.counters.inc(Counter::GossipDropStaleKeyStranger);
+                    }
+                    for _ in 0..a.unvouched {
+                        self.counters.inc(Counter::GossipUnvouchedLeftOut);
+                    }
+                    if a.stale_strangers > 0
+                        && let Some(n) = FORGED_LOG.check(Instant::now())
+                    {
+                        warn!(peer = %from, sender = %sender, records = a.stale_strangers, suppressed = n,
+                              "gossip records of new identities under a stale cluster key left out");
+                    }
+                    // It sealed with a key it can only hold as a member
+                    // (see `guard`): it joins that key's member set.
+                    if let Some(node) = a.admit
+                        && self.sealer.with_ring(|r| r.admit(key_id, node))
+                    {
+                        self.counters.inc(Counter::ClusterKeyMemberAdmitted);
+                        if let Some(n) = ADMIT_LOG.check(Instant::now()) {
+                            info!(peer = %from, node = %node, key = %key_id, suppressed = n,
+                                  "a node sealing with the cluster key joined its member set");
+                        }
                     }
                     // A member seals with a newer key we hold: it switched,
                     // so do we (see `keys::cluster_key`).
@@ -298,6 +325,7 @@ impl Socket for SealedSocket {
                         Refusal::Unsafe(_) => Counter::GossipDropUnsafe,
                         Refusal::Forged(_) => Counter::GossipForged,
                         Refusal::Removed => Counter::GossipDropRemoved,
+                        Refusal::StaleKeyStranger => Counter::GossipDropStaleKeyStranger,
                     });
                     if let Some(n) = FORGED_LOG.check(Instant::now()) {
                         warn!(peer = %from, sender = %sender, reason = %refusal, suppressed = n,

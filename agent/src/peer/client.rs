@@ -8,7 +8,7 @@
 //! reply can only come from the node we meant to call, and an address taken
 //! over by another node never answers in the old node's name.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -339,7 +339,7 @@ pub async fn hello(
     keys: &Admission,
     tls: &TlsIdentity,
     rng: &SystemRandom,
-) -> Result<(NodeId, u32, [u8; 32]), HelloError> {
+) -> Result<(NodeId, u32, [u8; 32], BTreeSet<NodeId>), HelloError> {
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill(&mut nonce)
         .map_err(|_| HelloError::Protocol(seed, "local random source failed".into()))?;
@@ -392,7 +392,9 @@ pub async fn hello(
     let secret = keys
         .open_secret(&nonce, &resp.sealed_cluster_secret)
         .map_err(|_| HelloError::BadProof(seed))?;
-    Ok((server, resp.cluster_key_epoch, secret))
+    let members = crate::keys::cluster_key::members_from_wire(&resp.cluster_key_members)
+        .ok_or_else(|| HelloError::Protocol(seed, "a key member id is not 16 bytes".into()))?;
+    Ok((server, resp.cluster_key_epoch, secret, members))
 }
 
 fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {

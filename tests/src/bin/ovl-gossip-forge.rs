@@ -23,6 +23,13 @@
 //!   `u64::MAX - 1` (would make every real heartbeat look old);
 //! - `replay`: one valid, empty Syn, sealed once and sent `--count` times
 //!   byte for byte (a captured datagram replayed).
+//! - `fresh-identity`: a removed node's way back in. Mints a fresh identity
+//!   (its key written to `--mint PATH`, its id printed), and gossips that
+//!   identity's own correctly signed record, sealed with the cluster's
+//!   first key (the one the old `--token` gives, which members keep
+//!   opening for a while after `node rm` rotated it). `--key` and
+//!   `--victim` are not used; `--gossip-addr` is the address the identity
+//!   claims.
 //!
 //! Prints one line per datagram sent. Only for tests: it sends to the one
 //! address given, inside the test's namespaces.
@@ -32,18 +39,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use ovl_agent::ids::ClusterId;
+use ovl_agent::keys::identity::node_id_of;
 use ovl_agent::keys::token::JoinToken;
 use ovl_agent::membership::record::{self, NodeFacts, RECORD_KEY};
 use ovl_agent::membership::transport::signed_plaintext;
 use ovl_agent::membership::wire::{DeltaOp, DigestEntry, Kind, WireId, encode_message};
 use ovl_agent::membership::{seal, sealer};
 use ring::rand::{SecureRandom, SystemRandom};
-use ring::signature::Ed25519KeyPair;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
 struct Args {
     token: JoinToken,
     key: Ed25519KeyPair,
-    to: SocketAddr,
+    /// Where each datagram goes (`--to` may be given more than once).
+    to: Vec<SocketAddr>,
+    /// The forged node (the victim; for `fresh-identity`, the fresh one).
     victim: WireId,
     mode: String,
     count: u32,
@@ -65,7 +75,9 @@ fn attacker_keys(period_ms: u64) -> Vec<(u64, [u8; 32])> {
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
-    let (mut token, mut key, mut to, mut victim, mut mode) = (None, None, None, None, None);
+    let (mut token, mut key, mut victim, mut mode) = (None, None, None, None);
+    let mut to = Vec::new();
+    let (mut mint, mut gossip_addr): (Option<String>, Option<SocketAddr>) = (None, None);
     let (mut count, mut interval) = (1u32, Duration::from_millis(100));
     let mut key_period_ms = 5_000u64;
     while let Some(flag) = it.next() {
@@ -79,19 +91,41 @@ fn parse_args() -> Result<Args> {
                         .map_err(|_| anyhow::anyhow!("{value}: not an Ed25519 PKCS#8 key"))?,
                 );
             }
-            "--to" => to = Some(value.parse()?),
+            "--to" => to.push(value.parse()?),
             "--victim" => victim = Some(parse_victim(&value)?),
             "--mode" => mode = Some(value),
             "--count" => count = value.parse()?,
             "--interval-ms" => interval = Duration::from_millis(value.parse()?),
             "--key-period-ms" => key_period_ms = value.parse()?,
+            "--mint" => mint = Some(value),
+            "--gossip-addr" => gossip_addr = Some(value.parse()?),
             _ => bail!("unknown flag {flag}"),
         }
+    }
+    if let Some(path) = mint {
+        // A fresh identity: its key, and the slot it gossips itself in.
+        let pk8 = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| anyhow::anyhow!("random source failed"))?;
+        std::fs::write(&path, pk8.as_ref()).with_context(|| format!("writing {path}"))?;
+        let fresh = Ed25519KeyPair::from_pkcs8(pk8.as_ref())
+            .map_err(|_| anyhow::anyhow!("a minted key does not parse"))?;
+        let id = node_id_of(fresh.public_key().as_ref());
+        println!("minted node {id}");
+        victim = Some(WireId {
+            node_id: id.to_string(),
+            generation: unix_ms(),
+            gossip_addr: gossip_addr.context("--mint needs --gossip-addr")?,
+        });
+        key = Some(fresh);
     }
     Ok(Args {
         token: token.context("--token is required")?,
         key: key.context("--key is required")?,
-        to: to.context("--to is required")?,
+        to: if to.is_empty() {
+            bail!("--to is required")
+        } else {
+            to
+        },
         victim: victim.context("--victim is required")?,
         mode: mode.context("--mode is required")?,
         count,
@@ -194,6 +228,34 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
             ],
         ),
         "replay" => encode_message(Kind::Syn, &[], &[]),
+        "fresh-identity" => {
+            // The identity's own record, signed by its own key: exactly
+            // what a joining node gossips.
+            let me = &args.victim;
+            let value = record::sign(
+                &args.key,
+                cluster,
+                me.generation,
+                1,
+                me.gossip_addr,
+                &NodeFacts {
+                    name: "fresh-identity".into(),
+                    advertise_addr: ip.clone(),
+                    data_path_addr: ip,
+                    ..NodeFacts::default()
+                },
+            );
+            encode_message(
+                Kind::SynAck,
+                &[DigestEntry {
+                    id: me.clone(),
+                    heartbeat: unix_ms(),
+                    last_gc_version: 0,
+                    max_version: 1,
+                }],
+                &[node_op(me), kv(RECORD_KEY, value, 1)],
+            )
+        }
         "huge-heartbeat" => encode_message(
             Kind::SynAck,
             &[DigestEntry {
@@ -213,7 +275,7 @@ fn main() -> Result<()> {
     let rng = SystemRandom::new();
     // The cluster's first key: the forging tests run before any rotation.
     let sealer = sealer(args.token.first_cluster_key());
-    let bind: SocketAddr = if args.to.is_ipv4() {
+    let bind: SocketAddr = if args.to[0].is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
         "[::]:0".parse()?
@@ -234,11 +296,13 @@ fn main() -> Result<()> {
         if sealed.len() > seal::MAX_DATAGRAM {
             bail!("datagram too large");
         }
-        socket
-            .send_to(&sealed, args.to)
-            .with_context(|| format!("send to {}", args.to))?;
+        for to in &args.to {
+            socket
+                .send_to(&sealed, to)
+                .with_context(|| format!("send to {to}"))?;
+        }
         println!(
-            "sent {} datagram {} ({} bytes) to {}",
+            "sent {} datagram {} ({} bytes) to {:?}",
             args.mode,
             i + 1,
             sealed.len(),

@@ -38,7 +38,8 @@ struct Args {
     /// The node id to claim in the call's metadata (default: the key's).
     #[arg(long)]
     claim: Option<NodeId>,
-    /// pull | notify | space | big (a RequestSpace of 1 MiB)
+    /// pull | notify | space | big (a RequestSpace of 1 MiB) | fetch-key
+    /// (FetchClusterKey)
     #[arg(long, default_value = "pull")]
     call: String,
     /// Network id (hex) for `space`.
@@ -176,6 +177,10 @@ async fn call(args: &Args) -> Result<String> {
             )
             .await
             .map(|_| "a 1 MiB request was served".to_string()),
+        "fetch-key" => channels
+            .fetch_cluster_key(target, expect)
+            .await
+            .map(|k| format!("cluster key of epoch {} handed over", k.epoch)),
         other => bail!("unknown call {other:?}"),
     };
     if let (Some(path), Some(rec)) = (&args.record, recorded) {
