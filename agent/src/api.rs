@@ -15,7 +15,10 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, ClusterError};
-use crate::core::{AttachSpec, Core, CoreError, CreateSpec, EndpointInfo, NetnsRef, NetworkInfo};
+use crate::core::{
+    AttachSpec, Core, CoreError, CreateSpec, EncryptionView, EndpointInfo, NetnsRef, NetworkInfo,
+};
+use crate::dataplane::encrypted::{EpochInfo, Traffic};
 use crate::membership::NodeView;
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +164,65 @@ fn endpoint(e: &EndpointInfo) -> Endpoint {
         status: e.status.to_string(),
         ifname: v.record.ifname.clone(),
         lagging: e.lagging.clone(),
+    }
+}
+
+fn traffic(t: &Traffic) -> TrafficCounters {
+    TrafficCounters {
+        packets_in: t.packets_in,
+        bytes_in: t.bytes_in,
+        packets_out: t.packets_out,
+        bytes_out: t.bytes_out,
+        drops: t
+            .drops
+            .iter()
+            .map(|(why, value)| Counter {
+                name: why.name().to_string(),
+                value: *value,
+            })
+            .collect(),
+    }
+}
+
+fn key_epoch(e: &EpochInfo) -> KeyEpoch {
+    KeyEpoch {
+        epoch: e.epoch,
+        send_fingerprint: format!("{:08x}", e.send_fingerprint),
+        recv_fingerprint: format!("{:08x}", e.recv_fingerprint),
+        sent: e.sent,
+    }
+}
+
+fn encryption_state(v: &EncryptionView) -> EncryptionState {
+    EncryptionState {
+        engine: v.engine,
+        now_ms: v.now_ms,
+        rotation_ms: v.rotation_ms,
+        current_epoch: v.current_epoch,
+        next_rotation_ms: v.next_rotation_ms,
+        traffic: v.traffic.as_ref().map(traffic),
+        peers: v
+            .peers
+            .iter()
+            .map(|p| {
+                let s = p.engine.as_ref();
+                EncryptedPeer {
+                    node_id: p.node.to_string(),
+                    node_name: p.name.clone(),
+                    known: s.is_some(),
+                    addr: s
+                        .and_then(|s| s.addr)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                    epoch_in_use: s.and_then(|s| s.epoch_in_use),
+                    in_use: s.and_then(|s| s.in_use.as_ref()).map(key_epoch),
+                    epochs: s
+                        .map(|s| s.epochs.iter().map(key_epoch).collect())
+                        .unwrap_or_default(),
+                    traffic: s.map(|s| traffic(&s.traffic)),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -318,10 +380,13 @@ impl NetworksApi for Api {
     ) -> Result<Response<NetworkDetail>, Status> {
         let name = req.into_inner().name;
         let info = self.core.network_info(&name).await.map_err(core_status)?;
-        let peers = self
+        let hosts = self.core.network_peers(&info.view).await;
+        let encryption = self
             .core
-            .network_peers(&info.view)
-            .await
+            .network_encryption(&info.view, &hosts)
+            .as_ref()
+            .map(encryption_state);
+        let peers = hosts
             .into_iter()
             .map(|p| NetworkPeer {
                 node_id: p.node.to_string(),
@@ -344,6 +409,7 @@ impl NetworksApi for Api {
             network: Some(network(&info)),
             peers,
             endpoints,
+            encryption,
         }))
     }
 
@@ -379,6 +445,11 @@ impl NetworksApi for Api {
                 })
                 .collect(),
         }))
+    }
+
+    async fn peers(&self, _: Request<PeersRequest>) -> Result<Response<EncryptionState>, Status> {
+        let v = self.core.encrypted_peers().await.map_err(core_status)?;
+        Ok(Response::new(encryption_state(&v)))
     }
 }
 

@@ -2,6 +2,7 @@
 //! over its Unix socket; every error is one line and a non-zero exit.
 
 mod client;
+mod encryption;
 mod output;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     Node(NodeCmd),
     /// Diagnostic: a network's desired FDB/neighbour entries next to the kernel's.
     Fdb { network: String },
+    /// Peer hosts of the encrypted data plane: key epoch in use, next
+    /// rotation, key fingerprints, traffic and drops per host, and totals.
+    Peers,
 }
 
 #[derive(Subcommand)]
@@ -300,6 +304,10 @@ async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), St
         Command::Node(NodeCmd::Rm { node }) => {
             let r = client::call(c.remove_node(RemoveNodeRequest { node })).await?;
             output::node_removed(format, &r);
+        }
+        Command::Peers => {
+            let r = client::call(n.peers(PeersRequest {})).await?;
+            output::peers(format, &r);
         }
         Command::Fdb { network } => {
             let r = client::call(n.fdb(FdbRequest { name: network })).await?;

@@ -162,15 +162,20 @@ pub fn nodes(f: Format, nodes: &[Node]) {
     }
 }
 
-fn short(id: &str) -> &str {
+pub(crate) fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
 
-fn dash(s: &str) -> String {
+pub(crate) fn dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.into() }
 }
 
 fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
+    print!("{}", render_table(header, rows));
+}
+
+/// Columns padded to their widest cell, one line per row.
+pub(crate) fn render_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut width = header.map(str::len);
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -183,12 +188,13 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
             .zip(width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        format!("{}\n", s.join("  ").trim_end())
     };
-    line(header.to_vec());
+    let mut out = line(header.to_vec());
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
+    out
 }
 
 /// A network's mode, fixed at creation: `plain` or `encrypted`.
@@ -285,6 +291,10 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
             );
             println!();
             endpoints(f, &d.endpoints);
+            if let Some(e) = &d.encryption {
+                println!();
+                print!("{}", crate::encryption::inspect_text(e));
+            }
         }
         Format::Json => {
             let mut v = network_json(n);
@@ -304,6 +314,9 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
                     "endpoints".into(),
                     Value::Array(d.endpoints.iter().map(endpoint_json).collect()),
                 );
+                if let Some(e) = &d.encryption {
+                    m.insert("encryption".into(), crate::encryption::inspect_json(e));
+                }
             }
             print_json(v)
         }
@@ -357,6 +370,14 @@ pub fn endpoints(f: Format, eps: &[Endpoint]) {
             );
         }
         Format::Json => print_json(Value::Array(eps.iter().map(endpoint_json).collect())),
+    }
+}
+
+/// `ovlctl peers`.
+pub fn peers(f: Format, e: &EncryptionState) {
+    match f {
+        Format::Table => print!("{}", crate::encryption::peers_text(e)),
+        Format::Json => print_json(crate::encryption::peers_json(e)),
     }
 }
 

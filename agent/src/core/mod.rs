@@ -4,6 +4,7 @@
 //! reconciler and sync loops run beside it.
 
 mod acks;
+mod encryption;
 mod endpoints;
 mod error;
 mod ipam_glue;
@@ -24,6 +25,7 @@ use crate::membership::current::ClusterView;
 use crate::metrics::Counters;
 use crate::peer::Channels;
 use crate::store::Store;
+pub use encryption::{EncryptionView, PeerState, PeerView};
 pub use endpoints::{AttachSpec, EndpointGuard, EndpointInfo, NetnsRef};
 pub use error::CoreError;
 pub use ipam_glue::{Ipam, IpamLoadError};
@@ -54,6 +56,9 @@ pub struct Core {
     hinted: tokio::sync::Notify,
     /// Connections to peers, shared with the sync loop.
     channels: std::sync::OnceLock<Arc<Channels>>,
+    /// The encrypted data plane's engine, for operator views (counters,
+    /// key state); `main` sets it when it runs one.
+    engine: std::sync::OnceLock<Arc<crate::dataplane::encrypted::Engine>>,
     /// When each network's ring was last published for our free-space
     /// report alone (rate limit, see `publish_own_reports`).
     reports_published: Mutex<std::collections::HashMap<crate::ids::NetworkId, Instant>>,
@@ -94,6 +99,7 @@ impl Core {
             started: Instant::now(),
             underlay: AtomicU32::new(1500),
             channels: std::sync::OnceLock::new(),
+            engine: std::sync::OnceLock::new(),
             hints: Mutex::new(std::collections::HashMap::new()),
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
