@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -23,70 +22,6 @@ fn wire() -> String {
         .expect("ovl-wire binary")
         .display()
         .to_string()
-}
-
-/// A capture of every port of the underlay switch, written to `file`.
-fn capture(lab: &Lab, file: &str) -> Background {
-    let path = lab.dir().join(file);
-    let path_s = path.to_string_lossy().into_owned();
-    let mut tcpdump = Command::new("ip");
-    tcpdump.args([
-        "netns",
-        "exec",
-        &lab.switch_ns(),
-        "tcpdump",
-        "-i",
-        "any",
-        "-s",
-        "0",
-        "-U",
-        "--immediate-mode",
-        "-B",
-        "32768",
-        "-n",
-        "-Z",
-        "root",
-        "-w",
-        &path_s,
-        "udp",
-    ]);
-    let cap = Background::spawn(lab, &mut tcpdump).expect("tcpdump");
-    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-        Ok(std::fs::metadata(&path)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false))
-    })
-    .expect("tcpdump writes its capture file");
-    cap
-}
-
-fn stop_capture(f: &mut Findings, cap: Background) {
-    if let Some(out) = f.ok(
-        "tcpdump stops",
-        cap.stop(libc::SIGINT, Duration::from_secs(5)),
-    ) {
-        f.check(
-            out.stderr
-                .lines()
-                .any(|l| l.trim() == "0 packets dropped by kernel"),
-            || format!("the capture is incomplete: {}", out.stderr.trim()),
-        );
-    }
-}
-
-/// Packets in `pcap` matching `filter` (`tcpdump -r`).
-fn count_in(pcap: &std::path::Path, filter: &str) -> usize {
-    let out = Command::new("tcpdump")
-        .arg("-r")
-        .arg(pcap)
-        .args(["-n", filter])
-        .output()
-        .expect("tcpdump -r");
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Hex of `s` for `ping -p` (at most 16 bytes of pattern).
@@ -301,7 +236,7 @@ fn encrypted_network_all_pairs_ping_tcp_and_the_underlay_shows_no_cleartext() {
     // records everything; only the plain one may show it.
     let marker = "ovl-secret-mark!";
     let plain_marker = "ovl-plain-mark!!";
-    let cap = capture(&lab, "underlay.pcap");
+    let cap = underlay_capture(&lab, "underlay.pcap", &["udp"]);
     let out = lab
         .exec_in(
             &h1c1.0,
@@ -340,9 +275,9 @@ fn encrypted_network_all_pairs_ping_tcp_and_the_underlay_shows_no_cleartext() {
     stop_capture(&mut f, cap);
     let pcap = lab.dir().join("underlay.pcap");
     let bytes = std::fs::read(&pcap).expect("read the capture");
-    let on_4500 = count_in(&pcap, &format!("udp port {ENCRYPTED_PORT}"));
+    let on_4500 = pcap_count(&pcap, &format!("udp port {ENCRYPTED_PORT}"));
     let vni_filter = format!("udp port {VXLAN_PORT} and udp[12:4] = {}", sec.vni << 8);
-    let sec_on_4789 = count_in(&pcap, &vni_filter);
+    let sec_on_4789 = pcap_count(&pcap, &vni_filter);
     println!(
         "capture: {} bytes, {on_4500} datagrams on {ENCRYPTED_PORT}/udp, {sec_on_4789} on {VXLAN_PORT} with sec's VNI",
         bytes.len()
@@ -418,7 +353,7 @@ fn cleartext_injection_replays_and_tampering_never_reach_a_container() {
 
     // Ten real datagrams, captured on the way; then replayed, and tampered.
     let l = listener(&lab, &s2, 4);
-    let cap = capture(&lab, "sec.pcap");
+    let cap = underlay_capture(&lab, "sec.pcap", &["udp"]);
     f.ok(
         "send 10 over sec",
         send_from(&lab, &s1, &se2.ip, "real-datagram", 10),
@@ -448,7 +383,7 @@ fn cleartext_injection_replays_and_tampering_never_reach_a_container() {
             .map(|_| ()),
     );
     let l = listener(&lab, &s2, 3);
-    let cap = capture(&lab, "held.pcap");
+    let cap = underlay_capture(&lab, "held.pcap", &["udp"]);
     f.ok(
         "send 10 held back",
         send_from(&lab, &s1, &se2.ip, "held-back", 10),
@@ -535,16 +470,6 @@ fn encrypted_cluster(hosts: usize, extra: &[&str], subnet: &str) -> (Lab, ovl_e2
     (lab, net)
 }
 
-/// `x packets transmitted, y received` of a finished ping.
-fn ping_summary(out: &str) -> Option<(u64, u64)> {
-    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    Some((*nums.first()?, *nums.get(1)?))
-}
-
 /// Zero loss across key rotations: 4000 pings at a 10 ms interval (about
 /// 60 s here) while the epoch moves every 5 s.
 #[test]
@@ -629,7 +554,7 @@ fn rotation(with_udp: bool) {
     })
     .ok();
     let ping_out = ping.stop(libc::SIGINT, Duration::from_secs(5));
-    match ping_out.as_ref().ok().and_then(|o| ping_summary(&o.stdout)) {
+    match ping_out.as_ref().ok().and_then(|o| ping_counts(&o.stdout)) {
         Some((tx, rx)) => {
             println!("ping every 10 ms across rotations: {rx}/{tx} replies");
             f.check(tx == 4000 && rx == tx, || {

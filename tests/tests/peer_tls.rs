@@ -17,12 +17,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use common::*;
-use ovl_e2e::{Background, Findings, Lab, binary, shared, wait_until};
+use ovl_e2e::{Findings, Lab, binary, shared, wait_until};
 use serde_json::Value;
 
 const PEER_PORT: u16 = 7946;
@@ -165,38 +165,8 @@ fn underlay_capture_during_attaches_shows_no_marker() {
     let mut f = Findings::new();
     let (mut lab, net) = cluster_with_network(2, "tlsnet", &[]);
     let pcap = lab.dir().join("underlay.pcap");
-    let pcap_s = pcap.to_string_lossy().into_owned();
     // Every port of the underlay switch: all traffic between the hosts.
-    let mut tcpdump = Command::new("ip");
-    tcpdump.args([
-        "netns",
-        "exec",
-        &lab.switch_ns(),
-        "tcpdump",
-        "-i",
-        "any",
-        "-s",
-        "0",
-        "-U",
-        // Hand each packet over at once, not when a ring block fills.
-        "--immediate-mode",
-        // A large buffer, so that the kernel drops nothing (it says so).
-        "-B",
-        "32768",
-        "-n",
-        // Keep root: the lab directory is root's alone.
-        "-Z",
-        "root",
-        "-w",
-        &pcap_s,
-    ]);
-    let cap = Background::spawn(&lab, &mut tcpdump).expect("tcpdump");
-    wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
-        Ok(std::fs::metadata(&pcap)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false))
-    })
-    .expect("tcpdump writes its capture file");
+    let cap = underlay_capture(&lab, "underlay.pcap", &[]);
 
     // h1 owns the pool; h2's attach asks it for space (RequestSpace), and
     // each host pulls the other's endpoint (Notify, Pull).
@@ -228,22 +198,11 @@ fn underlay_capture_during_attaches_shows_no_marker() {
         seen,
     );
     std::thread::sleep(Duration::from_millis(500));
-    if let Some(out) = f.ok(
-        "tcpdump stops",
-        cap.stop(libc::SIGINT, Duration::from_secs(5)),
-    ) {
-        println!("tcpdump: {}", out.stderr.trim().replace('\n', "; "));
-        f.check(
-            out.stderr
-                .lines()
-                .any(|l| l.trim() == "0 packets dropped by kernel"),
-            || format!("the capture is incomplete: {}", out.stderr.trim()),
-        );
-    }
+    stop_capture(&mut f, cap);
 
     let bytes = std::fs::read(&pcap).expect("read the capture");
-    let tcp_packets = lab_read_count(&pcap_s, &format!("tcp port {PEER_PORT}"));
-    let udp_packets = lab_read_count(&pcap_s, &format!("udp port {PEER_PORT}"));
+    let tcp_packets = pcap_count(&pcap, &format!("tcp port {PEER_PORT}"));
+    let udp_packets = pcap_count(&pcap, &format!("udp port {PEER_PORT}"));
     println!(
         "capture: {} bytes; {tcp_packets} packets on {PEER_PORT}/tcp, {udp_packets} on {PEER_PORT}/udp",
         bytes.len()
@@ -267,19 +226,6 @@ fn underlay_capture_during_attaches_shows_no_marker() {
         });
     }
     f.finish();
-}
-
-/// Packets in `pcap` matching `filter` (`tcpdump -r`).
-fn lab_read_count(pcap: &str, filter: &str) -> usize {
-    let out = Command::new("tcpdump")
-        .args(["-r", pcap, "-n", filter])
-        .output()
-        .expect("tcpdump -r");
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]

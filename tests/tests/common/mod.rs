@@ -219,3 +219,75 @@ pub fn per_host(times: &BTreeMap<usize, Duration>) -> String {
 
 /// The patience for waits whose bound the test checks separately.
 pub const LONG: Duration = PATIENCE;
+
+/// Starts tcpdump on every port of the lab's underlay switch, writing to
+/// `file` in the lab directory, with an optional capture `filter`; returns
+/// once the file exists.
+pub fn underlay_capture(lab: &Lab, file: &str, filter: &[&str]) -> ovl_e2e::Background {
+    let path = lab.dir().join(file);
+    let path_s = path.to_string_lossy().into_owned();
+    let mut tcpdump = Command::new("ip");
+    tcpdump.args([
+        "netns",
+        "exec",
+        &lab.switch_ns(),
+        "tcpdump",
+        "-i",
+        "any",
+        "-s",
+        "0",
+        "-U",
+        // Hand each packet over at once, not when a ring block fills.
+        "--immediate-mode",
+        // A large buffer, so that the kernel drops nothing (it says so).
+        "-B",
+        "32768",
+        "-n",
+        // Keep root: the lab directory is root's alone.
+        "-Z",
+        "root",
+        "-w",
+        &path_s,
+    ]);
+    tcpdump.args(filter);
+    let cap = ovl_e2e::Background::spawn(lab, &mut tcpdump).expect("tcpdump");
+    ovl_e2e::wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        Ok(std::fs::metadata(&path)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false))
+    })
+    .expect("tcpdump writes its capture file");
+    cap
+}
+
+/// Stops a capture and checks the kernel dropped none of its packets.
+pub fn stop_capture(f: &mut ovl_e2e::Findings, cap: ovl_e2e::Background) {
+    if let Some(out) = f.ok(
+        "tcpdump stops",
+        cap.stop(libc::SIGINT, Duration::from_secs(5)),
+    ) {
+        println!("tcpdump: {}", out.stderr.trim().replace('\n', "; "));
+        f.check(
+            out.stderr
+                .lines()
+                .any(|l| l.trim() == "0 packets dropped by kernel"),
+            || format!("the capture is incomplete: {}", out.stderr.trim()),
+        );
+    }
+}
+
+/// Packets in `pcap` matching `filter` (`tcpdump -r`).
+pub fn pcap_count(pcap: &std::path::Path, filter: &str) -> usize {
+    let out = Command::new("tcpdump")
+        .arg("-r")
+        .arg(pcap)
+        .args(["-n", filter])
+        .output()
+        .expect("tcpdump -r");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Whether `needle` (non-empty) occurs in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
