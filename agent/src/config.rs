@@ -79,6 +79,10 @@ pub struct Options {
     /// lagging hosts; 0 returns at once [default: 1s].
     #[arg(long, value_name = "DURATION")]
     pub attach_wait: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9946 [default: off].
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Gossip round interval; death is detected after ~10-15 rounds [default: 200ms].
     #[arg(long, value_name = "DURATION", hide = true)]
     pub gossip_interval: Option<String>,
@@ -139,6 +143,8 @@ pub struct Config {
     pub gossip_interval: Duration,
     pub attach_wait: Duration,
     pub default_address_pool: ipnetwork::Ipv4Network,
+    /// `None`: no metrics endpoint.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -211,6 +217,7 @@ impl Config {
                 Duration::from_millis(10),
             )?,
             attach_wait: duration("attach-wait", o.attach_wait, "1s", Duration::ZERO)?,
+            metrics_addr: o.metrics_addr,
         })
     }
 }
@@ -240,6 +247,7 @@ impl Options {
             gossip_interval: self.gossip_interval.or(file.gossip_interval),
             attach_wait: self.attach_wait.or(file.attach_wait),
             default_address_pool: self.default_address_pool.or(file.default_address_pool),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
         }
     }
 }

@@ -89,6 +89,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind peer gRPC {peer_addr}/tcp"))?;
     let api_listener = api::bind_socket(&config.socket)?;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(ovl_agent::exporter::bind(addr).await?),
+        None => None,
+    };
     let socket_path = config.socket.clone();
 
     let counters = Arc::new(Counters::default());
@@ -165,6 +169,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         cluster.clone(),
         stopped(stop_rx.clone()),
     );
+    let mut metrics_task = tokio::spawn({
+        let core = core.clone();
+        async move {
+            match metrics_listener {
+                Some(l) => ovl_agent::exporter::serve(l, core).await,
+                None => std::future::pending().await,
+            }
+        }
+    });
     let mut peer_task = tokio::spawn(peer_server);
     let mut api_task = tokio::spawn(api_server);
     info!(socket = %socket_path.display(), peer = %peer_addr, "agent ready");
@@ -182,6 +195,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         r = &mut reconcile_task => Some(task_end("reconciler", r.map(Ok::<(), String>))),
         r = &mut keying_task => Some(task_end("key schedule", r.map(Ok::<(), String>))),
         r = &mut engine_task => Some(task_end("encrypted data plane (a worker thread died)", r.map(Ok::<(), String>))),
+        r = &mut metrics_task => Some(task_end("metrics endpoint", r.map(Ok::<(), String>))),
         r = &mut peer_task => Some(task_end("peer server", r.map(|r| r.map_err(|e| e.to_string())))),
         r = &mut api_task => Some(task_end("API server", r.map(|r| r.map_err(|e| e.to_string())))),
         r = gossip_fatal.wait_for(Option::is_some) => Some(match r {

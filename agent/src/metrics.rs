@@ -72,6 +72,16 @@ counters! {
     // for (an encrypted network without the userspace data plane): left
     // unprogrammed, once per reconcile pass.
     DataplaneNoVtep => "dataplane_no_vtep",
+    // Sealed gossip bytes sent, and received on the gossip socket
+    // (dropped datagrams included: that is what arrived).
+    GossipTxBytes => "gossip_tx_bytes",
+    GossipRxBytes => "gossip_rx_bytes",
+    // Peer gRPC calls this agent made, the ones that failed, and the
+    // encoded bytes of their requests and of Pull replies (the bulk).
+    PeerRpcCalls => "peer_rpc_calls",
+    PeerRpcFailed => "peer_rpc_failed",
+    PeerRpcRequestBytes => "peer_rpc_request_bytes",
+    PeerRpcPullBytes => "peer_rpc_pull_reply_bytes",
 }
 
 pub struct Counters {
@@ -89,6 +99,11 @@ impl Default for Counters {
 impl Counters {
     pub fn inc(&self, c: Counter) {
         self.values[c as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds `n` (byte counts).
+    pub fn add(&self, c: Counter, n: u64) {
+        self.values[c as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn get(&self, c: Counter) -> u64 {

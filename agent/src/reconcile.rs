@@ -79,7 +79,7 @@ pub async fn run(core: Arc<Core>) {
         };
         match unchanged {
             Some(programmed) => ack(&core, &nodes, &programmed, &acked),
-            None => match pass(&core, &nodes).await {
+            None => match timed_pass(&core, &nodes).await {
                 Ok((programmed, now)) => {
                     ack(&core, &nodes, &programmed, &acked);
                     applied = Some(now);
@@ -97,6 +97,19 @@ pub async fn run(core: Arc<Core>) {
         core.merge_rings().await;
         core.publish_own_reports().await;
     }
+}
+
+/// A pass, timed for `ovl_reconcile_pass_duration_seconds` (failed passes
+/// too: a pass that times out on netlink is exactly what the histogram
+/// must show).
+async fn timed_pass(
+    core: &Arc<Core>,
+    nodes: &[NodeView],
+) -> Result<(Vec<(NodeId, u64)>, Applied), CoreError> {
+    let started = std::time::Instant::now();
+    let r = pass(core, nodes).await;
+    core.timings.reconcile_pass(started.elapsed());
+    r
 }
 
 /// Tells each live owner whose replica moved past what it confirmed that

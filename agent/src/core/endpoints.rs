@@ -192,6 +192,7 @@ impl Core {
             netns: netns.display().to_string(),
             created_at_ms: now_ms(),
         };
+        let written = std::time::Instant::now();
         let stored = {
             let mut s = self.store();
             s.put(&key::endpoint(id), Value::Endpoint(record.clone()))
@@ -214,6 +215,7 @@ impl Core {
         // attach may be waiting on) does.
         drop(guard);
         let lagging = self.wait_programmed(net.id, version).await;
+        self.timings.attach_programmed(written.elapsed());
         Ok(EndpointInfo {
             view,
             network_name: net.name().to_string(),

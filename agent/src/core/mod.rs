@@ -38,6 +38,8 @@ pub struct Core {
     store: Mutex<Store>,
     changes: watch::Sender<u64>,
     pub counters: Arc<Counters>,
+    /// Reconcile and attach timings, for the metrics endpoint.
+    pub timings: crate::exporter::Timings,
     pub dataplane: Dataplane,
     pub ipam: Ipam,
     /// Serialises endpoint mutations (attach, detach, withdraw) on this node.
@@ -91,6 +93,7 @@ impl Core {
             store: Mutex::new(store),
             changes,
             counters,
+            timings: Default::default(),
             dataplane,
             ipam,
             endpoint_lock: tokio::sync::Mutex::new(()),

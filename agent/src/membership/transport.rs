@@ -213,7 +213,10 @@ impl Socket for SealedSocket {
         // transient: chitchat retries next round and its failure detector
         // reports the peer, so they must not stop the gossip loop.
         match self.socket.send_to(&self.sealed, to).await {
-            Ok(_) => self.counters.inc(Counter::GossipTx),
+            Ok(n) => {
+                self.counters.inc(Counter::GossipTx);
+                self.counters.add(Counter::GossipTxBytes, n as u64);
+            }
             Err(e) => {
                 if let Some(n) = SEND_LOG.check(Instant::now()) {
                     warn!(peer = %to, error = %e, suppressed = n, "gossip send failed");
@@ -233,6 +236,7 @@ impl Socket for SealedSocket {
                     continue;
                 }
             };
+            self.counters.add(Counter::GossipRxBytes, len as u64);
             if self.fault {
                 anyhow::bail!("{FAULT_ENV}=gossip-recv: injected gossip socket failure");
             }

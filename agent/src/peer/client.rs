@@ -173,7 +173,11 @@ impl Channels {
             .remove(&(addr, node));
     }
 
-    fn request<T>(&self, body: T) -> tonic::Request<T> {
+    /// Every call goes through here: counted, with its encoded size.
+    fn request<T: prost::Message>(&self, body: T) -> tonic::Request<T> {
+        self.counters.inc(Counter::PeerRpcCalls);
+        self.counters
+            .add(Counter::PeerRpcRequestBytes, body.encoded_len() as u64);
         let mut req = tonic::Request::new(body);
         // A node id prints as hex: always valid ASCII metadata.
         if let Ok(v) = self.claim.to_string().parse() {
@@ -183,6 +187,7 @@ impl Channels {
     }
 
     fn failed(&self, addr: SocketAddr, node: NodeId, s: Status) -> CallError {
+        self.counters.inc(Counter::PeerRpcFailed);
         if s.code() == Code::Unavailable {
             self.forget(addr, node);
         }
@@ -200,7 +205,14 @@ impl Channels {
         PeerClient::new(ch)
             .pull(self.request(PullRequest { since }))
             .await
-            .map(|r| r.into_inner())
+            .map(|r| {
+                let r = r.into_inner();
+                self.counters.add(
+                    Counter::PeerRpcPullBytes,
+                    prost::Message::encoded_len(&r) as u64,
+                );
+                r
+            })
             .map_err(|s| self.failed(addr, node, s))
     }
 

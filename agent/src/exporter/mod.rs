@@ -1,0 +1,111 @@
+//! Prometheus metrics (`--metrics-addr`): the OpenMetrics text exposition
+//! of the agent's counters, gauges and timings.
+//!
+//! File roles: this file holds the live timing histograms ([`Timings`],
+//! owned by the core) and the scrape-time snapshot of state gauges
+//! ([`Snapshot`], read from the core); `exposition.rs` turns both and the
+//! counter registry ([`crate::metrics`]) into text, without I/O; `http.rs`
+//! serves it.
+//!
+//! Counters are exported generically from [`crate::metrics::Counter::ALL`],
+//! one family each (`ovl_<name>_total`), so a counter added to the
+//! `counters!` macro appears with no change here.
+//!
+//! Cardinality: no label takes a value from remote input except `peer` on
+//! the encrypted traffic families, whose values are node ids of admitted
+//! members (the engine holds state only for hosts membership lists), so
+//! that label is bounded by the cluster size.
+
+mod exposition;
+mod http;
+
+pub use exposition::render;
+pub use http::{MetricsError, bind, serve};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+use crate::core::Core;
+use crate::dataplane::encrypted::EngineCounters;
+use crate::membership::NodeStatus;
+
+/// Timing histograms, observed where the timed work happens.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// One reconcile pass that programmed the kernel (not the cheap
+    /// "nothing changed" acks).
+    pub reconcile_pass: Histogram,
+    /// From an attach's store write to every live host of the network
+    /// confirming it programmed the endpoint (or `--attach-wait` ending).
+    pub attach_programmed: Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        // 1 ms .. ~16 s: a pass is milliseconds, a slow netlink dump or an
+        // attach waiting out its bound is seconds.
+        Self {
+            reconcile_pass: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            attach_programmed: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
+impl Timings {
+    pub fn reconcile_pass(&self, d: Duration) {
+        self.reconcile_pass.observe(d.as_secs_f64());
+    }
+
+    pub fn attach_programmed(&self, d: Duration) {
+        self.attach_programmed.observe(d.as_secs_f64());
+    }
+}
+
+/// What the gauges show, read once per scrape.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Nodes membership lists (this one included), by status.
+    pub nodes: Vec<(NodeStatus, u64)>,
+    /// Networks in the store (conflicting ones included).
+    pub networks: u64,
+    /// Endpoint rows owned by this node.
+    pub local_endpoints: u64,
+    /// Endpoint rows of other nodes' tables.
+    pub remote_endpoints: u64,
+    /// The encrypted engine's counters, when it runs.
+    pub engine: Option<EngineCounters>,
+}
+
+impl Snapshot {
+    pub async fn read(core: &Core) -> Snapshot {
+        let members = core.cluster.members().await;
+        let nodes = [NodeStatus::Alive, NodeStatus::Dead, NodeStatus::Left]
+            .into_iter()
+            .map(|s| {
+                let n = members.iter().filter(|m| m.status == s).count();
+                (s, n as u64)
+            })
+            .collect();
+        let me = core.cluster.node_id();
+        let (networks, endpoints) = {
+            let store = core.store();
+            (store.networks().len() as u64, store.endpoints())
+        };
+        let local = endpoints.iter().filter(|e| e.owner == me).count() as u64;
+        Snapshot {
+            nodes,
+            networks,
+            local_endpoints: local,
+            remote_endpoints: endpoints.len() as u64 - local,
+            engine: core.engine().map(|e| e.counters()),
+        }
+    }
+}
+
+/// The exposition of `core` now.
+pub async fn scrape(core: &Arc<Core>) -> String {
+    let snap = Snapshot::read(core).await;
+    render(&core.counters, &core.timings, &snap)
+}
