@@ -96,6 +96,17 @@ fn per_host(lab: &Lab, q: &str) -> Result<BTreeMap<usize, f64>> {
     Ok(out)
 }
 
+/// Checks through Prometheus that `q` has a series for every agent and
+/// each value satisfies `want`.
+fn every_agent(lab: &Lab, f: &mut Findings, what: &str, q: &str, want: impl Fn(f64) -> bool) {
+    if let Some(v) = f.ok(q, per_host(lab, q)) {
+        f.check(
+            v.len() == AGENTS.len() && v.values().all(|x| want(*x)),
+            || format!("every agent {what} ({q}): {v:?}"),
+        );
+    }
+}
+
 fn start_prometheus(lab: &Lab) -> Result<Background> {
     let dir = lab.dir().join("prometheus");
     std::fs::create_dir_all(&dir)?;
@@ -203,22 +214,19 @@ fn prometheus_scrapes_every_agent_and_sees_an_attach_everywhere() {
     if let Some(t) = f.ok("every target up", took) {
         println!("all 3 targets up in Prometheus {t:.2?} after it started");
     }
-    let alive = per_host(&lab, r#"ovl_nodes{status="alive"}"#);
-    if let Some(alive) = f.ok("ovl_nodes", alive) {
-        f.check(
-            alive.len() == 3 && alive.values().all(|v| *v == 3.0),
-            || format!("each agent lists 3 alive nodes: {alive:?}"),
-        );
-    }
-    let before = f.ok(
-        "endpoint gauges before",
-        per_host(&lab, "sum by (instance) (ovl_endpoints)"),
+    every_agent(
+        &lab,
+        &mut f,
+        "lists 3 alive nodes",
+        r#"ovl_nodes{status="alive"}"#,
+        |v| v == 3.0,
     );
-    f.check(
-        before
-            .as_ref()
-            .is_some_and(|b| b.len() == 3 && b.values().all(|v| *v == 0.0)),
-        || format!("no endpoint anywhere before the attach: {before:?}"),
+    every_agent(
+        &lab,
+        &mut f,
+        "has no endpoint before the attach",
+        "sum by (instance) (ovl_endpoints)",
+        |v| v == 0.0,
     );
 
     // One attach on h2.
@@ -247,12 +255,9 @@ fn prometheus_scrapes_every_agent_and_sees_an_attach_everywhere() {
     if let Some(t) = f.ok("the attach shows on every host", seen) {
         println!("endpoint gauges moved on all 3 hosts in Prometheus {t:.2?} after the attach");
     }
-    let nets = f.ok("ovl_networks", per_host(&lab, "ovl_networks"));
-    f.check(
-        nets.as_ref()
-            .is_some_and(|n| n.len() == 3 && n.values().all(|v| *v == 1.0)),
-        || format!("each agent counts 1 network: {nets:?}"),
-    );
+    every_agent(&lab, &mut f, "counts 1 network", "ovl_networks", |v| {
+        v == 1.0
+    });
     // The attach waited for h1 and h3 to program it: h2 timed it.
     let latency = wait_until(SEEN_WITHIN, POLL, || {
         let c = per_host(&lab, "ovl_attach_programmed_latency_seconds_count")?;
@@ -260,22 +265,19 @@ fn prometheus_scrapes_every_agent_and_sees_an_attach_everywhere() {
         Ok(true)
     });
     f.ok("h2's attach latency histogram has the attach", latency);
-    let passes = f.ok(
-        "reconcile histogram",
-        per_host(&lab, "ovl_reconcile_pass_duration_seconds_count"),
+    every_agent(
+        &lab,
+        &mut f,
+        "timed reconcile passes",
+        "ovl_reconcile_pass_duration_seconds_count",
+        |v| v >= 1.0,
     );
-    f.check(
-        passes
-            .as_ref()
-            .is_some_and(|p| p.len() == 3 && p.values().all(|v| *v >= 1.0)),
-        || format!("every agent timed reconcile passes: {passes:?}"),
-    );
-    let gossip = f.ok("gossip bytes", per_host(&lab, "ovl_gossip_rx_bytes_total"));
-    f.check(
-        gossip
-            .as_ref()
-            .is_some_and(|g| g.len() == 3 && g.values().all(|v| *v > 0.0)),
-        || format!("every agent received gossip bytes: {gossip:?}"),
+    every_agent(
+        &lab,
+        &mut f,
+        "received gossip bytes",
+        "ovl_gossip_rx_bytes_total",
+        |v| v > 0.0,
     );
     println!(
         "checks done {:.2?} after the attach, {:.2?} in all",
