@@ -127,6 +127,8 @@ where
                     None => false,
                 };
                 if !member {
+                    // peer_call_refused stays the total of refused calls.
+                    counters.inc(Counter::PeerRefused);
                     counters.inc(Counter::PeerGateNotMember);
                     log_refusal(conn.as_ref(), rule.method, "caller is not a member");
                     let who = conn.map_or("unknown".into(), |c| c.node.to_string());
@@ -172,6 +174,7 @@ impl http_body::Body for Capped {
             && let Some(data) = f.data_ref()
         {
             if data.len() > self.left {
+                self.counters.inc(Counter::PeerRefused);
                 self.counters.inc(Counter::PeerRequestTooLarge);
                 log_refusal(self.conn.as_ref(), self.rule.method, "request too large");
                 return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
