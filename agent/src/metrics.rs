@@ -50,6 +50,9 @@ counters! {
     // A call refused by this server: caller not an admitted member, or
     // claiming another node id than its certificate's.
     PeerRefused => "peer_call_refused",
+    PeerGateNotMember => "peer_gate_not_member",
+    PeerRequestTooLarge => "peer_request_too_large",
+    NotifyHintAhead => "notify_hint_ahead",
     // A callee whose certificate is not the node we called (pin failure).
     PeerReplyRefused => "peer_reply_refused",
     // A peer TLS connection refused at handshake: no or bad certificate,

@@ -25,13 +25,19 @@ use crate::membership::NodeStatus;
 use crate::metrics::{Counter, Counters, RateLimit};
 use crate::peer::{CLAIM_HEADER, NONCE_LEN, PeerConn, proof_input};
 
+mod gate;
+
+pub use gate::{Rule, rule_for};
+
 static CALL_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
-/// Largest request the peer API decodes. Requests are small (versions,
-/// ids, an address, a 32-byte key); tonic refuses a larger one from its
-/// length prefix, before buffering it, and before any handler (and so the
-/// membership check) runs.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest request the peer API decodes, whatever the method: tonic
+/// refuses a larger one from its length prefix. Each method has a smaller
+/// cap of its own (`gate::rule_for`), applied to the body as it arrives,
+/// and non-members are refused from their headers before that.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Request headers one stream may send (a member sends a few small ones).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// HTTP/2 streams one connection may have open (a member uses a few).
 const MAX_STREAMS: u32 = 16;
 /// Per-stream and per-connection receive windows: what a caller can make
@@ -54,16 +60,30 @@ pub fn server() -> tonic::transport::Server {
         .timeout(CALL_TIMEOUT)
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_max_header_list_size(MAX_HEADER_LIST)
 }
 
-/// The peer API service with its request size limit.
+/// The peer API service behind its gate (membership from the TLS
+/// identity and per-method size caps, before any body is decoded).
 pub fn service(
     core: Arc<Core>,
     cluster: Arc<Cluster>,
     counters: Arc<Counters>,
-) -> PeerServer<PeerService> {
-    PeerServer::new(PeerService::new(core, cluster, counters))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
+) -> gate::Gate<PeerServer<PeerService>> {
+    let server = PeerServer::new(PeerService::new(core.clone(), cluster, counters.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    gate::Gate::new(server, core, counters)
+}
+
+/// Whether `node` is an admitted member (not this agent, not gone).
+async fn is_member(core: &Core, node: NodeId) -> bool {
+    core.cluster.in_cluster()
+        && core
+            .cluster
+            .members()
+            .await
+            .iter()
+            .any(|n| n.id == node && !n.is_self && n.status != NodeStatus::Left)
 }
 
 pub struct PeerService {
@@ -116,14 +136,7 @@ impl PeerService {
                 );
             }
         }
-        let admitted = self
-            .core
-            .cluster
-            .members()
-            .await
-            .iter()
-            .any(|n| n.id == conn.node && !n.is_self && n.status != NodeStatus::Left);
-        if !admitted {
+        if !is_member(&self.core, conn.node).await {
             return self.refuse(
                 Some(&conn),
                 Status::permission_denied(format!(

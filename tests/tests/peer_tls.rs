@@ -444,11 +444,11 @@ fn rss_kib(lab: &Lab, k: usize) -> u64 {
         .unwrap_or(0)
 }
 
-/// Issue 8, peer server (7946/tcp): a request larger than any real one is
-/// refused from its length prefix, before any handler runs, for a stranger
-/// and a member alike, without growing the agent; connections from one
-/// address are capped (counted), the slots come back when they close, and
-/// members' traffic carries on meanwhile.
+/// Issue 8, peer server (7946/tcp): a stranger's call is refused from its
+/// headers (its body is never read), a member's request over its method's
+/// cap is refused as it arrives, both counted, without growing the agent;
+/// connections from one address are capped (counted), the slots come back
+/// when they close, and members' traffic carries on meanwhile.
 #[test]
 fn the_peer_server_bounds_what_a_caller_can_make_it_hold() {
     let (mut lab, net) = cluster_with_network(3, "lim", &[]);
@@ -457,31 +457,52 @@ fn the_peer_server_bounds_what_a_caller_can_make_it_hold() {
     let mut f = Findings::new();
 
     let rss_before = rss_kib(&lab, 1);
-    for (who, key) in [
-        ("a stranger", "new".to_string()),
-        ("a member", key_of(&lab, 2)),
+    let gate_before = counter(&lab, 1, "peer_gate_not_member");
+    let large_before = counter(&lab, 1, "peer_request_too_large");
+    // 2 KiB is far below the service-wide decode limit but over
+    // RequestSpace's own cap: the cap is per method.
+    for (who, key, size, why) in [
+        ("a stranger", "new".to_string(), 1 << 20, "not a member"),
+        ("a member", key_of(&lab, 2), 1 << 20, "too large"),
+        ("a member", key_of(&lab, 2), 2048, "too large"),
     ] {
+        let size_arg = size.to_string();
         for _ in 0..20 {
             let p = probe(
                 &lab,
                 2,
                 &[
-                    "--key", &key, "--addr", &h1, "--expect", &expect, "--call", "big",
+                    "--key", &key, "--addr", &h1, "--expect", &expect, "--call", "big", "--size",
+                    &size_arg,
                 ],
             )
             .expect("probe");
-            if p.ok || !p.detail.contains("too large") {
+            if p.ok || !p.detail.contains(why) {
                 f.check(false, || {
-                    format!("a 1 MiB request from {who}: ok={} {}", p.ok, p.detail)
+                    format!(
+                        "a {size}-byte request from {who}: ok={} {} (want {why:?})",
+                        p.ok, p.detail
+                    )
                 });
                 break;
             }
         }
     }
     let rss_after = rss_kib(&lab, 1);
-    println!("h1 RSS {rss_before} -> {rss_after} KiB after 40 requests of 1 MiB");
+    let gated = counter(&lab, 1, "peer_gate_not_member") - gate_before;
+    let large = counter(&lab, 1, "peer_request_too_large") - large_before;
+    println!(
+        "h1 RSS {rss_before} -> {rss_after} KiB after 60 oversized requests; \
+         peer_gate_not_member +{gated}, peer_request_too_large +{large}"
+    );
     f.check(rss_after < rss_before + 16 * 1024, || {
         format!("h1's RSS grew from {rss_before} to {rss_after} KiB")
+    });
+    f.check(gated >= 20, || {
+        format!("h1 counted {gated} stranger calls at the gate, want >= 20")
+    });
+    f.check(large >= 40, || {
+        format!("h1 counted {large} oversized member requests, want >= 40")
     });
 
     let limited_before = counter(&lab, 1, "peer_conn_limited");

@@ -146,6 +146,15 @@ impl Core {
         self.hinted.notify_one();
     }
 
+    /// A pull answered by `peer` itself served `served`: a hint above that
+    /// was false (a Notify is only a hint; the owner's own answer is what
+    /// its table holds). Dropping it stops a Notify of `u64::MAX` from
+    /// making every round pull again (issue 8). True if a hint was dropped.
+    pub fn settle_hint(&self, peer: NodeId, served: u64) -> bool {
+        let mut h = self.hints.lock().unwrap_or_else(|e| e.into_inner());
+        settle(&mut h, peer, served)
+    }
+
     /// The highest version a peer told us about directly.
     pub fn hinted_version(&self, peer: NodeId) -> u64 {
         self.hints
@@ -223,5 +232,38 @@ impl Core {
             .membership()
             .await
             .ok_or(CoreError::NotClustered)
+    }
+}
+
+/// See [`Core::settle_hint`]: a hint above what the owner served is
+/// forgotten.
+fn settle(hints: &mut std::collections::HashMap<NodeId, u64>, peer: NodeId, served: u64) -> bool {
+    match hints.get(&peer) {
+        Some(&h) if h > served => {
+            hints.remove(&peer);
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn a_hint_above_what_the_owner_served_is_forgotten() {
+        let mut h = std::collections::HashMap::new();
+        let (a, b) = (NodeId::from_bytes([1; 16]), NodeId::from_bytes([2; 16]));
+        h.insert(a, u64::MAX);
+        h.insert(b, 7);
+        assert!(
+            settle(&mut h, a, 10),
+            "u64::MAX over a served 10 is dropped"
+        );
+        assert!(!h.contains_key(&a));
+        assert!(!settle(&mut h, b, 7), "a hint the owner met stays");
+        assert!(!settle(&mut h, b, 9));
+        assert!(!settle(&mut h, a, 10), "nothing left to drop");
     }
 }

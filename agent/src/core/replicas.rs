@@ -14,6 +14,8 @@ use crate::peer::Channels;
 use crate::store::key;
 use crate::store::networks::{self, NetworkView};
 
+static HINT_LOG: crate::metrics::RateLimit =
+    crate::metrics::RateLimit::new(Duration::from_secs(10));
 static INVALID_LOG: crate::metrics::RateLimit =
     crate::metrics::RateLimit::new(Duration::from_secs(10));
 static BACKDATED_LOG: crate::metrics::RateLimit =
@@ -65,6 +67,13 @@ impl Core {
         if resp.owner.as_slice() != peer.id.as_bytes() {
             warn!(peer = %peer.id, "pull answered by another node (address reused?); ignored");
             return false;
+        }
+        if core.settle_hint(peer.id, resp.version) {
+            core.counters.inc(Counter::NotifyHintAhead);
+            if let Some(suppressed) = HINT_LOG.check(std::time::Instant::now()) {
+                warn!(peer = %peer.id, version = resp.version, suppressed,
+                      "peer notified a version beyond what it serves; hint dropped");
+            }
         }
         let count = resp.entries.len();
         core.count_invalid(peer.id, &resp.entries);

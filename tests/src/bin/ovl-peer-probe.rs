@@ -38,10 +38,13 @@ struct Args {
     /// The node id to claim in the call's metadata (default: the key's).
     #[arg(long)]
     claim: Option<NodeId>,
-    /// pull | notify | space | big (a RequestSpace of 1 MiB) | fetch-key
-    /// (FetchClusterKey)
+    /// pull | notify | space | big (a RequestSpace of --size bytes) |
+    /// fetch-key (FetchClusterKey)
     #[arg(long, default_value = "pull")]
     call: String,
+    /// The address text's length in a `big` call.
+    #[arg(long, default_value_t = 1 << 20)]
+    size: usize,
     /// Network id (hex) for `space`.
     #[arg(long)]
     network: Option<NetworkId>,
@@ -172,11 +175,11 @@ async fn call(args: &Args) -> Result<String> {
                 expect,
                 SpaceRequest {
                     network_id: vec![0; 16],
-                    exact_ip: "1".repeat(1 << 20),
+                    exact_ip: "1".repeat(args.size),
                 },
             )
             .await
-            .map(|_| "a 1 MiB request was served".to_string()),
+            .map(|_| format!("a request of {} bytes was served", args.size)),
         "fetch-key" => channels
             .fetch_cluster_key(target, expect)
             .await
