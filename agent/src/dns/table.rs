@@ -109,3 +109,77 @@ pub fn for_network(
         .collect();
     NameTable::new(Some(subnet), &named)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use ovl_proto::records::EndpointRecord;
+
+    use super::*;
+    use crate::ids::{MacAddr, NetworkId, NodeId, Vni};
+    use crate::planner::{NetworkMode, NetworkPlan, RemoteEndpoint};
+    use crate::store::EndpointView;
+
+    fn row(
+        net: NetworkId,
+        owner: NodeId,
+        id: u8,
+        name: &str,
+        alias: &str,
+        ip: Ipv4Addr,
+    ) -> EndpointView {
+        let r = EndpointRecord {
+            id: vec![id; 16],
+            network_id: net.as_bytes().to_vec(),
+            name: name.into(),
+            aliases: vec![alias.into()],
+            ip: ip.to_string(),
+            prefix_len: 24,
+            mac: MacAddr::from_ipv4(ip).to_string(),
+            vtep: "198.18.0.9".into(),
+            ..Default::default()
+        };
+        EndpointView::parse(owner, &r).unwrap()
+    }
+
+    /// Only the network's own rows, and of those only local ones and the
+    /// remote ones the planner kept (a dead host's rows are not in the plan).
+    #[test]
+    fn names_come_from_local_rows_and_planned_remotes_of_the_network_only() {
+        let (net, other) = (
+            NetworkId::from_bytes([1; 16]),
+            NetworkId::from_bytes([2; 16]),
+        );
+        let (me, live, dead) = (
+            NodeId::from_bytes([7; 16]),
+            NodeId::from_bytes([8; 16]),
+            NodeId::from_bytes([9; 16]),
+        );
+        let ip = |d| Ipv4Addr::new(198, 18, 5, d);
+        let rows = vec![
+            row(net, me, 1, "c1", "web", ip(2)),
+            row(net, live, 2, "c2", "web", ip(3)),
+            row(net, dead, 3, "c3", "web", ip(4)),
+            row(other, live, 4, "x1", "web", ip(5)),
+        ];
+        let plan = NetworkPlan {
+            vni: Vni::new(5).unwrap(),
+            mode: NetworkMode::Plain,
+            mtu: 1450,
+            local_vtep: "198.18.0.1".parse().unwrap(),
+            remotes: vec![RemoteEndpoint {
+                mac: rows[1].mac,
+                ip: IpAddr::V4(ip(3)),
+                node: live,
+                vtep: rows[1].vtep,
+            }],
+            peers: vec![],
+        };
+        let t = for_network(net, "198.18.5.0/24".parse().unwrap(), &rows, me, &plan);
+        assert_eq!(t.lookup("web"), Some(&[ip(2), ip(3)][..]));
+        assert!(t.lookup("c3").is_none() && t.lookup("x1").is_none());
+        assert_eq!(t.reverse(ip(3)), Some("c2"));
+        assert_eq!(t.reverse(ip(4)), None);
+    }
+}
