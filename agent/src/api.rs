@@ -164,6 +164,7 @@ fn endpoint(e: &EndpointInfo) -> Endpoint {
         status: e.status.to_string(),
         ifname: v.record.ifname.clone(),
         lagging: e.lagging.clone(),
+        resolver: e.resolver.map(|r| r.to_string()).unwrap_or_default(),
     }
 }
 

@@ -86,6 +86,10 @@ pub struct Options {
     /// Gossip round interval; death is detected after ~10-15 rounds [default: 200ms].
     #[arg(long, value_name = "DURATION", hide = true)]
     pub gossip_interval: Option<String>,
+    /// Upstream resolver for names the networks' embedded DNS does not
+    /// hold (repeatable) [default: the nameservers of /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "IP[:PORT]")]
+    pub dns_upstream: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +127,8 @@ pub enum ConfigError {
     },
     #[error("give either --join-token or --join-token-file, not both")]
     TwoTokens,
+    #[error("{0}")]
+    BadUpstream(String),
 }
 
 /// Validated configuration the agent runs with.
@@ -145,6 +151,8 @@ pub struct Config {
     pub default_address_pool: ipnetwork::Ipv4Network,
     /// `None`: no metrics endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the embedded DNS forwards names it does not hold.
+    pub dns_upstreams: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -218,6 +226,18 @@ impl Config {
             )?,
             attach_wait: duration("attach-wait", o.attach_wait, "1s", Duration::ZERO)?,
             metrics_addr: o.metrics_addr,
+            dns_upstreams: if o.dns_upstream.is_empty() {
+                // Read once at start, in the host namespace (the agent's).
+                std::fs::read_to_string("/etc/resolv.conf")
+                    .map(|t| crate::dns::upstream::parse_resolv_conf(&t))
+                    .unwrap_or_default()
+            } else {
+                o.dns_upstream
+                    .iter()
+                    .map(|u| crate::dns::upstream::parse_upstream(u))
+                    .collect::<Result<_, _>>()
+                    .map_err(ConfigError::BadUpstream)?
+            },
         })
     }
 }
@@ -248,6 +268,11 @@ impl Options {
             attach_wait: self.attach_wait.or(file.attach_wait),
             default_address_pool: self.default_address_pool.or(file.default_address_pool),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            dns_upstream: if self.dns_upstream.is_empty() {
+                file.dns_upstream
+            } else {
+                self.dns_upstream
+            },
         }
     }
 }

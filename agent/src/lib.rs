@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod dataplane;
+pub mod dns;
 pub mod exporter;
 pub mod ids;
 pub mod ipam;

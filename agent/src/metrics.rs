@@ -85,6 +85,17 @@ counters! {
     PeerRpcFailed => "peer_rpc_failed",
     PeerRpcRequestBytes => "peer_rpc_request_bytes",
     PeerRpcPullBytes => "peer_rpc_pull_reply_bytes",
+    // Embedded DNS (dns/): every query read, and where each one went.
+    DnsQueries => "dns_queries",
+    DnsAnswers => "dns_answers",
+    DnsNxdomain => "dns_nxdomain",
+    DnsForwarded => "dns_forwarded",
+    // FORMERR/NOTIMP/REFUSED replies, and queries dropped because the
+    // in-flight forward or TCP connection cap was reached.
+    DnsRefused => "dns_refused",
+    DnsOverloaded => "dns_overloaded",
+    DnsMalformed => "dns_malformed",
+    DnsUpstreamFailures => "dns_upstream_failures",
 }
 
 pub struct Counters {

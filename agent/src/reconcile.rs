@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::core::{Core, CoreError};
 use crate::dataplane::DataplaneError;
+use crate::dns;
 use crate::ids::{NetworkId, NodeId};
 use crate::membership::{NodeStatus, NodeView};
 use crate::metrics::{Counter, RateLimit};
@@ -46,6 +47,13 @@ pub async fn run(core: Arc<Core>) {
     // Per owner, the replica version it confirmed we programmed.
     let acked: Arc<Mutex<HashMap<NodeId, u64>>> = Arc::default();
     let mut applied: Option<Applied> = None;
+    let mut resolvers = dns::resolvers::Resolvers::new(dns::server::Shared::new(
+        dns::server::Config {
+            upstreams: core.cluster.config().dns_upstreams.clone(),
+            ..Default::default()
+        },
+        core.counters.clone(),
+    ));
     loop {
         if members.is_none()
             && let Some(m) = core.cluster.membership().await
@@ -90,6 +98,11 @@ pub async fn run(core: Arc<Core>) {
                     warn!(error = %e, "reconcile pass failed; retrying");
                 }
             },
+        }
+        // A resolver per network the last good pass programmed, its names
+        // from the same rows (live owners, past the owner checks).
+        if let Some(a) = &applied {
+            sync_dns(&core, a, &mut resolvers).await;
         }
         // After the kernel and the ack, not before: a merged ring view is
         // persisted and republished (a disk write under the store lock),
@@ -163,6 +176,31 @@ fn warmed_up(core: &Core, nodes: &[NodeView]) -> bool {
         .iter()
         .filter(|n| !n.is_self && n.status == NodeStatus::Alive)
         .all(|n| store.replica_version(n.id) >= n.table_version)
+}
+
+/// Starts, updates and stops the networks' resolvers to match `applied`.
+/// On this base a network's bridge lives in the agent's namespace, so the
+/// resolver binds there (`netns: None`) at the gateway address.
+async fn sync_dns(core: &Core, applied: &Applied, resolvers: &mut dns::resolvers::Resolvers) {
+    let me = core.cluster.node_id();
+    let (networks, endpoints) = {
+        let s = core.store();
+        (s.networks(), s.endpoints())
+    };
+    let wanted = applied
+        .plans
+        .iter()
+        .filter_map(|(id, plan)| {
+            let net = networks.iter().find(|n| n.id == *id)?;
+            Some(dns::resolvers::Wanted {
+                network: *id,
+                netns: None,
+                gateway: std::net::IpAddr::V4(net.pool.gateway),
+                names: dns::table::for_network(*id, net.pool.subnet, &endpoints, me, plan),
+            })
+        })
+        .collect();
+    resolvers.sync(wanted).await;
 }
 
 /// What the last full pass left in the kernel: the plan of every network

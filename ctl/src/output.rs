@@ -327,10 +327,19 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
 /// had not programmed it in time, which [`lagging`] also reports on stderr.
 pub fn endpoint(f: Format, e: &Endpoint) {
     match f {
-        Format::Table => endpoints(f, std::slice::from_ref(e)),
+        Format::Table => {
+            endpoints(f, std::slice::from_ref(e));
+            if !e.resolver.is_empty() {
+                println!(
+                    "resolver {} (nameserver for the container's resolv.conf)",
+                    e.resolver
+                );
+            }
+        }
         Format::Json => {
             let mut v = endpoint_json(e);
             v["lagging"] = json!(e.lagging);
+            v["resolver"] = json!(e.resolver);
             print_json(v)
         }
     }

@@ -43,6 +43,9 @@ pub struct EndpointInfo {
     /// Attach only: live hosts of the network that had not confirmed
     /// programming the endpoint when the wait ran out.
     pub lagging: Vec<String>,
+    /// Attach only: the network's embedded DNS resolver (its gateway
+    /// address, served on every host), for the container's resolv.conf.
+    pub resolver: Option<Ipv4Addr>,
 }
 
 fn valid_ifname(s: &str) -> bool {
@@ -222,6 +225,7 @@ impl Core {
             node_name: self.cluster.config().node_name.clone(),
             status: "alive".to_string(),
             lagging,
+            resolver: Some(net.pool.gateway),
         })
     }
 
@@ -433,6 +437,7 @@ impl Core {
                     }),
                     view,
                     lagging: Vec::new(),
+                    resolver: None,
                 }
             })
             .collect();
