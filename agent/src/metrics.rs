@@ -85,6 +85,8 @@ counters! {
     PeerRpcFailed => "peer_rpc_failed",
     PeerRpcRequestBytes => "peer_rpc_request_bytes",
     PeerRpcPullBytes => "peer_rpc_pull_reply_bytes",
+    // A local API call from a caller that is not root (SO_PEERCRED).
+    ApiCallerRefused => "api_caller_refused",
 }
 
 pub struct Counters {
