@@ -2,6 +2,8 @@
 //! calls on the cluster core and maps its errors to gRPC status in one place.
 
 use std::io;
+#[cfg(test)]
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,9 +12,14 @@ use ovl_proto::api::cluster_server::{Cluster as ClusterApi, ClusterServer};
 use ovl_proto::api::endpoints_server::{Endpoints as EndpointsApi, EndpointsServer};
 use ovl_proto::api::networks_server::{Networks as NetworksApi, NetworksServer};
 use ovl_proto::api::*;
+use std::time::{Duration, Instant};
+
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::InterceptorLayer;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
+use tracing::warn;
 
 use crate::cluster::{Cluster, ClusterError};
 use crate::core::{
@@ -20,6 +27,10 @@ use crate::core::{
 };
 use crate::dataplane::encrypted::{EpochInfo, Traffic};
 use crate::membership::NodeView;
+use crate::metrics::{Counter as Metric, Counters, RateLimit};
+
+// A local user can trigger this as fast as it can connect.
+static CALLER_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -33,36 +44,94 @@ pub enum ApiError {
 
 /// Binds the API socket (mode 0600), replacing a stale one left by a crash
 /// but never the socket of a running agent.
+///
+/// The socket is bound inside a fresh 0700 directory next to its final
+/// path, chmod-ed there, then renamed into place: it is never reachable by
+/// other users even for an instant, and no process-wide umask is changed
+/// (other runtime threads may be creating files at the same time).
 pub fn bind_socket(path: &Path) -> Result<UnixListener, ApiError> {
     let err = |source| ApiError::Socket {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(err)?;
-    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(err)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse(path.to_owned()));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    let private = dir.join(format!(".ovl-api-bind.{}", std::process::id()));
+    // A leftover from a crash between bind and rename of this same pid.
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(err)?;
+    let staged = private.join("sock");
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        listener.set_nonblocking(true)?;
+        UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound.map_err(err)
+}
+
+/// Who may call the local API: root only. The socket mode already keeps
+/// others out; this is the check that still holds when the mode or the
+/// directory was loosened, or the socket was passed to another process.
+fn caller_allowed(uid: Option<u32>) -> Result<(), Option<u32>> {
+    match uid {
+        Some(0) => Ok(()),
+        Some(u) => Err(Some(u)),
+        // No credentials: nothing says who this is, so refuse.
+        None => Err(None),
+    }
+}
+
+fn check_caller(req: Request<()>, counters: &Counters) -> Result<Request<()>, Status> {
+    let cred = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid());
+    match caller_allowed(cred) {
+        Ok(()) => Ok(req),
+        Err(uid) => {
+            counters.inc(Metric::ApiCallerRefused);
+            let who = uid.map_or_else(|| "unknown uid".to_owned(), |u| format!("uid {u}"));
+            if let Some(suppressed) = CALLER_REFUSE_LOG.check(Instant::now()) {
+                warn!(caller = %who, suppressed, "API call refused: caller is not root");
+            }
+            Err(Status::permission_denied(format!(
+                "permission denied: {who} may not use the ovl API (root only)"
+            )))
+        }
+    }
 }
 
 pub async fn serve(
     listener: UnixListener,
     core: Arc<Core>,
     cluster: Arc<Cluster>,
+    counters: Arc<Counters>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ApiError> {
     tonic::transport::Server::builder()
+        .layer(InterceptorLayer::new(move |req| {
+            check_caller(req, &counters)
+        }))
         .add_service(ClusterServer::new(Api {
             cluster: cluster.clone(),
             core: core.clone(),
@@ -507,5 +576,54 @@ impl EndpointsApi for Api {
         Ok(Response::new(ListEndpointsResponse {
             endpoints: eps.iter().map(endpoint).collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_root_callers_pass() {
+        assert_eq!(caller_allowed(Some(0)), Ok(()));
+        assert_eq!(caller_allowed(Some(65534)), Err(Some(65534)));
+        assert_eq!(caller_allowed(Some(1000)), Err(Some(1000)));
+        assert_eq!(caller_allowed(None), Err(None));
+    }
+
+    #[tokio::test]
+    async fn socket_is_owner_only_and_not_replaced_while_served() {
+        let dir = std::env::temp_dir().join(format!("ovl-api-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/ovl.sock");
+        let listener = bind_socket(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+        // The staging directory is gone: only the socket is left.
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("parent"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ovl.sock")]);
+        // Reachable at its final path after the rename.
+        let client = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        assert_eq!(server.peer_cred().expect("cred").uid(), own_uid());
+        drop(client);
+        assert!(matches!(bind_socket(&path), Err(ApiError::InUse(_))));
+        drop(listener);
+        drop(server);
+        // A stale socket (no one serving) is replaced.
+        let again = bind_socket(&path).expect("rebind over a stale socket");
+        drop(again);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn own_uid() -> u32 {
+        std::fs::metadata("/proc/self")
+            .expect("stat /proc/self")
+            .uid()
     }
 }

@@ -160,13 +160,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
             counters.clone(),
         ))
         .serve_with_incoming_shutdown(
-            peer::incoming(peer_listener, peer_tls, counters),
+            peer::incoming(peer_listener, peer_tls, counters.clone()),
             stopped(stop_rx.clone()),
         );
     let api_server = api::serve(
         api_listener,
         core.clone(),
         cluster.clone(),
+        counters,
         stopped(stop_rx.clone()),
     );
     let mut metrics_task = tokio::spawn({

@@ -96,6 +96,8 @@ counters! {
     DnsOverloaded => "dns_overloaded",
     DnsMalformed => "dns_malformed",
     DnsUpstreamFailures => "dns_upstream_failures",
+    // A local API call from a caller that is not root (SO_PEERCRED).
+    ApiCallerRefused => "api_caller_refused",
 }
 
 pub struct Counters {

@@ -202,7 +202,7 @@ fn main() -> ExitCode {
 fn fail(msg: &str) -> ExitCode {
     // One line, whatever the cause said.
     let line = msg.replace('\n', " ");
-    eprintln!("ovlctl: error: {line}");
+    eprintln!("ovlctl: error: {}", output::escape(&line));
     ExitCode::FAILURE
 }
 

@@ -15,7 +15,7 @@ fn print_json(v: Value) {
 
 pub fn message(f: Format, text: &str) {
     match f {
-        Format::Table => println!("{text}"),
+        Format::Table => println!("{}", escape(text)),
         Format::Json => print_json(json!({ "message": text })),
     }
 }
@@ -174,8 +174,36 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
     print!("{}", render_table(header, rows));
 }
 
+/// Control characters and text-direction overrides shown as escapes: names,
+/// labels and messages come from peers (or a member posing as one), and a
+/// raw ESC or newline would let them rewrite the operator's terminal or
+/// forge table rows.
+pub(crate) fn escape(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// Columns padded to their widest cell, one line per row.
 pub(crate) fn render_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|r| std::array::from_fn(|i| escape(&r[i]).into_owned()))
+        .collect();
+    let rows = rows.as_slice();
     let mut width = header.map(str::len);
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {
@@ -350,8 +378,9 @@ pub fn endpoint(f: Format, e: &Endpoint) {
 pub fn lagging(what: &str, hosts: &[String]) {
     if !hosts.is_empty() {
         eprintln!(
-            "ovlctl: warning: {what}, but not yet confirmed by {}: they catch up on their own",
-            hosts.join(", ")
+            "ovlctl: warning: {}, but not yet confirmed by {}: they catch up on their own",
+            escape(what),
+            escape(&hosts.join(", "))
         );
     }
 }
@@ -417,5 +446,23 @@ pub fn fdb(f: Format, r: &FdbResponse) {
                 "kind": e.kind, "mac": e.mac, "ip": e.ip, "vtep": e.vtep, "state": e.state,
             })).collect::<Vec<_>>(),
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_strings_cannot_drive_the_terminal_or_forge_rows() {
+        assert_eq!(escape("web-1"), "web-1");
+        assert_eq!(escape("über"), "über");
+        assert_eq!(escape("a\x1b[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(escape("x\nfake row"), "x\\nfake row");
+        assert_eq!(escape("\u{202e}gpj"), "\\u{202e}gpj");
+        assert_eq!(escape("\u{9b}31m"), "\\u{9b}31m");
+        let t = render_table(&["NAME"], &[["evil\n\x1b[31mroot".to_string()]]);
+        assert_eq!(t.lines().count(), 2, "{t:?}");
+        assert!(!t.contains('\x1b'), "{t:?}");
     }
 }
