@@ -229,12 +229,12 @@ impl Config {
             dns_upstreams: if o.dns_upstream.is_empty() {
                 // Read once at start, in the host namespace (the agent's).
                 std::fs::read_to_string("/etc/resolv.conf")
-                    .map(|t| crate::dns::upstream::parse_resolv_conf(&t))
+                    .map(|t| crate::resolv_conf::parse_resolv_conf(&t))
                     .unwrap_or_default()
             } else {
                 o.dns_upstream
                     .iter()
-                    .map(|u| crate::dns::upstream::parse_upstream(u))
+                    .map(|u| crate::resolv_conf::parse_upstream(u))
                     .collect::<Result<_, _>>()
                     .map_err(ConfigError::BadUpstream)?
             },

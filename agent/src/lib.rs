@@ -21,5 +21,6 @@ pub mod persist;
 pub mod planner;
 pub mod reconcile;
 pub mod repair;
+pub mod resolv_conf;
 pub mod store;
 pub mod sync;

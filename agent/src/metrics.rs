@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Mutex;
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
 macro_rules! counters {
     ($($variant:ident => $name:literal),* $(,)?) => {
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,5 +190,37 @@ mod tests {
         assert_eq!(rl.check(t0 + Duration::from_secs(1)), None);
         assert_eq!(rl.check(t0 + Duration::from_secs(2)), None);
         assert_eq!(rl.check(t0 + Duration::from_secs(11)), Some(2));
+    }
+}
+
+/// Timing histograms, observed where the timed work happens.
+#[derive(Debug, Clone)]
+pub struct Timings {
+    /// One reconcile pass that programmed the kernel (not the cheap
+    /// "nothing changed" acks).
+    pub reconcile_pass: Histogram,
+    /// From an attach's store write to every live host of the network
+    /// confirming it programmed the endpoint (or `--attach-wait` ending).
+    pub attach_programmed: Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        // 1 ms .. ~16 s: a pass is milliseconds, a slow netlink dump or an
+        // attach waiting out its bound is seconds.
+        Self {
+            reconcile_pass: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            attach_programmed: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
+impl Timings {
+    pub fn reconcile_pass(&self, d: Duration) {
+        self.reconcile_pass.observe(d.as_secs_f64());
+    }
+
+    pub fn attach_programmed(&self, d: Duration) {
+        self.attach_programmed.observe(d.as_secs_f64());
     }
 }

@@ -39,7 +39,7 @@ pub struct Core {
     changes: watch::Sender<u64>,
     pub counters: Arc<Counters>,
     /// Reconcile and attach timings, for the metrics endpoint.
-    pub timings: crate::exporter::Timings,
+    pub timings: crate::metrics::Timings,
     pub dataplane: Dataplane,
     pub ipam: Ipam,
     /// Serialises endpoint mutations (attach, detach, withdraw) on this node.

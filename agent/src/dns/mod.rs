@@ -10,7 +10,6 @@ pub mod resolve;
 pub mod resolvers;
 pub mod server;
 pub mod table;
-pub mod upstream;
 
 pub use resolve::{Outcome, ReplyKind, Rotor, resolve, servfail};
 pub use table::{NameTable, NamedEndpoint};

@@ -11,9 +11,9 @@ use tracing::{info, warn};
 
 use super::server::{self, Server, Shared};
 use super::table::NameTable;
-use super::upstream::PORT;
 use crate::ids::NetworkId;
 use crate::metrics::RateLimit;
+use crate::resolv_conf::PORT;
 
 static BIND_LOG: RateLimit = RateLimit::new(Duration::from_secs(30));
 

@@ -21,47 +21,15 @@ mod http;
 
 pub use exposition::render;
 pub use http::{MetricsError, bind, serve};
+// The histograms live beside the counters (`metrics`), which `core` feeds;
+// the exporter only reads them (no core <-> exporter import cycle).
+pub use crate::metrics::Timings;
 
 use std::sync::Arc;
-use std::time::Duration;
-
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 use crate::core::Core;
 use crate::dataplane::encrypted::EngineCounters;
 use crate::membership::NodeStatus;
-
-/// Timing histograms, observed where the timed work happens.
-#[derive(Debug, Clone)]
-pub struct Timings {
-    /// One reconcile pass that programmed the kernel (not the cheap
-    /// "nothing changed" acks).
-    pub reconcile_pass: Histogram,
-    /// From an attach's store write to every live host of the network
-    /// confirming it programmed the endpoint (or `--attach-wait` ending).
-    pub attach_programmed: Histogram,
-}
-
-impl Default for Timings {
-    fn default() -> Self {
-        // 1 ms .. ~16 s: a pass is milliseconds, a slow netlink dump or an
-        // attach waiting out its bound is seconds.
-        Self {
-            reconcile_pass: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-            attach_programmed: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-        }
-    }
-}
-
-impl Timings {
-    pub fn reconcile_pass(&self, d: Duration) {
-        self.reconcile_pass.observe(d.as_secs_f64());
-    }
-
-    pub fn attach_programmed(&self, d: Duration) {
-        self.attach_programmed.observe(d.as_secs_f64());
-    }
-}
 
 /// What the gauges show, read once per scrape.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
