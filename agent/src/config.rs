@@ -16,7 +16,7 @@ pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
 #[derive(Parser, Debug, Default, Deserialize)]
 #[command(
     name = "ovl-agent",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("OVL_GIT_REVISION"), ")"),
     about = "ovl overlay network agent (one per host)"
 )]
 #[serde(deny_unknown_fields, default)]
@@ -90,6 +90,11 @@ pub struct Options {
     /// hold (repeatable) [default: the nameservers of /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "IP[:PORT]")]
     pub dns_upstream: Vec<String>,
+    /// Packaging only: write the man page and shell completions generated
+    /// from these definitions into DIR, then exit.
+    #[arg(long, value_name = "DIR", hide = true)]
+    #[serde(skip)]
+    pub generate_assets: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +278,7 @@ impl Options {
             } else {
                 self.dns_upstream
             },
+            generate_assets: self.generate_assets,
         }
     }
 }

@@ -19,7 +19,20 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 fn main() -> ExitCode {
-    let config = match Config::load(Options::parse()) {
+    let options = Options::parse();
+    if let Some(dir) = &options.generate_assets {
+        return match write_assets(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "ovl-agent: error: generate assets in {}: {e}",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match Config::load(options) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ovl-agent: error: {e}");
@@ -42,6 +55,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Packaging: DIR/man/ovl-agent.8 (a daemon: section 8) and the bash, zsh
+/// and fish completions, generated from the clap definitions.
+fn write_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Options::command();
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut page)?;
+    std::fs::write(man.join("ovl-agent.8"), page)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd, "ovl-agent", &completions)?;
+    }
+    Ok(())
 }
 
 /// Why a supervised task ended, for the exit message.

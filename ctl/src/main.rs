@@ -1,6 +1,7 @@
 //! ovlctl: the operator's CLI. A thin client of the local agent's gRPC API
 //! over its Unix socket; every error is one line and a non-zero exit.
 
+mod assets;
 mod client;
 mod encryption;
 mod output;
@@ -8,13 +9,17 @@ mod output;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ovl_proto::api::*;
 
 use output::Format;
 
 #[derive(Parser)]
-#[command(name = "ovlctl", version, about = "Control the local ovl agent")]
+#[command(
+    name = "ovlctl",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("OVL_GIT_REVISION"), ")"),
+    about = "Control the local ovl agent"
+)]
 struct Cli {
     /// The agent's API socket.
     #[arg(
@@ -56,6 +61,9 @@ enum Command {
     /// Peer hosts of the encrypted data plane: key epoch in use, next
     /// rotation, key fingerprints, traffic and drops per host, and totals.
     Peers,
+    /// Packaging only: write man pages and shell completions into DIR.
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +190,12 @@ enum ClusterCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::GenerateAssets { dir } = &cli.command {
+        return match assets::write(Cli::command(), dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&format!("generate assets in {}: {e}", dir.display())),
+        };
+    }
     let format = match cli.format {
         FormatArg::Table => Format::Table,
         FormatArg::Json => Format::Json,
@@ -305,6 +319,7 @@ async fn run(socket: PathBuf, format: Format, command: Command) -> Result<(), St
             let r = client::call(c.remove_node(RemoveNodeRequest { node })).await?;
             output::node_removed(format, &r);
         }
+        Command::GenerateAssets { .. } => return Err("generate-assets needs no agent".to_owned()),
         Command::Peers => {
             let r = client::call(n.peers(PeersRequest {})).await?;
             output::peers(format, &r);
