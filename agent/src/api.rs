@@ -177,13 +177,17 @@ fn core_status(e: CoreError) -> Status {
         Dataplane(crate::dataplane::DataplaneError::NoVtep { .. }) => {
             Status::failed_precondition(msg)
         }
-        Invalid(_) | NetnsArgs | BadIp(..) | BadMac(_) | BadIfname(_) | BadEndpointName(_) => {
-            Status::invalid_argument(msg)
-        }
+        Invalid(_) | NetnsArgs | BadIp(..) | BadMac(_) | BadIfname(_) | BadEndpointName(_)
+        | TooManyAliases(_) => Status::invalid_argument(msg),
         NameTaken(_) | VniTaken(..) | EndpointExists(..) | IpInUse(..) | MacInUse(..) => {
             Status::already_exists(msg)
         }
-        NoNetwork(_) | NoEndpoint(..) | Netns(..) | NoPid(_) => Status::not_found(msg),
+        NoNetwork(_) | NoEndpoint(..) | NoPid(_) => Status::not_found(msg),
+        NetnsRefused(_, crate::dataplane::NsRefusal::Missing) => Status::not_found(msg),
+        NetnsRefused(_, crate::dataplane::NsRefusal::PermissionDenied) => {
+            Status::permission_denied(msg)
+        }
+        NetnsRefused(..) => Status::invalid_argument(msg),
         NoVni | PoolExhausted(_) | IpamExhausted(_) => Status::resource_exhausted(msg),
         IpamUnreachable(..) => Status::unavailable(msg),
         Ipam(..) | Dataplane(_) | Store(_) | Random => Status::internal(msg),

@@ -136,7 +136,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let state_dir = config.state_dir.clone();
     let default_pool = config.default_address_pool;
     let node_id = identity.node_id;
-    let store = Store::load(&state_dir, node_id)?;
+    let store = Store::load(&state_dir, node_id, counters.clone())?;
     let ipam = Ipam::load(&state_dir, identity.key.clone())?;
     let mut dataplane = Dataplane::new(VxlanConfig {
         port: config.data_path_port,

@@ -24,6 +24,10 @@ macro_rules! counters {
 
 counters! {
     GossipRx => "gossip_rx",
+    StoreLogTorn => "store_log_torn",
+    StoreWriteFailed => "store_write_failed",
+    StoreTombstonesForced => "store_tombstones_forced",
+    ReconcileNetworkFailed => "reconcile_network_failed",
     GossipTx => "gossip_tx",
     GossipDropShort => "gossip_drop_short",
     GossipDropBadMagic => "gossip_drop_bad_magic",
@@ -32,11 +36,17 @@ counters! {
     GossipDropNewerKey => "gossip_drop_newer_key",
     GossipDropUnknownKey => "gossip_drop_unknown_key",
     GossipDropReplay => "gossip_drop_replay",
+    // A sealed, signed Syn/SynAck arriving from an address that is not its
+    // sender's gossip address: replying would reflect at a stranger.
+    GossipDropUnboundSource => "gossip_drop_unbound_source",
     ClusterKeyInstalled => "cluster_key_installed",
     ClusterKeyFetched => "cluster_key_fetched",
     ClusterKeyRefused => "cluster_key_refused",
     ClusterKeyServed => "cluster_key_served",
     PeerConnLimited => "peer_conn_limited",
+    // A TLS'd peer connection closed for carrying no call (see
+    // peer::listener::IDLE_NEVER_CALLED).
+    PeerIdleClosed => "peer_idle_closed",
     GossipDropUndecodable => "gossip_drop_undecodable",
     GossipDropOversize => "gossip_drop_oversize",
     GossipDropBadSender => "gossip_drop_bad_sender",
@@ -55,6 +65,11 @@ counters! {
     PeerGateNotMember => "peer_gate_not_member",
     PeerRequestTooLarge => "peer_request_too_large",
     NotifyHintAhead => "notify_hint_ahead",
+    // A peer gossiped a table version its own Pull reply did not reach.
+    GossipVersionAhead => "gossip_version_ahead",
+    // A Pull reply past the client's decoding limit (a member publishing
+    // more than any may), refused.
+    PullTooLarge => "pull_reply_too_large",
     // A callee whose certificate is not the node we called (pin failure).
     PeerReplyRefused => "peer_reply_refused",
     // A peer TLS connection refused at handshake: no or bad certificate,
@@ -63,6 +78,9 @@ counters! {
     PullServed => "peer_pull_served",
     RecordsInvalid => "records_invalid",
     RecordsRefused => "records_refused",
+    // Pulled records refused by the per-member bounds (store::bounds):
+    // too long, too many aliases or labels, or past a member's caps.
+    RecordsOverBounds => "records_over_bounds",
     NetworkBackdated => "network_backdated",
     // An IPAM ring entry whose writer had no authority over its addresses
     // (or whose signature is bad), refused by the merge.
@@ -100,6 +118,9 @@ counters! {
     DnsUpstreamFailures => "dns_upstream_failures",
     // A local API call from a caller that is not root (SO_PEERCRED).
     ApiCallerRefused => "api_caller_refused",
+    // An attach whose --netns/--pid is not a container's network
+    // namespace (missing, unreadable, a FIFO or file, the agent's own).
+    NetnsRefused => "netns_refused",
 }
 
 pub struct Counters {

@@ -114,7 +114,7 @@ impl PeerService {
     /// The caller's node id, from its certificate; it must be an admitted
     /// member, and any id the request claims must be that same one.
     async fn authenticate<T>(&self, req: &Request<T>) -> Result<NodeId, Status> {
-        let Some(conn) = req.extensions().get::<PeerConn>().copied() else {
+        let Some(conn) = req.extensions().get::<PeerConn>().cloned() else {
             return self.refuse(None, Status::unauthenticated("no TLS peer identity"));
         };
         if !self.core.cluster.in_cluster() {
@@ -169,7 +169,7 @@ impl PeerService {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
-        let conn = req.extensions().get::<PeerConn>().copied();
+        let conn = req.extensions().get::<PeerConn>().cloned();
         let req = req.into_inner();
         let Some(current) = self.cluster.admission() else {
             return self.refuse(
@@ -204,7 +204,7 @@ impl Peer for PeerService {
             &proof_input(keys.cluster_id, &req.client_nonce, me),
         );
         self.counters.inc(Counter::HelloServed);
-        debug!(peer = ?conn.map(|c| c.remote), node = ?conn.map(|c| c.node.to_string()), "hello answered");
+        debug!(peer = ?conn.as_ref().map(|c| c.remote), node = ?conn.as_ref().map(|c| c.node.to_string()), "hello answered");
         Ok(Response::new(HelloResponse {
             server_node_id: me.as_bytes().to_vec(),
             proof: tag.as_ref().to_vec(),
@@ -233,6 +233,11 @@ impl Peer for PeerService {
         let caller = self.authenticate(&req).await?;
         let since = req.into_inner().since;
         let (version, full, entries) = self.core.store().delta_since(since);
+        // Serve only what is on disk: a peer must never hold a version this
+        // node could lose in a crash (it would then look regressed).
+        if let Err(e) = self.core.persisted().await {
+            return Err(Status::unavailable(format!("table not yet durable: {e}")));
+        }
         self.core.served(caller, version);
         self.counters.inc(Counter::PullServed);
         Ok(Response::new(PullResponse {

@@ -15,6 +15,16 @@ pub struct PersistError {
     source: io::Error,
 }
 
+impl PersistError {
+    pub fn new(op: &'static str, path: &Path, source: io::Error) -> Self {
+        Self {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
 fn ctx<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PersistError + 'a {
     move |source| PersistError {
         op,

@@ -112,6 +112,35 @@ pub async fn run(core: Arc<Core>) {
     }
 }
 
+/// One network failed: counted, logged at most once per network per
+/// `NETWORK_LOG_PERIOD`, and the pass goes on with the others.
+fn network_failed(core: &Core, network: NetworkId, what: &str, e: &DataplaneError) {
+    core.counters.inc(Counter::ReconcileNetworkFailed);
+    let key = u64::from_le_bytes(network.as_bytes()[..8].try_into().unwrap_or_default());
+    if may_log(key, std::time::Instant::now()) {
+        warn!(network = %network, error = %e, "{what} this network failed; the others go on, it is retried next pass");
+    }
+}
+
+const NETWORK_LOG_PERIOD: Duration = Duration::from_secs(30);
+/// When each failing network (or VNI) last logged.
+static NETWORK_LOG: Mutex<std::collections::BTreeMap<u64, std::time::Instant>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+fn may_log(key: u64, now: std::time::Instant) -> bool {
+    let mut m = NETWORK_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if m.len() > 4096 {
+        m.retain(|_, t| now.duration_since(*t) < NETWORK_LOG_PERIOD);
+    }
+    match m.get(&key) {
+        Some(t) if now.duration_since(*t) < NETWORK_LOG_PERIOD => false,
+        _ => {
+            m.insert(key, now);
+            true
+        }
+    }
+}
+
 /// A pass, timed for `ovl_reconcile_pass_duration_seconds` (failed passes
 /// too: a pass that times out on netlink is exactly what the histogram
 /// must show).
@@ -270,7 +299,8 @@ async fn pass(
     if withdrawn > 0 {
         debug!(withdrawn, "orphaned endpoints withdrawn");
     }
-    let (programmed, plans) = desired(core, nodes).await;
+    let (programmed, mut plans) = desired(core, nodes).await;
+    let mut failed = HashSet::new();
     for (network, plan) in &plans {
         let report = match core.dataplane.ensure_network(plan).await {
             Ok(r) => r,
@@ -283,7 +313,11 @@ async fn pass(
                 }
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                network_failed(core, *network, "programming", &e);
+                failed.insert(*network);
+                continue;
+            }
         };
         if !report.is_empty() {
             info!(network = %network, vni = %plan.vni, added = report.added, removed = report.removed,
@@ -296,10 +330,20 @@ async fn pass(
     let keep: HashSet<_> = plans.iter().map(|(_, p)| p.vni).collect();
     for vni in present.networks {
         if !keep.contains(&vni) {
-            core.dataplane.remove_network(vni).await?;
-            info!(vni = %vni, "network devices removed (no local endpoint left)");
+            match core.dataplane.remove_network(vni).await {
+                Ok(()) => info!(vni = %vni, "network devices removed (no local endpoint left)"),
+                Err(e) => {
+                    core.counters.inc(Counter::ReconcileNetworkFailed);
+                    if may_log(u64::from(vni.get()) | 1 << 63, std::time::Instant::now()) {
+                        warn!(vni = %vni, error = %e, "removing a network's devices failed; retrying next pass");
+                    }
+                }
+            }
         }
     }
+    // A failed network is left out of what the pass applied, so the next
+    // wake-up runs a full pass again instead of taking it as programmed.
+    plans.retain(|(id, _)| !failed.contains(id));
     // Read under the endpoint lock: only an attach (which takes it) or
     // this pass program networks.
     let generation = core.dataplane.generation();

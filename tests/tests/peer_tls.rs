@@ -433,17 +433,6 @@ fn strangers_without_a_member_certificate_are_refused() {
     f.finish();
 }
 
-fn rss_kib(lab: &Lab, k: usize) -> u64 {
-    lab.agent_pid(k)
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Issue 8, peer server (7946/tcp): a stranger's call is refused from its
 /// headers (its body is never read), a member's request over its method's
 /// cap is refused as it arrives, both counted, without growing the agent;

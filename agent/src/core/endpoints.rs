@@ -57,68 +57,52 @@ fn valid_name(s: &str) -> bool {
 }
 
 fn netns_path(r: &NetnsRef) -> Result<PathBuf, CoreError> {
-    let path = match r {
-        NetnsRef::Path(p) if p.is_empty() => return Err(CoreError::NetnsArgs),
-        NetnsRef::Path(p) => PathBuf::from(p),
-        NetnsRef::Pid(0) => return Err(CoreError::NetnsArgs),
-        NetnsRef::Pid(pid) => {
-            let p = PathBuf::from(format!("/proc/{pid}/ns/net"));
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(CoreError::NoPid(*pid));
-            }
-            p
-        }
-    };
-    if !path.exists() {
-        return Err(CoreError::Netns(
-            path.display().to_string(),
-            "no such namespace file".into(),
-        ));
+    match r {
+        NetnsRef::Path(p) if p.is_empty() => Err(CoreError::NetnsArgs),
+        NetnsRef::Path(p) => Ok(PathBuf::from(p)),
+        NetnsRef::Pid(0) => Err(CoreError::NetnsArgs),
+        NetnsRef::Pid(pid) => Ok(PathBuf::from(format!("/proc/{pid}/ns/net"))),
     }
-    Ok(path)
+}
+
+/// Resolves and checks the namespace an attach names, off the runtime
+/// and before any lock is taken: a path that would block (a FIFO) or is
+/// not a container's network namespace is refused with one clear line
+/// and never delays other attaches and detaches (issue 8).
+async fn checked_netns(r: &NetnsRef) -> Result<PathBuf, CoreError> {
+    let path = netns_path(r)?;
+    let pid = match r {
+        NetnsRef::Pid(pid) => Some(*pid),
+        NetnsRef::Path(_) => None,
+    };
+    let p = path.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        if let Some(pid) = pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            return Err(CoreError::NoPid(pid));
+        }
+        crate::dataplane::open_container(&p)
+            .map(drop)
+            .map_err(|why| CoreError::NetnsRefused(p.display().to_string(), why))
+    })
+    .await
+    .map_err(|_| CoreError::Dataplane(crate::dataplane::DataplaneError::Worker))?;
+    checked.map(|()| path)
 }
 
 impl Core {
-    pub async fn attach(&self, spec: AttachSpec) -> Result<EndpointInfo, CoreError> {
-        self.require_cluster().await?;
-        let net = self.find_network_synced(&spec.network).await?;
-        if let Some(reason) = &net.conflict {
-            return Err(CoreError::Conflict(spec.network, reason.clone()));
-        }
-        let netns = netns_path(&spec.netns)?;
-        let ifname = if spec.ifname.is_empty() {
-            "eth0".to_string()
-        } else {
-            spec.ifname.clone()
-        };
-        if !valid_ifname(&ifname) {
-            return Err(CoreError::BadIfname(ifname));
-        }
-        for a in spec
-            .aliases
-            .iter()
-            .chain((!spec.name.is_empty()).then_some(&spec.name))
-        {
-            if !valid_name(a) {
-                return Err(CoreError::BadEndpointName(a.clone()));
-            }
-        }
-        let mac_given: Option<MacAddr> = match spec.mac.as_str() {
-            "" => None,
-            m => Some(m.parse()?),
-        };
-        let exact: Option<Ipv4Addr> = match spec.ip.as_str() {
-            "" => None,
-            ip => Some(self.check_exact_ip(&net, ip)?),
-        };
-
-        let guard = self.endpoint_lock.lock().await;
-        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?;
-        let name = if spec.name.is_empty() {
-            id.short()
-        } else {
-            spec.name.clone()
-        };
+    /// What an attach checks against the endpoints known: the name, the
+    /// exact address and the MAC are free. With `ip` (the address it got)
+    /// it returns the MAC to use.
+    async fn attach_checks(
+        &self,
+        net: &crate::store::NetworkView,
+        name: &str,
+        exact: Option<Ipv4Addr>,
+        mac_given: Option<MacAddr>,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Option<MacAddr>, CoreError> {
         let peers: Vec<EndpointView> = self
             .store()
             .endpoints()
@@ -126,7 +110,10 @@ impl Core {
             .filter(|e| e.network == net.id)
             .collect();
         if peers.iter().any(|e| e.name == name) {
-            return Err(CoreError::EndpointExists(name, net.name().to_string()));
+            return Err(CoreError::EndpointExists(
+                name.to_string(),
+                net.name().to_string(),
+            ));
         }
         if let Some(ip) = exact
             && let Some(e) = peers.iter().find(|e| e.ip == ip)
@@ -157,14 +144,88 @@ impl Core {
         if let Some(err) = mac_given.and_then(mac_in_use) {
             return Err(err);
         }
-        // Persist before effect: the address is ours on disk before anything
-        // in the kernel or the cluster refers to it.
-        let ip = self.allocate(&net, id, exact).await?;
+        let Some(ip) = ip else {
+            return Ok(None);
+        };
         let mac = mac_given.unwrap_or_else(|| MacAddr::from_ipv4(ip));
-        if let Some(err) = mac_in_use(mac) {
-            self.ipam.release(net.id, ip, 0).await;
-            return Err(err);
+        match mac_in_use(mac) {
+            Some(err) => Err(err),
+            None => Ok(Some(mac)),
         }
+    }
+
+    pub async fn attach(&self, spec: AttachSpec) -> Result<EndpointInfo, CoreError> {
+        self.require_cluster().await?;
+        let net = self.find_network_synced(&spec.network).await?;
+        if let Some(reason) = &net.conflict {
+            return Err(CoreError::Conflict(spec.network, reason.clone()));
+        }
+        let netns = match checked_netns(&spec.netns).await {
+            Ok(p) => p,
+            Err(e) => {
+                if matches!(e, CoreError::NetnsRefused(..)) {
+                    self.counters.inc(crate::metrics::Counter::NetnsRefused);
+                    warn!(error = %e, "attach refused");
+                }
+                return Err(e);
+            }
+        };
+        let ifname = if spec.ifname.is_empty() {
+            "eth0".to_string()
+        } else {
+            spec.ifname.clone()
+        };
+        if !valid_ifname(&ifname) {
+            return Err(CoreError::BadIfname(ifname));
+        }
+        if spec.aliases.len() > crate::store::bounds::MAX_ALIASES {
+            return Err(CoreError::TooManyAliases(spec.aliases.len()));
+        }
+        for a in spec
+            .aliases
+            .iter()
+            .chain((!spec.name.is_empty()).then_some(&spec.name))
+        {
+            if !valid_name(a) {
+                return Err(CoreError::BadEndpointName(a.clone()));
+            }
+        }
+        let mac_given: Option<MacAddr> = match spec.mac.as_str() {
+            "" => None,
+            m => Some(m.parse()?),
+        };
+        let exact: Option<Ipv4Addr> = match spec.ip.as_str() {
+            "" => None,
+            ip => Some(self.check_exact_ip(&net, ip)?),
+        };
+
+        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?;
+        let name = if spec.name.is_empty() {
+            id.short()
+        } else {
+            spec.name.clone()
+        };
+        // A name already taken fails before any address is taken.
+        self.attach_checks(&net, &name, exact, mac_given, None)
+            .await?;
+        // Persist before effect: the address is ours on disk before anything
+        // in the kernel or the cluster refers to it. Taken before the
+        // endpoint lock: finding space may ask a peer for a donation
+        // (RequestSpace), and no lock is held across a peer call (issue 8);
+        // the IPAM's own lock keeps concurrent allocations apart.
+        let ip = self.allocate(&net, id, exact).await?;
+        let guard = self.endpoint_lock.lock().await;
+        let mac = match self
+            .attach_checks(&net, &name, exact, mac_given, Some(ip))
+            .await
+        {
+            Ok(mac) => mac.unwrap_or_else(|| MacAddr::from_ipv4(ip)),
+            Err(e) => {
+                drop(guard);
+                self.ipam.release(net.id, ip, 0).await;
+                return Err(e);
+            }
+        };
         let prefix = net.pool.subnet.prefix();
         let mtu = self.network_mtu(&net);
         let local = LocalEndpoint {
@@ -201,12 +262,19 @@ impl Core {
             s.put(&key::endpoint(id), Value::Endpoint(record.clone()))
                 .map(|_| s.own().version())
         };
+        // Persist before effect: the record is on disk before attach returns.
+        let stored = match stored {
+            Ok(v) => self.persisted().await.map(|()| v).inspect_err(|_| {
+                let _ = self.store().delete(&key::endpoint(id));
+            }),
+            Err(e) => Err(e.into()),
+        };
         let version = match stored {
             Ok(v) => v,
             Err(e) => {
                 let _ = self.dataplane.detach(id).await;
                 self.ipam.release(net.id, ip, 0).await;
-                return Err(e.into());
+                return Err(e);
             }
         };
         self.notify();
@@ -317,6 +385,7 @@ impl Core {
             s.delete(&key::endpoint(ep.id))?;
             s.own().version()
         };
+        self.persisted().await?;
         self.notify();
         if let Err(e) = self.dataplane.detach(ep.id).await {
             warn!(endpoint = %ep.id, error = %e, "removing the veth failed; the reconciler retries");

@@ -38,7 +38,7 @@ pub enum CoreError {
     #[error("give exactly one of --netns PATH and --pid PID")]
     NetnsArgs,
     #[error("--netns {0}: {1}")]
-    Netns(String, String),
+    NetnsRefused(String, crate::dataplane::NsRefusal),
     #[error("--pid {0}: no such process")]
     NoPid(u32),
     #[error("--ip {0}: {1}")]
@@ -53,6 +53,8 @@ pub enum CoreError {
     BadIfname(String),
     #[error("--name/--alias {0:?}: use 1-63 letters, digits, '_', '.', '-'")]
     BadEndpointName(String),
+    #[error("{0} aliases: at most 32")]
+    TooManyAliases(usize),
     #[error("address allocation in network {0:?}: {1}")]
     Ipam(String, String),
     #[error("address allocation in network {0:?}: no space reachable: {1}")]

@@ -16,7 +16,7 @@ use ipnetwork::Ipv4Network;
 use ovl_proto::peer::SpaceRequest;
 use ovl_proto::records::{IpamRing, table_entry::Value};
 use tokio::sync::Mutex;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Core, CoreError};
 use ring::signature::Ed25519KeyPair;
@@ -270,6 +270,7 @@ impl Core {
     /// Merges only add knowledge, so such a merge is persisted lazily, with
     /// this host's next write of the network's state (`ipam` module docs).
     pub async fn merge_rings(&self) {
+        self.forget_removed_networks().await;
         let networks = self.store().networks();
         let nodes = self.cluster.members().await;
         let live: HashSet<NodeId> = nodes
@@ -333,6 +334,31 @@ impl Core {
         for id in touched {
             if let Err(e) = self.publish_ring(id).await {
                 warn!(network = %id, error = %e, "could not publish IPAM ring");
+            }
+        }
+    }
+
+    /// Drops the allocators (and their files) of networks our own table
+    /// holds a removal of: their space is never allocated again, and our
+    /// ring view left the table with the record (`republish_networks`).
+    /// Without this each removed network would cost every host that ever
+    /// had an endpoint in it memory and a file for good.
+    async fn forget_removed_networks(&self) {
+        let mut nets = self.ipam.nets.lock().await;
+        let gone: Vec<NetworkId> = {
+            let store = self.store();
+            nets.keys()
+                .filter(|id| store.own().get(&key::removal(**id)).is_some())
+                .copied()
+                .collect()
+        };
+        for id in gone {
+            nets.remove(&id);
+            match persist::remove_durable(&self.ipam.path(id)) {
+                Ok(()) => debug!(network = %id, "IPAM state of a removed network dropped"),
+                Err(e) => {
+                    warn!(network = %id, error = %e, "could not remove the IPAM state of a removed network")
+                }
             }
         }
     }

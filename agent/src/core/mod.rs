@@ -56,6 +56,9 @@ pub struct Core {
     /// Versions peers told us about (push path), ahead of gossip.
     hints: Mutex<std::collections::HashMap<NodeId, u64>>,
     hinted: tokio::sync::Notify,
+    /// Gossiped table versions whose owner's own Pull did not reach them
+    /// (or whose reply was refused): not pulled again until gossip moves.
+    overclaims: Mutex<std::collections::HashMap<NodeId, u64>>,
     /// Connections to peers, shared with the sync loop.
     channels: std::sync::OnceLock<Arc<Channels>>,
     /// The encrypted data plane's engine, for operator views (counters,
@@ -106,6 +109,7 @@ impl Core {
             hints: Mutex::new(std::collections::HashMap::new()),
             served: Mutex::new(std::collections::HashMap::new()),
             hinted: tokio::sync::Notify::new(),
+            overclaims: Mutex::new(std::collections::HashMap::new()),
             refused_seen: Mutex::new(std::collections::HashSet::new()),
             backdated_seen: Mutex::new(std::collections::HashSet::new()),
             reports_published: Mutex::new(std::collections::HashMap::new()),
@@ -165,6 +169,24 @@ impl Core {
             .unwrap_or(0)
     }
 
+    /// `peer` gossiped `version` but its own Pull reply did not bring us
+    /// there: that claim alone triggers no more pulls.
+    pub fn settle_claim(&self, peer: NodeId, version: u64) {
+        self.overclaims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, version);
+    }
+
+    /// The gossiped version of `peer` last settled by [`Self::settle_claim`].
+    pub fn settled_claim(&self, peer: NodeId) -> Option<u64> {
+        self.overclaims
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&peer)
+            .copied()
+    }
+
     pub async fn wait_hint(&self) {
         self.hinted.notified().await
     }
@@ -199,6 +221,17 @@ impl Core {
         let mtu = self.dataplane.refresh_underlay(addr).await?;
         self.underlay.store(mtu, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Waits until the own table as of now is on disk (persist before
+    /// effect), with no lock held while the writer thread works.
+    pub async fn persisted(&self) -> Result<(), CoreError> {
+        let wait = {
+            let s = self.store();
+            s.durable(s.ticket())
+        };
+        wait.await
+            .map_err(|e| CoreError::from(crate::store::StoreError::from(e)))
     }
 
     /// The store, for short, non-async critical sections.

@@ -144,6 +144,7 @@ impl Core {
             )?;
             s.put(&key::network(id), Value::Network(record))?;
         }
+        self.persisted().await?;
         self.notify();
         let mode = if spec.encrypted {
             NetworkMode::Encrypted
@@ -323,7 +324,9 @@ impl Core {
             )?;
             s.delete(&key::network(view.id))?;
             s.delete(&key::witness(view.id))?;
+            s.delete(&key::ipam(view.id))?;
         }
+        self.persisted().await?;
         self.notify();
         info!(network = %view.id, name = %view.name(), force, endpoints = eps.len(), "network removed");
         Ok(view.id)

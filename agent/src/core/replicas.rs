@@ -2,21 +2,27 @@
 //! network records learned from them (the pull half of table
 //! replication; `sync` decides when to pull).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use ovl_proto::records::{NetworkRemoval, NetworkWitness, table_entry::Value};
 use tracing::{debug, warn};
 
 use super::Core;
+use crate::ids::NetworkId;
 use crate::membership::{NodeStatus, NodeView};
 use crate::metrics::Counter;
 use crate::peer::Channels;
-use crate::store::key;
 use crate::store::networks::{self, NetworkView};
+use crate::store::{key, removals};
 
 static HINT_LOG: crate::metrics::RateLimit =
     crate::metrics::RateLimit::new(Duration::from_secs(10));
 static INVALID_LOG: crate::metrics::RateLimit =
+    crate::metrics::RateLimit::new(Duration::from_secs(10));
+static CLAIM_LOG: crate::metrics::RateLimit =
+    crate::metrics::RateLimit::new(Duration::from_secs(10));
+static BOUNDS_LOG: crate::metrics::RateLimit =
     crate::metrics::RateLimit::new(Duration::from_secs(10));
 static BACKDATED_LOG: crate::metrics::RateLimit =
     crate::metrics::RateLimit::new(Duration::from_secs(10));
@@ -59,6 +65,17 @@ impl Core {
         // The channel is pinned to `peer.id`: only that node can answer.
         let resp = match channels.pull(peer.gossip_addr, peer.id, since).await {
             Ok(r) => r,
+            Err(e) if e.code() == tonic::Code::OutOfRange => {
+                // Past the client's decoding limit: the peer publishes more
+                // than any member may. Retried once its version moves.
+                self.counters.inc(Counter::PullTooLarge);
+                self.settle_claim(peer.id, peer.table_version);
+                if let Some(suppressed) = CLAIM_LOG.check(std::time::Instant::now()) {
+                    warn!(peer = %peer.id, version = peer.table_version, error = %e, suppressed,
+                          "peer's table is larger than a member may publish: refused, not pulled again until its version moves");
+                }
+                return false;
+            }
             Err(e) => {
                 debug!(peer = %peer.id, code = ?e.code(), error = %e, "pull failed; retrying next round");
                 return false;
@@ -75,11 +92,21 @@ impl Core {
                       "peer notified a version beyond what it serves; hint dropped");
             }
         }
+        if peer.table_version > resp.version {
+            self.counters.inc(Counter::GossipVersionAhead);
+            self.settle_claim(peer.id, peer.table_version);
+            if let Some(suppressed) = CLAIM_LOG.check(std::time::Instant::now()) {
+                warn!(peer = %peer.id, gossiped = peer.table_version, served = resp.version, suppressed,
+                      "peer gossips a table version beyond what it serves; not pulled again until its gossip moves");
+            }
+        }
         let count = resp.entries.len();
         core.count_invalid(peer.id, &resp.entries);
         let mut store = core.store();
         match store.apply_replica(peer.id, since, resp.version, resp.full, resp.entries) {
-            Ok(changed) => {
+            Ok((changed, refused)) => {
+                drop(store);
+                self.count_bounded(peer.id, &refused);
                 debug!(peer = %peer.id, since, version = resp.version, entries = count, full = resp.full, "pulled");
                 changed
             }
@@ -88,6 +115,39 @@ impl Core {
                 store.drop_replica(peer.id);
                 false
             }
+        }
+    }
+
+    /// Counts and logs (rate-limited) the records refused by the
+    /// per-member bounds (`store::bounds`).
+    fn count_bounded(
+        &self,
+        owner: crate::ids::NodeId,
+        refused: &[crate::store::bounds::BoundError],
+    ) {
+        let Some(first) = refused.first() else {
+            return;
+        };
+        self.counters
+            .add(Counter::RecordsOverBounds, refused.len() as u64);
+        if let Some(suppressed) = BOUNDS_LOG.check(std::time::Instant::now()) {
+            warn!(peer = %owner, refused = refused.len(), first = %first, suppressed,
+                  "peer published records past the per-member bounds; they are refused");
+        }
+    }
+
+    /// Drops own tombstones every live peer has pulled past (a node that
+    /// left or is dead does not hold them back: it pulls the whole table
+    /// when it returns), keeping at most `MAX_TOMBSTONES` in any case.
+    pub async fn collect_tombstones(&self) {
+        let pulled = self.withdrawn_everywhere().await;
+        let r = self
+            .store()
+            .collect_tombstones(pulled, crate::store::MAX_TOMBSTONES);
+        match r {
+            Ok(0) => {}
+            Ok(n) => debug!(collected = n, pulled, "tombstones collected"),
+            Err(e) => warn!(error = %e, "could not log the tombstone collection"),
         }
     }
 
@@ -155,18 +215,36 @@ impl Core {
                 ));
             }
         }
+        let with_copies: HashSet<NetworkId> = src
+            .records
+            .iter()
+            .filter_map(|(_, r)| <[u8; 16]>::try_from(r.id.as_slice()).ok())
+            .map(NetworkId::from_bytes)
+            .collect();
+        let keep = removals::retained(&src.removed_at, &with_copies, now);
         for &id in &src.removed {
-            if store.own().get(&key::removal(id)).is_none() {
+            let held = store.own().get(&key::removal(id)).is_some();
+            if !keep.contains(&id) {
+                // No copy left anywhere and past the retention: the row goes.
+                if held {
+                    writes.push((key::removal(id), None));
+                }
+                continue;
+            }
+            if !held {
                 writes.push((
                     key::removal(id),
                     Some(Value::Removal(NetworkRemoval {
                         network_id: id.as_bytes().to_vec(),
-                        removed_at_ms: now,
+                        // The earliest time known, so that every host lets
+                        // it go at the same time (`store::removals`).
+                        removed_at_ms: src.removed_at.get(&id).copied().unwrap_or(now),
                     })),
                 ));
             }
-            // The witness goes with the record: one per live network.
-            for k in [key::network(id), key::witness(id)] {
+            // The witness and our IPAM ring view go with the record: one
+            // of each per live network.
+            for k in [key::network(id), key::witness(id), key::ipam(id)] {
                 if store.own().get(&k).is_some() {
                     writes.push((k, None));
                 }

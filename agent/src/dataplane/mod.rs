@@ -33,6 +33,7 @@ use rtnetlink::Handle;
 
 use crate::ids::{EndpointId, MacAddr, Vni};
 pub use crate::planner::{NetworkMode, NetworkPlan, PeerHost, RemoteEndpoint};
+pub use netns::{NsRefusal, open_container};
 pub use vtep::Vtep;
 pub use vxlan::miss::{Miss, Misses};
 pub use vxlan::{VxlanConfig, VxlanVtep};

@@ -38,15 +38,124 @@ pub(crate) fn connect_here() -> Result<(Handle, ConnTask), DataplaneError> {
     Ok((handle, spawn_conn(conn)))
 }
 
-/// Opens a namespace file (`/proc/PID/ns/net`, `/run/netns/NAME`).
+/// Why a path given as a container's network namespace was refused. Each
+/// says what the path really is, so the operator sees one clear line.
+#[derive(Debug, thiserror::Error)]
+pub enum NsRefusal {
+    #[error("no such namespace file")]
+    Missing,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("not a network namespace: {} is {kind}", path.display())]
+    NotNamespace { path: PathBuf, kind: &'static str },
+    #[error("is the agent's own network namespace")]
+    OwnNamespace,
+    #[error("cannot open: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl NsRefusal {
+    fn from_open(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::NotFound => Self::Missing,
+            io::ErrorKind::PermissionDenied => Self::PermissionDenied,
+            _ => Self::Io(e),
+        }
+    }
+}
+
+/// Opens `path` without ever blocking (O_NONBLOCK: a FIFO with no writer
+/// would hang a plain open, with whatever locks the caller holds) and
+/// checks it is a network namespace: an nsfs file whose `NS_GET_NSTYPE` is
+/// `CLONE_NEWNET`. Blocking syscalls: run off the async runtime.
+pub fn open_checked(path: &Path) -> Result<File, NsRefusal> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // std adds O_CLOEXEC itself.
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(NsRefusal::from_open)?;
+    let ft = file.metadata().map_err(NsRefusal::Io)?.file_type();
+    let not_ns = |kind| NsRefusal::NotNamespace {
+        path: path.to_owned(),
+        kind,
+    };
+    let kind = if ft.is_fifo() {
+        Some("a FIFO")
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_char_device() || ft.is_block_device() {
+        Some("a device")
+    } else {
+        None
+    };
+    if let Some(kind) = kind {
+        return Err(not_ns(kind));
+    }
+    if !is_nsfs(&file).map_err(NsRefusal::Io)? {
+        return Err(not_ns("a regular file"));
+    }
+    if ns_type(&file).map_err(NsRefusal::Io)? != libc::CLONE_NEWNET {
+        return Err(not_ns("a namespace of another type"));
+    }
+    Ok(file)
+}
+
+/// [`open_checked`], and not the namespace the agent itself runs in
+/// (`/proc/self/ns/net`, compared by device and inode): attaching the
+/// host's namespace as a container would move the host's interfaces.
+pub fn open_container(path: &Path) -> Result<File, NsRefusal> {
+    use std::os::unix::fs::MetadataExt;
+    let file = open_checked(path)?;
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(NsRefusal::Io)?;
+    let got = file.metadata().map_err(NsRefusal::Io)?;
+    if (got.dev(), got.ino()) == (own.dev(), own.ino()) {
+        return Err(NsRefusal::OwnNamespace);
+    }
+    Ok(file)
+}
+
+fn is_nsfs(file: &File) -> io::Result<bool> {
+    // SAFETY: statfs is plain old data, so all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the duration of the call and `st`
+    // is a valid, writable statfs.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The width of f_type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64 == libc::NSFS_MAGIC as i64)
+}
+
+fn ns_type(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the
+    // descriptor, which is open for the duration of the call.
+    let t = unsafe { libc::ioctl(file.as_raw_fd(), libc::NS_GET_NSTYPE) };
+    if t < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t)
+}
+
+/// Opens a namespace file (`/proc/PID/ns/net`, `/run/netns/NAME`),
+/// checked as [`open_checked`] does, so a path swapped after the API's
+/// check cannot hang the data plane either.
 pub(crate) fn open(path: &Path) -> Result<File, DataplaneError> {
-    File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => DataplaneError::NamespaceMissing {
+    open_checked(path).map_err(|e| match e {
+        NsRefusal::Missing => DataplaneError::NamespaceMissing {
             path: path.to_owned(),
         },
-        _ => DataplaneError::NamespaceEnter {
+        NsRefusal::Io(source) => DataplaneError::NamespaceEnter {
             path: path.to_owned(),
-            source: e,
+            source,
+        },
+        other => DataplaneError::NamespaceEnter {
+            path: path.to_owned(),
+            source: io::Error::other(other.to_string()),
         },
     })
 }
@@ -86,4 +195,41 @@ pub(crate) async fn connect_in(path: &Path) -> Result<(Handle, ConnTask), Datapl
         .map_err(DataplaneError::Socket)?;
     let (conn, handle, _) = rx.await.map_err(|_| DataplaneError::Worker)??;
     Ok((handle, spawn_conn(conn)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_a_file_a_directory_and_a_missing_path_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("ovl-netns-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let msg = |p: &Path| open_container(p).unwrap_err().to_string();
+        assert_eq!(
+            msg(&fifo),
+            format!("not a network namespace: {} is a FIFO", fifo.display())
+        );
+        assert!(msg(&file).ends_with("is a regular file"), "{}", msg(&file));
+        assert!(msg(&dir).ends_with("is a directory"), "{}", msg(&dir));
+        assert_eq!(msg(&dir.join("missing")), "no such namespace file");
+        // Our own namespace is a network namespace, but not a container's.
+        assert!(open_checked(Path::new("/proc/self/ns/net")).is_ok());
+        assert_eq!(
+            msg(Path::new("/proc/self/ns/net")),
+            "is the agent's own network namespace"
+        );
+        assert!(
+            msg(Path::new("/proc/self/ns/uts")).ends_with("a namespace of another type"),
+            "{}",
+            msg(Path::new("/proc/self/ns/uts"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -62,6 +62,8 @@ pub fn render(counters: &Counters, timings: &Timings, snap: &Snapshot) -> String
         endpoints,
     );
 
+    table(&mut r, &snap.table);
+
     r.register_with_unit(
         "reconcile_pass_duration",
         "Reconcile passes that read and programmed the kernel",
@@ -87,6 +89,55 @@ pub fn render(counters: &Counters, timings: &Timings, snap: &Snapshot) -> String
         out.push_str("# EOF\n");
     }
     out
+}
+
+fn table(r: &mut Registry, t: &crate::store::TableStats) {
+    let rows = Family::<Labels, Gauge>::default();
+    let tombstones = Family::<Labels, Gauge>::default();
+    for (which, n, d) in [
+        ("own", t.own_rows, t.own_tombstones),
+        ("replicas", t.replica_rows, t.replica_tombstones),
+    ] {
+        rows.get_or_create(&label("table", which)).set(gauge(n));
+        tombstones
+            .get_or_create(&label("table", which))
+            .set(gauge(d));
+    }
+    r.register(
+        "table_rows",
+        "Rows held in the tables, tombstones included",
+        rows,
+    );
+    r.register(
+        "table_tombstones",
+        "Deleted rows kept until every live peer pulled past them",
+        tombstones,
+    );
+    for (name, help, v) in [
+        ("table_version", "The own table's version", t.own_version),
+        (
+            "table_durable_version",
+            "The own table's version on disk",
+            t.durable_version,
+        ),
+        (
+            "table_compacted_version",
+            "Own tombstones at or below this version were collected",
+            t.compacted,
+        ),
+    ] {
+        r.register(name, help, ConstGauge::new(gauge(v)));
+    }
+    r.register(
+        "store_fsyncs",
+        "fsync calls of the store writer (group commit: fewer than writes)",
+        ConstCounter::new(t.fsyncs),
+    );
+    r.register(
+        "store_snapshots",
+        "Snapshots the store writer folded its log into",
+        ConstCounter::new(t.snapshots),
+    );
 }
 
 fn encrypted(r: &mut Registry, engine: &crate::dataplane::encrypted::EngineCounters) {
@@ -191,6 +242,11 @@ mod tests {
             local_endpoints: 1,
             remote_endpoints: 4,
             engine: None,
+            table: crate::store::TableStats {
+                own_rows: 12,
+                own_tombstones: 3,
+                ..Default::default()
+            },
         }
     }
 
@@ -220,6 +276,20 @@ mod tests {
         }
         assert_eq!(sample(&text, "ovl_gossip_drop_bad_tag_total"), Some(2.0));
         assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    }
+
+    #[test]
+    fn table_gauges_show_rows_and_tombstones() {
+        let text = render(&Counters::default(), &Timings::default(), &snapshot());
+        assert_eq!(sample(&text, "ovl_table_rows{table=\"own\"}"), Some(12.0));
+        assert_eq!(
+            sample(&text, "ovl_table_tombstones{table=\"own\"}"),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, "ovl_table_tombstones{table=\"replicas\"}"),
+            Some(0.0)
+        );
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub remote_endpoints: u64,
     /// The encrypted engine's counters, when it runs.
     pub engine: Option<EngineCounters>,
+    /// Table sizes and tombstones (own and replicas), and the writer's work.
+    pub table: crate::store::TableStats,
 }
 
 impl Snapshot {
@@ -57,9 +59,13 @@ impl Snapshot {
             })
             .collect();
         let me = core.cluster.node_id();
-        let (networks, endpoints) = {
+        let (networks, endpoints, table) = {
             let store = core.store();
-            (store.networks().len() as u64, store.endpoints())
+            (
+                store.networks().len() as u64,
+                store.endpoints(),
+                store.stats(),
+            )
         };
         let local = endpoints.iter().filter(|e| e.owner == me).count() as u64;
         Snapshot {
@@ -68,6 +74,7 @@ impl Snapshot {
             local_endpoints: local,
             remote_endpoints: endpoints.len() as u64 - local,
             engine: core.engine().map(|e| e.counters()),
+            table,
         }
     }
 }

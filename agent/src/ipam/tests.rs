@@ -522,21 +522,19 @@ fn bootstrap_takes_the_majority_so_one_liar_cannot_move_an_address() {
     assert_eq!(rep.forged.len(), 1);
 }
 
-/// Property: for honest writers any merge order converges, and a forged
-/// entry (a member writing addresses it does not own) never takes effect
-/// on an honest host. Random donations among 4 hosts, random partial
-/// gossip, one liar forging at random; seeded, many cases.
-#[test]
-fn property_honest_writers_converge_and_forgeries_never_take_effect() {
-    let mut rng = 0x5eed_u64;
-    let mut next = move || {
-        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
-    for _case in 0..60 {
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Property: for honest writers any merge order converges, and a forged
+    /// entry (a member writing addresses it does not own) never takes
+    /// effect on an honest host. Random donations among 4 hosts, random
+    /// partial gossip, one liar forging at random: every choice is drawn
+    /// from `choices` (proptest generates and shrinks them).
+    #[test]
+    fn property_honest_writers_converge_and_forgeries_never_take_effect(
+        choices in proptest::collection::vec(proptest::prelude::any::<u64>(), 64..512)
+    ) {
+        let mut it = choices.iter().copied().cycle();
+        let mut next = move || it.next().unwrap_or(0);
         let mut hosts = vec![Allocator::create(s(1), pool24())];
         for i in 2..=4u8 {
             hosts.push(Allocator::join(s(i), hosts[0].ring().clone()));

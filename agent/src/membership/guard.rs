@@ -354,6 +354,27 @@ impl Guard {
     }
 }
 
+/// Whether chitchat's reply to a datagram from `from` goes back to its
+/// authenticated `sender`. A Syn or SynAck draws a reply to the source
+/// address, so it must come from the gossip address the sender's own
+/// signed digest entry names; otherwise a captured datagram resent from a
+/// spoofed source would reflect a reply (up to 8x larger, growing with the
+/// cluster) at a stranger (issue 8). An Ack draws nothing.
+pub fn replies_to_sender(bytes: &[u8], sender: NodeId, from: SocketAddr) -> bool {
+    let Ok(msg) = wire::parse_head(bytes) else {
+        // Refused later as malformed, and counted there.
+        return true;
+    };
+    if !matches!(msg.kind, wire::Kind::Syn | wire::Kind::SynAck) {
+        return true;
+    }
+    let canon = |a: SocketAddr| (a.ip().to_canonical(), a.port());
+    msg.digest.iter().any(|e| {
+        e.id.node_id.parse::<NodeId>().ok() == Some(sender)
+            && canon(e.id.gossip_addr) == canon(from)
+    })
+}
+
 /// `ops` without the node blocks (a `Node` op and its key-values) of
 /// `nodes`.
 fn without_nodes(ops: &[DeltaOp], nodes: &BTreeSet<NodeId>) -> Vec<DeltaOp> {
@@ -669,5 +690,29 @@ mod tests {
         );
         let (a, _) = admit_in(&mut g, fresh.id, &own, OPEN).unwrap();
         assert_eq!(a.admit, None, "no set to join");
+    }
+
+    #[test]
+    fn a_syn_draws_a_reply_only_towards_its_senders_own_gossip_address() {
+        let (a, b) = (node(7946, 1), node(7946, 2));
+        let at = a.wire.gossip_addr;
+        let elsewhere = SocketAddr::from(([198, 18, 9, 9], 7946));
+        let syn = encode_message(Kind::Syn, &[entry(&b.wire, 1), entry(&a.wire, 1)], &[]);
+        assert!(replies_to_sender(&syn, a.id, at));
+        assert!(!replies_to_sender(&syn, a.id, elsewhere), "spoofed source");
+        assert!(
+            !replies_to_sender(&syn, a.id, SocketAddr::from(([198, 18, 0, 10], 7947))),
+            "same host, other port"
+        );
+        // A digest naming the sender only at another address, or not at
+        // all, binds no reply address.
+        let other = encode_message(Kind::Syn, &[entry(&b.wire, 1)], &[]);
+        assert!(!replies_to_sender(&other, a.id, at));
+        let synack = encode_message(Kind::SynAck, &[entry(&a.wire, 1)], &[]);
+        assert!(!replies_to_sender(&synack, a.id, elsewhere));
+        assert!(replies_to_sender(&synack, a.id, at));
+        // An Ack draws no reply: wherever it comes from, it passes here.
+        let ack = encode_message(Kind::Ack, &[], &[rec(&a, 1, false)]);
+        assert!(replies_to_sender(&ack, a.id, elsewhere));
     }
 }

@@ -327,4 +327,58 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert_eq!(ReplayCache::key_of(&[0; 3]), None);
     }
+
+    /// Property (seeded, many cases): the cache never holds more than its
+    /// cap; it refuses only datagrams it accepted before; and it always
+    /// refuses a replay of one of the last `cap - 1` it accepted that is
+    /// still within the horizon.
+    #[test]
+    fn property_the_replay_cache_is_bounded_exact_and_catches_recent_replays() {
+        let mut x = 0x5eed_u64;
+        let mut next = move || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        for _case in 0..200 {
+            let cap = 1 + (next() % 16) as usize;
+            let horizon = 1 + next() % 5_000;
+            let mut c = ReplayCache::new(horizon, cap);
+            let mut now = 1_000_000u64;
+            let mut accepted: Vec<(u64, u64)> = Vec::new();
+            for _step in 0..300 {
+                now += next() % 400;
+                // A replay of a recent datagram, or a fresh one (sent up to
+                // a second in the future or the past).
+                let replay = next() % 3 == 0 && !accepted.is_empty();
+                let key = if replay {
+                    let back = (next() as usize % accepted.len().min(cap + 2)) + 1;
+                    accepted[accepted.len() - back].0
+                } else {
+                    next()
+                };
+                let sent_at = now + next() % 2_000 - 1_000;
+                let must_refuse = accepted
+                    .iter()
+                    .rev()
+                    .take(cap - 1)
+                    .any(|&(k, at)| k == key && at + horizon >= now);
+                let first = c.first_time(key, sent_at, now);
+                assert!(c.len() <= cap, "over the cap");
+                if !first {
+                    assert!(
+                        accepted.iter().any(|a| a.0 == key),
+                        "refused a new datagram"
+                    );
+                } else {
+                    accepted.push((key, sent_at.max(now)));
+                }
+                if must_refuse {
+                    assert!(!first, "a recent replay passed");
+                }
+            }
+        }
+    }
 }

@@ -274,6 +274,14 @@ impl Socket for SealedSocket {
                 }
                 continue;
             };
+            if !super::guard::replies_to_sender(body, sender, from) {
+                self.counters.inc(Counter::GossipDropUnboundSource);
+                if let Some(n) = DROP_LOG.check(Instant::now()) {
+                    warn!(peer = %from, sender = %sender, suppressed = n,
+                          "gossip datagram dropped: it would draw a reply to an address that is not its sender's");
+                }
+                continue;
+            }
             let admitted = {
                 let mut guard = self.signing.guard.lock().unwrap_or_else(|e| e.into_inner());
                 let removed = self

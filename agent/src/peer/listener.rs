@@ -42,18 +42,90 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// restart briefly two).
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
+/// A connection that carried no call at all for this long is closed: a
+/// member's channel is opened for a call and carries it at once, so only
+/// a holder of some certificate that sits idle gets here (issue 8).
+pub const IDLE_NEVER_CALLED: Duration = Duration::from_secs(10);
+/// A connection with no call in flight for this long is closed (a
+/// member's channel reconnects on its next call).
+pub const IDLE_AFTER_CALLS: Duration = Duration::from_secs(600);
+
 /// The start of a plaintext HTTP/2 connection (RFC 9113 §3.4).
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 static TLS_REFUSE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
 
 /// Who is on the other end of a peer connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PeerConn {
     pub remote: SocketAddr,
     /// Derived from the certificate's Ed25519 key, which the handshake
     /// proved the caller holds.
     pub node: NodeId,
+    /// Calls on this connection, for the idle timeout (the gate marks them).
+    pub calls: Arc<CallActivity>,
+}
+
+/// Calls in flight on one connection and when the last one ended.
+/// Sans-IO: the caller passes the time.
+#[derive(Debug)]
+pub struct CallActivity {
+    state: Mutex<Activity>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Activity {
+    in_flight: usize,
+    /// Connection start, then the end of the last call.
+    since: Instant,
+    called: bool,
+}
+
+/// Marks one call in flight until dropped.
+pub struct CallMark(Arc<CallActivity>);
+
+impl Drop for CallMark {
+    fn drop(&mut self) {
+        let mut a = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        a.in_flight = a.in_flight.saturating_sub(1);
+        a.since = Instant::now();
+    }
+}
+
+impl CallActivity {
+    pub fn new(now: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(Activity {
+                in_flight: 0,
+                since: now,
+                called: false,
+            }),
+        })
+    }
+
+    /// A call starts; it ends when the mark is dropped.
+    pub fn begin(self: &Arc<Self>) -> CallMark {
+        let mut a = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        a.in_flight += 1;
+        a.called = true;
+        CallMark(self.clone())
+    }
+
+    /// `None` when the connection is idle past its timeout at `now`,
+    /// otherwise the next time to look again.
+    pub fn alive_until(&self, now: Instant) -> Option<Instant> {
+        let a = *self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if a.in_flight > 0 {
+            return Some(now + IDLE_NEVER_CALLED);
+        }
+        let idle = if a.called {
+            IDLE_AFTER_CALLS
+        } else {
+            IDLE_NEVER_CALLED
+        };
+        let deadline = a.since + idle;
+        (deadline > now).then_some(deadline)
+    }
 }
 
 /// Why a connection was refused before its handshake.
@@ -133,13 +205,41 @@ pub struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerConn,
     _slot: ConnSlot,
+    idle: Pin<Box<tokio::time::Sleep>>,
+    counters: Arc<Counters>,
+}
+
+static IDLE_LOG: RateLimit = RateLimit::new(Duration::from_secs(10));
+
+impl TlsConn {
+    /// Fails the connection once it has been idle past its timeout; hyper
+    /// then closes it, and its connection slot is freed.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        while self.idle.as_mut().poll(cx).is_ready() {
+            match self.info.calls.alive_until(Instant::now()) {
+                Some(next) => self.idle.as_mut().reset(next.into()),
+                None => {
+                    self.counters.inc(Counter::PeerIdleClosed);
+                    if let Some(suppressed) = IDLE_LOG.check(Instant::now()) {
+                        debug!(peer = %self.info.remote, node = %self.info.node, suppressed,
+                               "idle peer connection closed");
+                    }
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer connection idle",
+                    ));
+                }
+            }
+        }
+        Poll::Pending
+    }
 }
 
 impl Connected for TlsConn {
     type ConnectInfo = PeerConn;
 
     fn connect_info(&self) -> PeerConn {
-        self.info
+        self.info.clone()
     }
 }
 
@@ -149,6 +249,9 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.poll_idle(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -199,7 +302,7 @@ async fn handshake(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
-    counters: &Counters,
+    counters: &Arc<Counters>,
     slot: ConnSlot,
 ) -> Option<TlsConn> {
     let _ = tcp.set_nodelay(true);
@@ -245,10 +348,17 @@ async fn handshake(
         }
     };
     debug!(peer = %remote, node = %node, "peer TLS connection");
+    let now = Instant::now();
     Some(TlsConn {
         inner: tls,
-        info: PeerConn { remote, node },
+        info: PeerConn {
+            remote,
+            node,
+            calls: CallActivity::new(now),
+        },
         _slot: slot,
+        idle: Box::pin(tokio::time::sleep_until((now + IDLE_NEVER_CALLED).into())),
+        counters: counters.clone(),
     })
 }
 
@@ -325,5 +435,22 @@ mod tests {
         drop(a1);
         assert_eq!(l.open(), 2);
         assert!(l.admit(b).is_ok(), "a freed slot is reusable");
+    }
+
+    #[test]
+    fn a_connection_without_calls_times_out_and_one_with_a_call_in_flight_never() {
+        let t0 = Instant::now();
+        let a = CallActivity::new(t0);
+        assert_eq!(a.alive_until(t0), Some(t0 + IDLE_NEVER_CALLED));
+        assert_eq!(a.alive_until(t0 + IDLE_NEVER_CALLED), None, "never called");
+        let mark = a.begin();
+        assert!(
+            a.alive_until(t0 + IDLE_AFTER_CALLS * 2).is_some(),
+            "in flight"
+        );
+        drop(mark);
+        let ended = a.state.lock().unwrap().since;
+        assert_eq!(a.alive_until(ended), Some(ended + IDLE_AFTER_CALLS));
+        assert_eq!(a.alive_until(ended + IDLE_AFTER_CALLS), None);
     }
 }

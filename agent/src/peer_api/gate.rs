@@ -120,9 +120,11 @@ where
         let (core, counters) = (self.core.clone(), self.counters.clone());
         Box::pin(async move {
             let rule = rule_for(req.uri().path());
-            let conn = req.extensions().get::<PeerConn>().copied();
+            let conn = req.extensions().get::<PeerConn>().cloned();
+            // The call counts against the idle timeout until it is answered.
+            let _call = conn.as_ref().map(|c| c.calls.begin());
             if rule.members_only {
-                let member = match conn {
+                let member = match &conn {
                     Some(c) => super::is_member(&core, c.node).await,
                     None => false,
                 };

@@ -4,23 +4,36 @@
 //! Everything above (api) writes here; everything below (sync, reconciler)
 //! reads from here.
 
+pub mod bounds;
+pub mod log;
 pub mod networks;
 pub mod ownership;
+pub mod removals;
 pub mod table;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use ovl_proto::records::{EndpointRecord, TableEntry, TableSnapshot, table_entry::Value};
-use prost::Message;
+use ovl_proto::records::{EndpointRecord, TableEntry, table_entry::Value};
+use tracing::warn;
 
 use crate::ids::{EndpointId, MacAddr, NetworkId, NodeId};
+use crate::metrics::{Counter, Counters};
 use crate::persist::{self, PersistError};
+use log::LogRecord;
 pub use networks::NetworkView;
 pub use table::{ApplyError, Table};
+pub use writer::{Ticket, WriteError, Writer};
 
+/// The snapshot (the first format's only file, same encoding).
 const TABLE_FILE: &str = "table.pb";
+/// Changes since the snapshot (`store::log`).
+const LOG_FILE: &str = "table.log";
+/// Tombstones kept at most, whatever peers pulled (`Table::gc_floor`).
+pub const MAX_TOMBSTONES: usize = 4096;
 
 /// Keys of the entries a table may hold.
 pub mod key {
@@ -55,6 +68,22 @@ pub enum StoreError {
     Persist(#[from] PersistError),
     #[error("{0}: corrupt table ({1}); move it aside to start with an empty table")]
     Corrupt(PathBuf, prost::DecodeError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+/// Sizes for diagnostics and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TableStats {
+    pub own_version: u64,
+    pub own_rows: u64,
+    pub own_tombstones: u64,
+    pub compacted: u64,
+    pub replica_rows: u64,
+    pub replica_tombstones: u64,
+    pub durable_version: u64,
+    pub fsyncs: u64,
+    pub snapshots: u64,
 }
 
 /// An endpoint row as the data plane and the API use it.
@@ -69,6 +98,17 @@ pub struct EndpointView {
     pub mac: MacAddr,
     pub vtep: IpAddr,
     pub record: EndpointRecord,
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), PersistError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| {
+            f.set_len(len)?;
+            f.sync_all()
+        })
+        .map_err(|e| PersistError::new("truncate", path, e))
 }
 
 impl EndpointView {
@@ -90,26 +130,53 @@ impl EndpointView {
 
 pub struct Store {
     me: NodeId,
-    path: PathBuf,
     own: Table,
+    /// Bumped by `clear`, so tickets from before it resolve.
+    epoch: u64,
     replicas: BTreeMap<NodeId, Table>,
+    writer: Writer,
+    counters: Arc<Counters>,
 }
 
 impl Store {
-    pub fn load(state_dir: &Path, me: NodeId) -> Result<Self, StoreError> {
-        let path = state_dir.join(TABLE_FILE);
-        let own = match persist::read_optional(&path)? {
-            Some(raw) => Table::from_snapshot(
-                TableSnapshot::decode(raw.as_slice())
-                    .map_err(|e| StoreError::Corrupt(path.clone(), e))?,
-            ),
+    /// Loads the snapshot and replays the log after it (a torn tail is cut
+    /// off, counted and logged), then starts the writer thread. Blocking:
+    /// call it before serving, or off the runtime.
+    pub fn load(state_dir: &Path, me: NodeId, counters: Arc<Counters>) -> Result<Self, StoreError> {
+        let snap = state_dir.join(TABLE_FILE);
+        let log_path = state_dir.join(LOG_FILE);
+        let mut own = match persist::read_optional(&snap)? {
+            Some(raw) => {
+                log::decode_snapshot(&raw).map_err(|e| StoreError::Corrupt(snap.clone(), e))?
+            }
             None => Table::default(),
         };
+        let raw = persist::read_optional(&log_path)?.unwrap_or_default();
+        let decoded = log::decode_log(&raw);
+        if let Some(torn) = &decoded.torn {
+            counters.inc(Counter::StoreLogTorn);
+            warn!(path = %log_path.display(), kept = decoded.valid_len, dropped = raw.len() - decoded.valid_len,
+                  reason = %torn, "state log has a torn or corrupt tail (crash mid-write?); the rest is ignored");
+            truncate(&log_path, decoded.valid_len as u64)?;
+        }
+        log::replay(&mut own, decoded.records);
+        let writer = Writer::spawn(
+            writer::Paths {
+                snapshot: snap,
+                log: log_path,
+            },
+            me.as_bytes().to_vec(),
+            own.clone(),
+            decoded.valid_len as u64,
+            counters.clone(),
+        )?;
         Ok(Self {
             me,
-            path,
             own,
+            epoch: 0,
             replicas: BTreeMap::new(),
+            writer,
+            counters,
         })
     }
 
@@ -121,43 +188,96 @@ impl Store {
         &self.own
     }
 
-    /// Sets an own entry, persisted before returning. `Ok(false)`: unchanged.
+    /// Sets an own entry in memory and queues it for the writer.
+    /// `Ok(false)`: unchanged. Persist before effect: a caller whose
+    /// change must survive a crash before it acts waits for
+    /// [`Store::durable`] of [`Store::ticket`] after dropping the lock.
     pub fn put(&mut self, key: &str, value: Value) -> Result<bool, StoreError> {
-        let before = self.own.clone();
-        if !self.own.put(key, value) {
-            return Ok(false);
+        match self.own.put(key, value) {
+            Some(e) => self.log(LogRecord::entry(e)),
+            None => Ok(false),
         }
-        self.persist_or_revert(before)
     }
 
     pub fn delete(&mut self, key: &str) -> Result<bool, StoreError> {
-        let before = self.own.clone();
-        if !self.own.delete(key) {
-            return Ok(false);
+        match self.own.delete(key) {
+            Some(e) => self.log(LogRecord::entry(e)),
+            None => Ok(false),
         }
-        self.persist_or_revert(before)
     }
 
-    /// Forgets everything (after leaving the cluster).
-    pub fn clear(&mut self) -> Result<(), StoreError> {
-        self.replicas.clear();
-        self.own = Table::default();
-        persist::remove_durable(&self.path)?;
-        Ok(())
-    }
-
-    fn persist_or_revert(&mut self, before: Table) -> Result<bool, StoreError> {
-        let bytes = self.own.snapshot(self.me.as_bytes()).encode_to_vec();
-        if let Err(e) = persist::write_atomic(&self.path, &bytes) {
-            // Persist before effect: what is not on disk did not happen.
-            self.own = before;
-            return Err(e.into());
-        }
+    fn log(&mut self, r: LogRecord) -> Result<bool, StoreError> {
+        self.writer.send(writer::Op::Record(Box::new(r)))?;
         Ok(true)
     }
 
+    /// The point a caller waits for to see its changes so far on disk.
+    pub fn ticket(&self) -> Ticket {
+        Ticket {
+            epoch: self.epoch,
+            version: self.own.version(),
+        }
+    }
+
+    /// Resolves once `t` is on disk; borrows nothing of the store.
+    pub fn durable(
+        &self,
+        t: Ticket,
+    ) -> impl Future<Output = Result<(), WriteError>> + Send + 'static {
+        self.writer.waiter().wait(t)
+    }
+
+    pub fn writer(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// Forgets everything (after leaving the cluster); the files go on the
+    /// writer thread (wait for the ticket to know they are gone).
+    pub fn clear(&mut self) -> Result<(), StoreError> {
+        self.replicas.clear();
+        self.own = Table::default();
+        self.epoch += 1;
+        self.writer.send(writer::Op::Clear)?;
+        Ok(())
+    }
+
+    /// Collects own tombstones every live peer pulled past (`pulled`),
+    /// keeping at most `max` whatever. The number collected.
+    pub fn collect_tombstones(&mut self, pulled: u64, max: usize) -> Result<usize, StoreError> {
+        let floor = self.own.gc_floor(pulled, max);
+        if floor <= self.own.compacted() {
+            return Ok(0);
+        }
+        if floor > pulled.min(self.own.version()) {
+            // The bound, not the peers, set the floor: a peer behind it
+            // pulls the whole table next time.
+            self.counters.inc(Counter::StoreTombstonesForced);
+        }
+        let n = self.own.collect(floor);
+        self.log(LogRecord::collect(floor))?;
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> TableStats {
+        let s = self.writer.stats();
+        let ld = std::sync::atomic::Ordering::Relaxed;
+        TableStats {
+            own_version: self.own.version(),
+            own_rows: self.own.len() as u64,
+            own_tombstones: self.own.tombstones() as u64,
+            compacted: self.own.compacted(),
+            replica_rows: self.replicas.values().map(|t| t.len() as u64).sum(),
+            replica_tombstones: self.replicas.values().map(|t| t.tombstones() as u64).sum(),
+            durable_version: self.writer.durable().version,
+            fsyncs: s.fsyncs.load(ld),
+            snapshots: s.snapshots.load(ld),
+        }
+    }
+
+    /// What a peer at `since` lacks: the whole table when it is behind
+    /// collected tombstones (the deletions are no longer listed).
     pub fn delta_since(&self, since: u64) -> (u64, bool, Vec<TableEntry>) {
-        let full = since == 0 || since > self.own.version();
+        let full = self.own.needs_full(since);
         let from = if full { 0 } else { since };
         (self.own.version(), full, self.own.delta_since(from))
     }
@@ -173,14 +293,18 @@ impl Store {
         version: u64,
         full: bool,
         entries: Vec<TableEntry>,
-    ) -> Result<bool, ApplyError> {
+    ) -> Result<(bool, Vec<bounds::BoundError>), ApplyError> {
         if owner == self.me {
-            return Ok(false);
+            return Ok((false, Vec::new()));
         }
-        self.replicas
-            .entry(owner)
-            .or_default()
-            .apply(since, version, full, entries)
+        let replica = self.replicas.entry(owner).or_default();
+        // What a member may make us hold is bounded where it is accepted.
+        let (entries, refused) = bounds::screen(replica, full, entries);
+        let changed = replica.apply(since, version, full, entries)?;
+        // A replica never serves deltas: its tombstones have done their
+        // work once applied.
+        replica.collect(version);
+        Ok((changed, refused))
     }
 
     pub fn drop_replica(&mut self, owner: NodeId) -> bool {
@@ -211,7 +335,10 @@ impl Store {
                 if let Value::Removal(r) = v
                     && let Ok(id) = <[u8; 16]>::try_from(r.network_id.as_slice())
                 {
-                    src.removed.insert(NetworkId::from_bytes(id));
+                    let id = NetworkId::from_bytes(id);
+                    src.removed.insert(id);
+                    let at = src.removed_at.entry(id).or_insert(r.removed_at_ms);
+                    *at = (*at).min(r.removed_at_ms);
                 }
             }
             for (k, v) in t.live(key::WITNESS) {
@@ -270,5 +397,172 @@ impl Store {
                 _ => None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ovl_proto::records::{NetworkRemoval, TableSnapshot};
+    use prost::Message;
+    use std::sync::Mutex;
+    use std::sync::atomic::Ordering;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ovl-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        persist::ensure_private_dir(&d).unwrap();
+        d
+    }
+
+    fn val(n: u64) -> Value {
+        Value::Removal(NetworkRemoval {
+            network_id: vec![1],
+            removed_at_ms: n,
+        })
+    }
+
+    fn me() -> NodeId {
+        NodeId::from_bytes([7; 16])
+    }
+
+    fn load(d: &Path) -> (Store, Arc<Counters>) {
+        let c = Arc::new(Counters::default());
+        (Store::load(d, me(), c.clone()).unwrap(), c)
+    }
+
+    #[test]
+    fn concurrent_puts_share_fsyncs_and_all_survive_a_reload() {
+        let d = dir("group");
+        let (store, _) = load(&d);
+        let store = Arc::new(Mutex::new(store));
+        const N: usize = 64;
+        let threads: Vec<_> = (0..N)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let (t, waiter) = {
+                        let mut s = store.lock().unwrap();
+                        s.put(&format!("k{i}"), val(i as u64)).unwrap();
+                        (s.ticket(), s.writer().waiter())
+                    };
+                    // Waiting holds no lock: others queue behind the fsync.
+                    waiter.wait_blocking(t).unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let store = Arc::into_inner(store).unwrap().into_inner().unwrap();
+        let fsyncs = store.stats().fsyncs;
+        let batches = store.writer().stats().batches.load(Ordering::Relaxed);
+        println!("{N} concurrent puts: {fsyncs} fsyncs in {batches} batches");
+        assert!(
+            fsyncs < N as u64,
+            "{fsyncs} fsyncs for {N} puts: no group commit"
+        );
+        let want = store.own().clone();
+        drop(store);
+        let (back, c) = load(&d);
+        assert_eq!(back.own(), &want);
+        assert_eq!(back.own().live("k").count(), N);
+        assert_eq!(c.get(Counter::StoreLogTorn), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_torn_log_tail_is_cut_counted_and_the_rest_kept() {
+        let d = dir("torn");
+        let (mut s, _) = load(&d);
+        for i in 0..5 {
+            s.put(&format!("k{i}"), val(i)).unwrap();
+        }
+        s.writer().wait_blocking(s.ticket()).unwrap();
+        let want = s.own().clone();
+        drop(s);
+        let log = d.join(LOG_FILE);
+        let good = std::fs::metadata(&log).unwrap().len();
+        // A crash mid-append: half a frame.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, &[40, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        let (mut s, c) = load(&d);
+        assert_eq!(s.own(), &want);
+        assert_eq!(c.get(Counter::StoreLogTorn), 1);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), good, "tail cut off");
+        // Writes after the cut replay cleanly.
+        s.put("after", val(9)).unwrap();
+        s.writer().wait_blocking(s.ticket()).unwrap();
+        let want = s.own().clone();
+        drop(s);
+        let (s, c) = load(&d);
+        assert_eq!(s.own(), &want);
+        assert_eq!(c.get(Counter::StoreLogTorn), 0);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_of_the_first_format_loads_and_moves_on() {
+        let d = dir("legacy");
+        let mut t = Table::default();
+        t.put("net/a", val(1));
+        t.put("ep/b", val(2));
+        t.delete("ep/b");
+        let legacy = TableSnapshot {
+            owner: me().as_bytes().to_vec(),
+            version: t.version(),
+            entries: t.rows().cloned().collect(),
+        };
+        persist::write_atomic(&d.join(TABLE_FILE), &legacy.encode_to_vec()).unwrap();
+        let (mut s, _) = load(&d);
+        assert_eq!(s.own(), &t);
+        s.put("net/c", val(3)).unwrap();
+        s.writer().wait_blocking(s.ticket()).unwrap();
+        let want = s.own().clone();
+        drop(s);
+        assert_eq!(load(&d).0.own(), &want);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn snapshots_fold_the_log_and_collection_survives_reload() {
+        let d = dir("snap");
+        let (mut s, _) = load(&d);
+        let big = Value::Removal(NetworkRemoval {
+            network_id: vec![0; 4096],
+            removed_at_ms: 0,
+        });
+        for i in 0..600 {
+            s.put(&format!("k{}", i % 50), big.clone()).unwrap();
+            s.delete(&format!("k{}", i % 50)).unwrap();
+        }
+        assert_eq!(s.collect_tombstones(u64::MAX, MAX_TOMBSTONES).unwrap(), 50);
+        s.writer().wait_blocking(s.ticket()).unwrap();
+        let st = s.stats();
+        assert!(st.snapshots >= 1, "{st:?}");
+        assert_eq!(st.own_tombstones, 0);
+        let want = s.own().clone();
+        drop(s);
+        let log_len = std::fs::metadata(d.join(LOG_FILE)).unwrap().len();
+        assert!(log_len <= 2 * writer::SNAPSHOT_MIN, "log folded: {log_len}");
+        let (back, _) = load(&d);
+        assert_eq!(back.own(), &want);
+        assert_eq!(back.own().compacted(), want.version());
+        assert!(back.own().needs_full(want.version() - 1));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn clear_removes_the_files() {
+        let d = dir("clear");
+        let (mut s, _) = load(&d);
+        s.put("a", val(1)).unwrap();
+        s.clear().unwrap();
+        s.writer().wait_blocking(s.ticket()).unwrap();
+        drop(s);
+        assert!(!d.join(TABLE_FILE).exists());
+        assert!(load(&d).0.own().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -46,8 +46,12 @@ pub enum NetworkError {
     NeedsSubnet,
     #[error("--mtu {0} is outside {MIN_MTU}..={MAX_MTU}")]
     BadMtu(u32),
-    #[error("--label {0:?}: expected KEY=VALUE with a non-empty key")]
+    #[error(
+        "--label {0:?}: expected KEY=VALUE with a non-empty key of at most 128 bytes and a value of at most 1024"
+    )]
     BadLabel(String),
+    #[error("{0} labels: at most 64")]
+    TooManyLabels(usize),
     #[error("--vni: {0}")]
     BadVni(String),
 }
@@ -144,9 +148,13 @@ pub fn validate_mtu(mtu: u32) -> Result<(), NetworkError> {
 }
 
 pub fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), NetworkError> {
-    for k in labels.keys() {
-        if k.is_empty() || k.contains('=') || k.len() > 128 {
-            return Err(NetworkError::BadLabel(k.clone()));
+    use super::bounds::{MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS};
+    if labels.len() > MAX_LABELS {
+        return Err(NetworkError::TooManyLabels(labels.len()));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.contains('=') || k.len() > MAX_LABEL_KEY || v.len() > MAX_LABEL_VALUE {
+            return Err(NetworkError::BadLabel(k.chars().take(80).collect()));
         }
     }
     Ok(())
@@ -203,6 +211,9 @@ pub struct Sources {
     /// Every copy of every network record, with the table holding it.
     pub records: Vec<(NodeId, NetworkRecord)>,
     pub removed: HashSet<NetworkId>,
+    /// The earliest removal time (ms, the remover's clock) of each removed
+    /// network, over every table.
+    pub removed_at: HashMap<NetworkId, u64>,
     pub witnesses: Witnesses,
 }
 
@@ -216,6 +227,7 @@ pub fn effective(
     resolve(&Sources {
         records: records.iter().map(|r| (nobody, r.clone())).collect(),
         removed: removed.clone(),
+        removed_at: HashMap::new(),
         witnesses: Witnesses::new(),
     })
 }

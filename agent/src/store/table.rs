@@ -10,6 +10,10 @@ use ovl_proto::records::{TableEntry, TableSnapshot, table_entry::Value};
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
     version: u64,
+    /// Tombstones at or below this version were collected: a delta from
+    /// below it would miss deletions, so such a replica gets the whole
+    /// table instead.
+    compacted: u64,
     entries: BTreeMap<String, TableEntry>,
 }
 
@@ -28,11 +32,100 @@ impl Table {
         self.version
     }
 
+    pub fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
+    /// Rows held, tombstones included.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn tombstones(&self) -> usize {
+        self.entries.values().filter(|e| e.deleted).count()
+    }
+
+    /// Whether a replica at `since` must get the whole table: it has
+    /// nothing, claims a future, or is behind collected tombstones.
+    pub fn needs_full(&self, since: u64) -> bool {
+        since == 0 || since > self.version || since < self.compacted
+    }
+
+    /// The collection floor for the tombstones: what every live peer
+    /// pulled (`pulled`), raised so that at most `max` tombstones stay
+    /// whatever the peers do (a peer behind it then pulls the whole table,
+    /// which is exact, only bigger).
+    pub fn gc_floor(&self, pulled: u64, max: usize) -> u64 {
+        let floor = pulled.min(self.version).max(self.compacted);
+        let mut above: Vec<u64> = self
+            .entries
+            .values()
+            .filter(|e| e.deleted && e.version > floor)
+            .map(|e| e.version)
+            .collect();
+        if above.len() <= max {
+            return floor;
+        }
+        above.sort_unstable();
+        above[above.len() - max - 1]
+    }
+
+    /// Drops the tombstones at or below `floor`; the number dropped.
+    pub fn collect(&mut self, floor: u64) -> usize {
+        let floor = floor.min(self.version);
+        if floor <= self.compacted {
+            return 0;
+        }
+        let before = self.entries.len();
+        self.entries
+            .retain(|_, e| !(e.deleted && e.version <= floor));
+        self.compacted = floor;
+        before - self.entries.len()
+    }
+
+    /// Replay: puts an entry back as it was logged (no version bump).
+    pub fn restore(&mut self, e: TableEntry) {
+        self.version = self.version.max(e.version);
+        self.entries.insert(e.key.clone(), e);
+    }
+
+    /// The rows as stored, for a snapshot.
+    pub fn rows(&self) -> impl Iterator<Item = &TableEntry> {
+        self.entries.values()
+    }
+
+    /// A table from a snapshot's parts (see `store::log`).
+    pub fn from_parts(version: u64, compacted: u64, rows: Vec<TableEntry>) -> Self {
+        let mut t = Table {
+            version,
+            compacted,
+            entries: BTreeMap::new(),
+        };
+        for e in rows {
+            t.restore(e);
+        }
+        t
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.entries
             .get(key)
             .filter(|e| !e.deleted)
             .and_then(|e| e.value.as_ref())
+    }
+
+    /// Every key held, tombstones included, with its deleted flag.
+    pub fn keys(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.entries.iter().map(|(k, e)| (k.as_str(), e.deleted))
+    }
+
+    /// Whether `key` is held, as a value or a tombstone.
+    pub fn holds(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
     }
 
     /// Live (not deleted) values whose key starts with `prefix`.
@@ -44,44 +137,41 @@ impl Table {
             .filter_map(|(k, e)| e.value.as_ref().map(|v| (k.as_str(), v)))
     }
 
-    /// Owner: sets `key`; a no-op (no version bump) when the value is equal.
-    pub fn put(&mut self, key: &str, value: Value) -> bool {
+    /// Owner: sets `key`; `None` (no version bump) when the value is
+    /// equal, else the entry as written (what the log appends).
+    pub fn put(&mut self, key: &str, value: Value) -> Option<TableEntry> {
         if let Some(e) = self.entries.get(key)
             && !e.deleted
             && e.value.as_ref() == Some(&value)
         {
-            return false;
+            return None;
         }
         self.version += 1;
-        self.entries.insert(
-            key.to_string(),
-            TableEntry {
-                key: key.to_string(),
-                version: self.version,
-                deleted: false,
-                value: Some(value),
-            },
-        );
-        true
+        let e = TableEntry {
+            key: key.to_string(),
+            version: self.version,
+            deleted: false,
+            value: Some(value),
+        };
+        self.entries.insert(key.to_string(), e.clone());
+        Some(e)
     }
 
-    /// Owner: deletes `key`, leaving a tombstone.
-    pub fn delete(&mut self, key: &str) -> bool {
+    /// Owner: deletes `key`, leaving a tombstone (the entry written).
+    pub fn delete(&mut self, key: &str) -> Option<TableEntry> {
         match self.entries.get(key) {
             Some(e) if !e.deleted => {}
-            _ => return false,
+            _ => return None,
         }
         self.version += 1;
-        self.entries.insert(
-            key.to_string(),
-            TableEntry {
-                key: key.to_string(),
-                version: self.version,
-                deleted: true,
-                value: None,
-            },
-        );
-        true
+        let e = TableEntry {
+            key: key.to_string(),
+            version: self.version,
+            deleted: true,
+            value: None,
+        };
+        self.entries.insert(key.to_string(), e.clone());
+        Some(e)
     }
 
     /// Owner: the entries a replica at `since` lacks.
@@ -152,15 +242,7 @@ impl Table {
     }
 
     pub fn from_snapshot(s: TableSnapshot) -> Self {
-        let mut t = Table {
-            version: s.version,
-            entries: BTreeMap::new(),
-        };
-        for e in s.entries {
-            t.version = t.version.max(e.version);
-            t.entries.insert(e.key.clone(), e);
-        }
-        t
+        Self::from_parts(s.version, 0, s.entries)
     }
 }
 
@@ -168,6 +250,7 @@ impl Table {
 mod tests {
     use super::*;
     use ovl_proto::records::NetworkRemoval;
+    use proptest::prelude::*;
 
     fn val(n: u64) -> Value {
         Value::Removal(NetworkRemoval {
@@ -190,7 +273,10 @@ mod tests {
         owner.delete("a");
         owner.put("b", val(3));
         owner.put("c", val(4));
-        assert!(!owner.put("c", val(4)), "equal value must not bump");
+        assert!(
+            owner.put("c", val(4)).is_none(),
+            "equal value must not bump"
+        );
         let d = owner.delta_since(since);
         assert_eq!(d.len(), 3);
         replica.apply(since, owner.version(), false, d).unwrap();
@@ -217,11 +303,130 @@ mod tests {
     }
 
     #[test]
+    fn collected_tombstones_force_a_full_pull_that_converges() {
+        let mut owner = Table::default();
+        let mut replica = Table::default();
+        owner.put("a", val(1));
+        owner.put("b", val(2));
+        replica
+            .apply(0, owner.version(), false, owner.delta_since(0))
+            .unwrap();
+        let since = replica.version();
+        owner.delete("a");
+        owner.put("c", val(3));
+        owner.delete("c");
+        assert_eq!(owner.tombstones(), 2);
+        // Every peer pulled up to the first delete: only that one goes.
+        assert_eq!(owner.collect(owner.gc_floor(3, 100)), 1);
+        assert!(!owner.needs_full(3));
+        assert!(
+            owner.needs_full(since),
+            "replica is behind the collected tombstone"
+        );
+        replica
+            .apply(since, owner.version(), true, owner.delta_since(0))
+            .unwrap();
+        assert_eq!(replica.get("a"), None);
+        assert_eq!(replica.live("").count(), 1);
+        assert_eq!(owner.collect(2), 0, "the floor never goes back");
+    }
+
+    #[test]
+    fn gc_floor_bounds_tombstones_whatever_peers_pulled() {
+        let mut t = Table::default();
+        for i in 0..10 {
+            let k = format!("k{i}");
+            t.put(&k, val(i));
+            t.delete(&k);
+        }
+        assert_eq!(t.tombstones(), 10);
+        // No peer pulled anything, yet at most 3 tombstones stay.
+        let floor = t.gc_floor(0, 3);
+        t.collect(floor);
+        assert_eq!(t.tombstones(), 3);
+        assert_eq!(t.gc_floor(0, 3), t.compacted(), "already within the bound");
+        assert_eq!(t.gc_floor(u64::MAX, 3), t.version(), "all pulled: all go");
+    }
+
+    #[test]
     fn snapshot_round_trip() {
         let mut t = Table::default();
         t.put("x", val(1));
         t.delete("x");
         let back = Table::from_snapshot(t.snapshot(&[7]));
         assert_eq!(back, t);
+    }
+
+    /// What the owner's side of replication does between pulls.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put(u8, u64),
+        Delete(u8),
+        /// Collect tombstones every replica pulled past, at most `max` left.
+        Collect(usize),
+        /// Replica `r` pulls as the agent does (`sync` and the peer API).
+        Pull(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (0u8..12, any::<u64>()).prop_map(|(k, v)| Step::Put(k, v)),
+            3 => (0u8..12).prop_map(Step::Delete),
+            1 => (0usize..4).prop_map(Step::Collect),
+            3 => (0usize..3).prop_map(Step::Pull),
+        ]
+    }
+
+    /// One pull: the whole table when the owner says so, else the delta;
+    /// the replica then collects its own tombstones (it never serves).
+    fn pull(owner: &Table, replica: &mut Table) {
+        let since = replica.version();
+        let full = owner.needs_full(since);
+        let delta = owner.delta_since(if full { 0 } else { since });
+        replica
+            .apply(since, owner.version(), full, delta)
+            .expect("an honest delta applies");
+        replica.collect(owner.version());
+    }
+
+    fn live(t: &Table) -> Vec<(String, Value)> {
+        t.live("").map(|(k, v)| (k.to_owned(), v.clone())).collect()
+    }
+
+    proptest! {
+        /// Whatever the order of changes, collections and pulls, a replica
+        /// that pulls holds exactly the owner's live entries, and the owner
+        /// never keeps more tombstones than the bound it collects with.
+        #[test]
+        fn replicas_converge_under_any_changes_collections_and_pulls(
+            steps in proptest::collection::vec(step(), 1..200)
+        ) {
+            let mut owner = Table::default();
+            let mut replicas = vec![Table::default(); 3];
+            for s in steps {
+                match s {
+                    Step::Put(k, v) => {
+                        owner.put(&format!("k{k}"), val(v));
+                    }
+                    Step::Delete(k) => {
+                        owner.delete(&format!("k{k}"));
+                    }
+                    Step::Collect(max) => {
+                        let pulled = replicas.iter().map(Table::version).min().unwrap_or(0);
+                        owner.collect(owner.gc_floor(pulled, max));
+                        prop_assert!(owner.tombstones() <= max, "{} tombstones kept, bound {max}", owner.tombstones());
+                    }
+                    Step::Pull(r) => {
+                        pull(&owner, &mut replicas[r]);
+                        prop_assert_eq!(live(&replicas[r]), live(&owner));
+                        prop_assert_eq!(replicas[r].version(), owner.version());
+                    }
+                }
+            }
+            for r in &mut replicas {
+                pull(&owner, r);
+                prop_assert_eq!(live(r), live(&owner));
+            }
+        }
     }
 }

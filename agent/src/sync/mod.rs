@@ -72,7 +72,12 @@ async fn round(core: &Core, channels: &Channels, nodes: &[NodeView]) {
         .iter()
         .filter(|n| n.id != me && n.status == NodeStatus::Alive)
         .filter(|n| {
-            n.table_version.max(core.hinted_version(n.id)) > core.store().replica_version(n.id)
+            wants_pull(
+                n.table_version,
+                core.settled_claim(n.id),
+                core.hinted_version(n.id),
+                core.store().replica_version(n.id),
+            )
         })
         .collect();
     let pulls = behind.iter().map(|n| core.pull_from(channels, n, false));
@@ -83,6 +88,20 @@ async fn round(core: &Core, channels: &Channels, nodes: &[NodeView]) {
         core.republish_networks();
         core.notify();
     }
+    core.collect_tombstones().await;
+}
+
+/// Whether a peer is ahead of our replica of its table. A gossiped
+/// version its owner's own Pull already failed to reach (`settled`) counts
+/// for nothing: a member gossiping `u64::MAX` would otherwise be pulled
+/// every round (issue 8). It counts again once gossip moves.
+fn wants_pull(gossiped: u64, settled: Option<u64>, hinted: u64, replica: u64) -> bool {
+    let gossiped = if settled == Some(gossiped) {
+        0
+    } else {
+        gossiped
+    };
+    gossiped.max(hinted) > replica
 }
 
 /// Notifies the live peers each time our own table moves.
@@ -155,4 +174,22 @@ pub fn ack_programmed(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wants_pull;
+
+    #[test]
+    fn a_version_the_owner_did_not_serve_is_pulled_once_then_not_until_gossip_moves() {
+        assert!(wants_pull(u64::MAX, None, 0, 10), "first time: pull");
+        assert!(!wants_pull(u64::MAX, Some(u64::MAX), 0, 10), "settled");
+        assert!(wants_pull(11, Some(u64::MAX), 0, 10), "gossip moved");
+        assert!(
+            wants_pull(u64::MAX, Some(u64::MAX), 12, 10),
+            "a hint still counts"
+        );
+        assert!(!wants_pull(10, None, 0, 10), "up to date");
+        assert!(!wants_pull(9, None, 3, 10));
+    }
 }

@@ -6,8 +6,12 @@
 //! ovl-gossip-forge --token T --key STATE_DIR/identity.pk8 --to IP:PORT \
 //!     --victim NODE_ID:GENERATION:IP:PORT --mode MODE [--count N] [--interval-ms MS]
 //! ```
-//! Modes (each one SynAck datagram, the message chitchat applies without
-//! having asked for it):
+//! Modes (each one datagram chitchat applies without having asked for it:
+//! an Ack, whose delta goes straight in and which draws no reply, so the
+//! agent's reflection check, which binds Syn and SynAck to the sender's own
+//! gossip address, lets it through from this tool's port to the checks
+//! under test; `huge-heartbeat` needs a digest, so it is a SynAck and meets
+//! that check first):
 //! - `newer-left-unsigned`: a newer incarnation of the victim with the old
 //!   plain `left=1` key-value (the attack that worked before records were
 //!   signed);
@@ -177,12 +181,6 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
     let cluster: ClusterId = args.token.cluster_id();
     let mut newer = args.victim.clone();
     newer.generation += 1;
-    let digest_newer = [DigestEntry {
-        id: newer.clone(),
-        heartbeat: unix_ms(),
-        last_gc_version: 0,
-        max_version: 1,
-    }];
     // A newer incarnation of the victim whose record (claiming the
     // victim's id) is signed with the attacker's own key.
     let newer_signed = |addr: String, left: bool, keys: Vec<(u64, [u8; 32])>| {
@@ -202,24 +200,20 @@ fn forged(args: &Args) -> Result<Vec<u8>> {
                 ..NodeFacts::default()
             },
         );
-        encode_message(
-            Kind::SynAck,
-            &digest_newer,
-            &[node_op(&newer), kv(RECORD_KEY, value, 1)],
-        )
+        encode_message(Kind::Ack, &[], &[node_op(&newer), kv(RECORD_KEY, value, 1)])
     };
     let ip = args.victim.gossip_addr.ip().to_string();
     Ok(match args.mode.as_str() {
         "newer-left-unsigned" => encode_message(
-            Kind::SynAck,
-            &digest_newer,
+            Kind::Ack,
+            &[],
             &[node_op(&newer), kv("left", "1".into(), 1)],
         ),
         "newer-left-signed" => newer_signed(ip, true, Vec::new()),
         "newer-addrs-signed" => newer_signed("198.18.0.99".into(), false, Vec::new()),
         "newer-keys-signed" => newer_signed(ip, false, attacker_keys(args.key_period_ms)),
         "trip-assert" => encode_message(
-            Kind::SynAck,
+            Kind::Ack,
             &[],
             &[
                 node_op(&args.victim),
@@ -275,7 +269,11 @@ fn main() -> Result<()> {
     let rng = SystemRandom::new();
     // The cluster's first key: the forging tests run before any rotation.
     let sealer = sealer(args.token.first_cluster_key());
-    let bind: SocketAddr = if args.to[0].is_ipv4() {
+    // A fresh identity gossips from the address it claims, as a real
+    // joining node does (so its Syn/SynAck passes the reflection check).
+    let bind: SocketAddr = if args.mode == "fresh-identity" {
+        args.victim.gossip_addr
+    } else if args.to[0].is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
         "[::]:0".parse()?

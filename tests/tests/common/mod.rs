@@ -291,3 +291,23 @@ pub fn pcap_count(pcap: &std::path::Path, filter: &str) -> usize {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Host k's counter `name` (`ovlctl cluster status`); 0 when absent.
+pub fn counter(lab: &Lab, k: usize, name: &str) -> u64 {
+    lab.status(k)
+        .ok()
+        .and_then(|s| s.counters.get(name).and_then(|v| v.as_u64()))
+        .unwrap_or(0)
+}
+
+/// Host k's agent resident memory (VmRSS), KiB; 0 when not running.
+pub fn rss_kib(lab: &Lab, k: usize) -> u64 {
+    lab.agent_pid(k)
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
