@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use ovl_proto::api::{EncryptedPeer, EncryptionState, KeyEpoch, TrafficCounters};
 use serde_json::{Value, json};
 
-use crate::output::{dash, render_table, short};
+use crate::output::{dash, escape, render_table, short};
 
 const NO_ENGINE: &str =
     "Encryption: this agent runs no encrypted data plane: no counters or key state to show";
@@ -194,7 +194,7 @@ pub fn inspect_text(e: &EncryptionState) -> String {
     if !unknown.is_empty() {
         let names: Vec<String> = unknown
             .iter()
-            .map(|p| format!("{} ({})", dash(&p.node_name), short(&p.node_id)))
+            .map(|p| format!("{} ({})", escape(&dash(&p.node_name)), short(&p.node_id)))
             .collect();
         out.push_str(&format!(
             "Not known to the encrypted engine (no address or keys yet): {}\n",

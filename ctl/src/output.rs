@@ -55,7 +55,8 @@ pub fn node_removed(f: Format, r: &RemoveNodeResponse) {
     match f {
         Format::Table => println!(
             "node {} ({}) removed; the join token was rotated (ovlctl cluster join-token prints it)",
-            r.name, r.node_id
+            escape(&r.name),
+            r.node_id
         ),
         Format::Json => {
             print_json(json!({ "node_id": r.node_id, "name": r.name, "join_token": r.join_token }))
@@ -87,8 +88,9 @@ pub fn status(f: Format, r: &StatusResponse) {
                     format!("{} alive of {}", r.nodes_alive, r.nodes_total),
                 ),
             ];
+            // The reason and names can carry peers' words.
             for (k, v) in rows {
-                println!("{:<10} {v}", format!("{k}:"));
+                println!("{:<10} {}", format!("{k}:"), escape(&v));
             }
             let nonzero: Vec<String> = r
                 .counters

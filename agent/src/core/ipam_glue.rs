@@ -438,7 +438,7 @@ impl Core {
         if !known {
             self.merge_rings().await;
         }
-        for _ in 0..4 {
+        for round in 0..4u32 {
             let horizon = self.withdrawn_everywhere().await;
             let attempt = {
                 let mut nets = self.ipam.nets.lock().await;
@@ -518,9 +518,17 @@ impl Core {
                 .ask_donors(net.id, &donors, exact, &mut asked, granted)
                 .await?
             {
-                return Err(CoreError::IpamUnreachable(name, asked.join("; ")));
+                // Every donor refused, but in an attach storm the space may
+                // have come meanwhile: a concurrent attach here was granted
+                // some, or another host now reports free space. Look again
+                // (found by the 60-attach storm: h3's attaches failed with
+                // "h1 is exhausted" while h3 held 12 fresh grants).
+                tokio::time::sleep(Duration::from_millis(10 << round)).await;
             }
         }
+        // The same refusal from every round is said once.
+        let mut said = HashSet::new();
+        asked.retain(|a| said.insert(a.clone()));
         Err(CoreError::IpamUnreachable(name, asked.join("; ")))
     }
 
