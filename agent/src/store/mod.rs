@@ -277,9 +277,7 @@ impl Store {
     /// What a peer at `since` lacks: the whole table when it is behind
     /// collected tombstones (the deletions are no longer listed).
     pub fn delta_since(&self, since: u64) -> (u64, bool, Vec<TableEntry>) {
-        let full = self.own.needs_full(since);
-        let from = if full { 0 } else { since };
-        (self.own.version(), full, self.own.delta_since(from))
+        self.own.serve(since)
     }
 
     pub fn replica_version(&self, owner: NodeId) -> u64 {

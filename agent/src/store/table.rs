@@ -186,6 +186,18 @@ impl Table {
         out
     }
 
+    /// Owner: what a replica at `since` is sent, as (version, full,
+    /// entries): the whole table when it must start over
+    /// ([`Table::needs_full`]), else the delta.
+    pub fn serve(&self, since: u64) -> (u64, bool, Vec<TableEntry>) {
+        let full = self.needs_full(since);
+        (
+            self.version,
+            full,
+            self.delta_since(if full { 0 } else { since }),
+        )
+    }
+
     /// Replica: applies the owner's delta from `since` up to `version`.
     /// Checked before anything changes, so a bad delta leaves the replica as
     /// it was.
@@ -381,12 +393,11 @@ mod tests {
     /// the replica then collects its own tombstones (it never serves).
     fn pull(owner: &Table, replica: &mut Table) {
         let since = replica.version();
-        let full = owner.needs_full(since);
-        let delta = owner.delta_since(if full { 0 } else { since });
+        let (version, full, delta) = owner.serve(since);
         replica
-            .apply(since, owner.version(), full, delta)
+            .apply(since, version, full, delta)
             .expect("an honest delta applies");
-        replica.collect(owner.version());
+        replica.collect(version);
     }
 
     fn live(t: &Table) -> Vec<(String, Value)> {
