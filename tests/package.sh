@@ -72,6 +72,10 @@ for bin in ovl-agent ovlctl; do
 	say "$v"
 	[[ $v =~ ^$bin\ [0-9]+\.[0-9]+\.[0-9]+\ \(git\ ([0-9a-f]{7,}|unknown)\)$ ]] || die "$bin --version: '$v'"
 done
+v=$(chroot "$ROOT" env CNI_COMMAND=VERSION /usr/lib/cni/ovl </dev/null)
+[[ $v == *'"supportedVersions":["1.0.0","1.1.0"]'* ]] || die "/usr/lib/cni/ovl VERSION: '$v'"
+say "CNI plugin: $v"
+[[ -s $ROOT/usr/share/doc/ovl/examples/ovl.conflist ]] || die "package installed no example conflist"
 grep -q 'complete -F _ovlctl' "$ROOT/usr/share/bash-completion/completions/ovlctl" ||
 	die "the bash completion does not complete ovlctl"
 page=$(zcat "$ROOT/usr/share/man/man1/ovlctl-network-create.1.gz")

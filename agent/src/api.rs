@@ -203,7 +203,16 @@ fn network(n: &NetworkInfo) -> Network {
         subnet: r.subnet.clone(),
         gateway: r.gateway.clone(),
         ip_range: r.ip_range.clone(),
-        mtu: n.mtu,
+        mtu: n.mtu.mtu,
+        path_mtu: n.mtu.limit.mtu,
+        mtu_warning: if n.mtu.exceeds_path {
+            format!(
+                "--mtu {} exceeds what {}'s data path carries ({}): full-size packets to it are lost",
+                n.mtu.mtu, n.limit_host, n.mtu.limit.mtu
+            )
+        } else {
+            String::new()
+        },
         encrypted: r.encrypted,
         attachable: r.attachable,
         internal: r.internal,
@@ -444,7 +453,7 @@ impl NetworksApi for Api {
         &self,
         _: Request<ListNetworksRequest>,
     ) -> Result<Response<ListNetworksResponse>, Status> {
-        let networks = self.core.network_list().iter().map(network).collect();
+        let networks = self.core.network_list().await.iter().map(network).collect();
         Ok(Response::new(ListNetworksResponse { networks }))
     }
 
@@ -469,6 +478,7 @@ impl NetworksApi for Api {
                 status: p.status.to_string(),
                 endpoints: p.endpoints as u32,
                 ranges: p.ranges,
+                data_path_mtu: p.data_path_mtu,
             })
             .collect();
         let endpoints = self
@@ -566,6 +576,19 @@ impl EndpointsApi for Api {
             id: id.to_string(),
             lagging,
         }))
+    }
+
+    async fn check(
+        &self,
+        req: Request<CheckEndpointRequest>,
+    ) -> Result<Response<CheckEndpointResponse>, Status> {
+        let r = req.into_inner();
+        let problems = self
+            .core
+            .check_endpoint(&r.network, &r.name)
+            .await
+            .map_err(core_status)?;
+        Ok(Response::new(CheckEndpointResponse { problems }))
     }
 
     async fn list(

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use crate::core::{Core, CoreError};
-use crate::dataplane::DataplaneError;
+use crate::dataplane::{Dataplane, DataplaneError};
 use crate::dns;
 use crate::ids::{NetworkId, NodeId};
 use crate::membership::{NodeStatus, NodeView};
@@ -207,6 +207,50 @@ fn warmed_up(core: &Core, nodes: &[NodeView]) -> bool {
         .all(|n| store.replica_version(n.id) >= n.table_version)
 }
 
+/// Moves local endpoints whose MTU is not their network's (a smaller host
+/// joined, or left) to it, live. One link dump; a namespace is entered only
+/// for an endpoint that needs the change.
+async fn follow_network_mtu(
+    core: &Core,
+    plans: &[(NetworkId, NetworkPlan)],
+    failed: &HashSet<NetworkId>,
+) {
+    let mtus = match core.dataplane.host_end_mtus().await {
+        Ok(m) => m,
+        Err(e) => {
+            core.counters.inc(Counter::ReconcileNetworkFailed);
+            if may_log(u64::MAX, std::time::Instant::now()) {
+                warn!(error = %e, "reading endpoint MTUs failed; retrying next pass");
+            }
+            return;
+        }
+    };
+    let me = core.cluster.node_id();
+    let endpoints = core.store().endpoints();
+    for (network, plan) in plans.iter().filter(|(id, _)| !failed.contains(id)) {
+        for ep in endpoints
+            .iter()
+            .filter(|e| e.network == *network && e.owner == me)
+        {
+            let host = Dataplane::host_ifname(ep.id);
+            let Some((_, current)) = mtus.iter().find(|(name, _)| *name == host) else {
+                continue;
+            };
+            if *current == Some(plan.mtu) {
+                continue;
+            }
+            let netns = std::path::Path::new(&ep.record.netns);
+            if let Err(e) = core
+                .dataplane
+                .set_endpoint_mtu(plan.vni, ep.id, netns, &ep.record.ifname, plan.mtu)
+                .await
+            {
+                network_failed(core, *network, "changing endpoint MTUs of", &e);
+            }
+        }
+    }
+}
+
 /// Starts, updates and stops the networks' resolvers to match `applied`.
 /// On this base a network's bridge lives in the agent's namespace, so the
 /// resolver binds there (`netns: None`) at the gateway address.
@@ -324,6 +368,7 @@ async fn pass(
                   devices = report.created_devices, "kernel reconciled");
         }
     }
+    follow_network_mtu(core, &plans, &failed).await;
     // Devices this pass created belong to wanted networks: the inventory
     // taken before it (bridges, and each VTEP's `present`) is enough to
     // find the unwanted ones.

@@ -2,7 +2,6 @@
 //! over its Unix socket; every error is one line and a non-zero exit.
 
 mod assets;
-mod client;
 mod encryption;
 mod output;
 
@@ -13,6 +12,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use ovl_proto::api::*;
 
 use output::Format;
+use ovlctl::client;
 
 #[derive(Parser)]
 #[command(

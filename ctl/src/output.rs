@@ -238,6 +238,7 @@ fn network_json(n: &Network) -> Value {
         "ip_range": n.ip_range, "mtu": n.mtu, "encrypted": n.encrypted, "mode": mode(n), "attachable": n.attachable,
         "internal": n.internal, "labels": n.labels, "state": n.state, "reason": n.reason,
         "created_by": n.created_by, "created_at_ms": n.created_at_ms, "endpoints": n.endpoints,
+        "path_mtu": n.path_mtu, "mtu_warning": n.mtu_warning,
     })
 }
 
@@ -301,8 +302,11 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
     match f {
         Format::Table => {
             networks(f, std::slice::from_ref(n));
+            if !n.mtu_warning.is_empty() {
+                println!("warning: {}", escape(&n.mtu_warning));
+            }
             println!();
-            let rows: Vec<[String; 5]> = d
+            let rows: Vec<[String; 6]> = d
                 .peers
                 .iter()
                 .map(|p| {
@@ -311,12 +315,23 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
                         p.vtep.clone(),
                         p.status.clone(),
                         p.endpoints.to_string(),
+                        match p.data_path_mtu {
+                            0 => "-".to_string(),
+                            m => m.to_string(),
+                        },
                         p.ranges.join(" "),
                     ]
                 })
                 .collect();
             table(
-                &["HOST", "VTEP", "STATUS", "ENDPOINTS", "ADDRESS RANGES"],
+                &[
+                    "HOST",
+                    "VTEP",
+                    "STATUS",
+                    "ENDPOINTS",
+                    "PATH MTU",
+                    "ADDRESS RANGES",
+                ],
                 &rows,
             );
             println!();
@@ -335,6 +350,7 @@ pub fn network_detail(f: Format, d: &NetworkDetail) {
                     json!({
                         "node_id": p.node_id, "node_name": p.node_name, "vtep": p.vtep,
                         "status": p.status, "endpoints": p.endpoints, "ranges": p.ranges,
+                        "data_path_mtu": p.data_path_mtu,
                     })
                 })
                 .collect();

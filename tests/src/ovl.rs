@@ -124,6 +124,9 @@ pub struct PeerRow {
     pub status: String,
     pub endpoints: u64,
     pub ranges: Vec<String>,
+    /// The host's data-path MTU from its signed record (0: unpublished).
+    #[serde(default)]
+    pub data_path_mtu: u32,
 }
 
 /// `network inspect --format json`: the network object, but with
@@ -136,6 +139,13 @@ pub struct NetworkDetail {
     pub subnet: String,
     pub gateway: String,
     pub state: String,
+    pub mtu: u32,
+    /// The largest MTU every member host's data path carries.
+    #[serde(default)]
+    pub path_mtu: u32,
+    /// Set when `--mtu` exceeds `path_mtu`.
+    #[serde(default)]
+    pub mtu_warning: String,
     pub peers: Vec<PeerRow>,
     pub endpoints: Vec<EndpointRow>,
 }

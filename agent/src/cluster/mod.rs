@@ -651,6 +651,8 @@ impl Cluster {
             // Published by the key schedule task once membership runs.
             exchange_keys: Vec::new(),
             encrypted_port: self.config.encrypted_port,
+            // Published by the reconciler once it has read the interface.
+            data_path_mtu: 0,
         };
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,

@@ -227,7 +227,13 @@ impl Core {
             }
         };
         let prefix = net.pool.subnet.prefix();
-        let mtu = self.network_mtu(&net);
+        // The underlay as it is now: this host's own path bounds the MTU.
+        if let Err(e) = self.refresh_underlay().await {
+            drop(guard);
+            self.ipam.release(net.id, ip, 0).await;
+            return Err(e);
+        }
+        let mtu = self.network_mtu(&net).await;
         let local = LocalEndpoint {
             id,
             netns: netns.clone(),
@@ -347,8 +353,21 @@ impl Core {
         name: &str,
     ) -> Result<(EndpointId, Vec<String>), CoreError> {
         let net = self.find_network_synced(network).await?;
-        let me = self.cluster.node_id();
         let guard = self.endpoint_lock.lock().await;
+        let ep = self.local_endpoint(&net, network, name).await?;
+        let version = self.withdraw(&ep, "detached").await?;
+        drop(guard);
+        let lagging = self.wait_programmed(net.id, version).await;
+        Ok((ep.id, lagging))
+    }
+
+    /// The endpoint `name` (or id) of `net`, which must live on this host.
+    async fn local_endpoint(
+        &self,
+        net: &crate::store::NetworkView,
+        network: &str,
+        name: &str,
+    ) -> Result<EndpointView, CoreError> {
         let found = self
             .store()
             .endpoints()
@@ -357,7 +376,7 @@ impl Core {
         let Some(ep) = found else {
             return Err(CoreError::NoEndpoint(name.to_string(), network.to_string()));
         };
-        if ep.owner != me {
+        if ep.owner != self.cluster.node_id() {
             let owner = self
                 .cluster
                 .members()
@@ -370,10 +389,30 @@ impl Core {
                 owner.unwrap_or_else(|| ep.owner.short()),
             ));
         }
-        let version = self.withdraw(&ep, "detached").await?;
-        drop(guard);
-        let lagging = self.wait_programmed(net.id, version).await;
-        Ok((ep.id, lagging))
+        Ok(ep)
+    }
+
+    /// What of a local endpoint differs in the kernel from its attachment
+    /// (empty: nothing). The kernel is only read.
+    pub async fn check_endpoint(
+        &self,
+        network: &str,
+        name: &str,
+    ) -> Result<Vec<String>, CoreError> {
+        let net = self.find_network_synced(network).await?;
+        let ep = self.local_endpoint(&net, network, name).await?;
+        let local = LocalEndpoint {
+            id: ep.id,
+            netns: PathBuf::from(&ep.record.netns),
+            ifname: ep.record.ifname.clone(),
+            mac: ep.mac,
+            addr: IpNetwork::V4(
+                Ipv4Network::new(ep.ip, ep.prefix_len)
+                    .map_err(|e| CoreError::BadIp(ep.ip.to_string(), e.to_string()))?,
+            ),
+            mtu: self.network_mtu(&net).await,
+        };
+        Ok(self.dataplane.endpoint_problems(net.vni, &local).await?)
     }
 
     /// Removes a local endpoint everywhere: record first (peers drop their

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::dataplane::Dataplane;
 use crate::ids::NodeId;
 use crate::membership::current::ClusterView;
+use crate::membership::record;
 use crate::metrics::Counters;
 use crate::peer::Channels;
 use crate::store::Store;
@@ -220,6 +221,13 @@ impl Core {
         let addr = self.cluster.config().data_path_addr;
         let mtu = self.dataplane.refresh_underlay(addr).await?;
         self.underlay.store(mtu, Ordering::Relaxed);
+        // Peers size the networks we share by it (DESIGN.md "MTU");
+        // unchanged facts cost nothing. Clamped into what a record may
+        // state (loopback's 65 536 is one more than that).
+        if let Some(m) = self.cluster.membership().await {
+            let published = mtu.clamp(record::MIN_DATA_PATH_MTU, record::MAX_DATA_PATH_MTU);
+            m.publish(|f| f.data_path_mtu = published).await;
+        }
         Ok(())
     }
 

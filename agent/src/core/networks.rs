@@ -36,7 +36,9 @@ pub struct CreateSpec {
 
 pub struct NetworkInfo {
     pub view: NetworkView,
-    pub mtu: u32,
+    pub mtu: planner::MtuChoice,
+    /// The name of the host bounding the MTU (`mtu.limit.host`).
+    pub limit_host: String,
     pub endpoints: usize,
 }
 
@@ -47,6 +49,7 @@ pub struct PeerInfo {
     pub status: &'static str,
     pub endpoints: usize,
     pub ranges: Vec<String>,
+    pub data_path_mtu: u32,
 }
 
 /// One FDB, neighbour or flood entry as `ovlctl fdb` shows it:
@@ -227,35 +230,38 @@ impl Core {
 
     pub async fn network_info(&self, name: &str) -> Result<NetworkInfo, CoreError> {
         let view = self.find_network_synced(name).await?;
-        Ok(self.info_of(view))
+        let nodes = self.cluster.members().await;
+        let endpoints = self.store().endpoints();
+        Ok(self.info_of(view, &endpoints, &nodes))
     }
 
-    fn info_of(&self, view: NetworkView) -> NetworkInfo {
-        let endpoints = self
-            .store()
-            .endpoints()
+    fn info_of(
+        &self,
+        view: NetworkView,
+        endpoints: &[EndpointView],
+        nodes: &[NodeView],
+    ) -> NetworkInfo {
+        let mtu = planner::mtu_choice(&view, endpoints, nodes, &self.planner_host());
+        let limit_host = nodes
             .iter()
-            .filter(|e| e.network == view.id)
-            .count();
-        let mtu = self.network_mtu(&view);
+            .find(|n| n.id == mtu.limit.host)
+            .map_or_else(|| mtu.limit.host.short(), |n| n.name.clone());
         NetworkInfo {
+            endpoints: endpoints.iter().filter(|e| e.network == view.id).count(),
             view,
             mtu,
-            endpoints,
+            limit_host,
         }
     }
 
-    pub fn network_list(&self) -> Vec<NetworkInfo> {
+    pub async fn network_list(&self) -> Vec<NetworkInfo> {
+        let nodes = self.cluster.members().await;
         let (nets, eps) = {
             let s = self.store();
             (s.networks(), s.endpoints())
         };
         nets.into_iter()
-            .map(|view| NetworkInfo {
-                endpoints: eps.iter().filter(|e| e.network == view.id).count(),
-                mtu: self.network_mtu(&view),
-                view,
-            })
+            .map(|view| self.info_of(view, &eps, &nodes))
             .collect()
     }
 
@@ -284,6 +290,7 @@ impl Core {
                         .filter(|e| e.network == view.id && e.owner == id)
                         .count(),
                     ranges: ranges.get(&id).cloned().unwrap_or_default(),
+                    data_path_mtu: node.map_or(0, |n| n.data_path_mtu),
                 }
             })
             .collect()
@@ -332,10 +339,11 @@ impl Core {
         Ok(view.id)
     }
 
-    /// The configured MTU, or the data-path interface's minus the mode's
-    /// overhead (see [`planner::mtu`]).
-    pub fn network_mtu(&self, view: &NetworkView) -> u32 {
-        planner::mtu(view, &self.planner_host())
+    /// The network's one MTU (see [`planner::mtu_choice`]).
+    pub async fn network_mtu(&self, view: &NetworkView) -> u32 {
+        let nodes = self.cluster.members().await;
+        let endpoints = self.store().endpoints();
+        planner::mtu_choice(view, &endpoints, &nodes, &self.planner_host()).mtu
     }
 
     /// This host, as the planner needs it.

@@ -48,6 +48,8 @@ pub struct NodeFacts {
     pub exchange_keys: Vec<Published>,
     /// UDP port of the encrypted data plane (0: none published).
     pub encrypted_port: u16,
+    /// MTU of the data-path interface (0: not yet known).
+    pub data_path_mtu: u32,
 }
 
 impl std::fmt::Debug for NodeFacts {
@@ -66,6 +68,7 @@ impl std::fmt::Debug for NodeFacts {
                 &self.exchange_keys.iter().map(|k| k.0).collect::<Vec<_>>(),
             )
             .field("encrypted_port", &self.encrypted_port)
+            .field("data_path_mtu", &self.data_path_mtu)
             .finish()
     }
 }
@@ -148,6 +151,7 @@ pub fn sign(
             })
             .collect(),
         encrypted_port: u32::from(facts.encrypted_port),
+        data_path_mtu: facts.data_path_mtu,
     }
     .encode_to_vec();
     let signature = key.sign(&signed_message(cluster, &record));
@@ -282,8 +286,24 @@ fn check_slot(record: &NodeRecord, slot: Slot<'_>) -> Result<VerifiedRecord, Rec
             exchange_keys: exchange_keys(&record.exchange_keys)?,
             encrypted_port: u16::try_from(record.encrypted_port)
                 .map_err(|_| RecordError::Field("encrypted_port"))?,
+            data_path_mtu: data_path_mtu(record.data_path_mtu)?,
         },
     })
+}
+
+/// Smallest data-path MTU a record may state: IPv4's minimum datagram a
+/// link must carry (RFC 791: 576 is what every host accepts; 68 is the
+/// minimum MTU, far too small for any overlay). A record stating less, or
+/// more than any link (65 535), is malformed rather than trusted to shrink
+/// every network it joins.
+pub const MIN_DATA_PATH_MTU: u32 = 576;
+pub const MAX_DATA_PATH_MTU: u32 = 65_535;
+
+fn data_path_mtu(v: u32) -> Result<u32, RecordError> {
+    match v {
+        0 | MIN_DATA_PATH_MTU..=MAX_DATA_PATH_MTU => Ok(v),
+        _ => Err(RecordError::Field("data_path_mtu")),
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +327,7 @@ mod tests {
             removed: [NodeId::from_bytes([1; 16])].into_iter().collect(),
             exchange_keys: vec![(4, [9; 32]), (5, [8; 32])],
             encrypted_port: 4500,
+            data_path_mtu: 1500,
         }
     }
 
@@ -395,6 +416,29 @@ mod tests {
             assert_eq!(
                 verify(cluster, &v, slot),
                 Err(RecordError::Field("exchange_keys"))
+            );
+        }
+        // A member cannot shrink every network it joins to nothing.
+        for mtu in [1, MIN_DATA_PATH_MTU - 1, MAX_DATA_PATH_MTU + 1] {
+            let bad = NodeFacts {
+                data_path_mtu: mtu,
+                ..facts()
+            };
+            let v = sign(&k, cluster, 1, 1, addr, &bad);
+            assert_eq!(
+                verify(cluster, &v, slot),
+                Err(RecordError::Field("data_path_mtu"))
+            );
+        }
+        for mtu in [0, MIN_DATA_PATH_MTU, 9000] {
+            let ok = NodeFacts {
+                data_path_mtu: mtu,
+                ..facts()
+            };
+            let v = sign(&k, cluster, 1, 1, addr, &ok);
+            assert_eq!(
+                verify(cluster, &v, slot).map(|r| r.facts.data_path_mtu),
+                Ok(mtu)
             );
         }
     }

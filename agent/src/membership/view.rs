@@ -57,6 +57,9 @@ pub struct NodeView {
     pub exchange_keys: Vec<crate::keys::schedule::Published>,
     /// Its encrypted data plane's UDP port (0: not published).
     pub encrypted_port: u16,
+    /// MTU of its data-path interface, from its own signed record (0: not
+    /// published).
+    pub data_path_mtu: u32,
 }
 
 /// One row per node id, newest generation, sorted by name then id. Only
@@ -105,6 +108,7 @@ pub fn node_views(incarnations: &[Incarnation], self_id: NodeId) -> Vec<NodeView
                 table_version: rec.facts.table_version,
                 exchange_keys: rec.facts.exchange_keys.clone(),
                 encrypted_port: rec.facts.encrypted_port,
+                data_path_mtu: rec.facts.data_path_mtu,
             }
         })
         .collect();

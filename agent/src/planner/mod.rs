@@ -127,15 +127,79 @@ pub struct Planned {
     pub refused: Vec<(EndpointView, Refusal)>,
 }
 
-/// A network's MTU on every host: the configured one, or the data-path
-/// MTU minus the mode's overhead (never below the minimum).
-pub fn mtu(view: &NetworkView, host: &Host) -> u32 {
-    if view.record.mtu != 0 {
-        return view.record.mtu;
-    }
-    host.underlay_mtu
-        .saturating_sub(NetworkMode::of(view).overhead(host.local_vtep))
+/// What bounds a network's MTU: the largest MTU whose full-size packets
+/// cross every member host's data path, and the host that sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathLimit {
+    pub mtu: u32,
+    pub host: NodeId,
+}
+
+/// A network's MTU and its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MtuChoice {
+    /// The MTU of every endpoint of the network, on every host.
+    pub mtu: u32,
+    pub limit: PathLimit,
+    /// `--mtu` was given and is larger than `limit` allows: full-size
+    /// packets to `limit.host` are lost (shown by `network inspect`).
+    pub exceeds_path: bool,
+}
+
+/// The largest MTU one host's data path carries for `mode`.
+fn host_limit(mode: NetworkMode, data_path_mtu: u32, vtep: IpAddr) -> u32 {
+    data_path_mtu
+        .saturating_sub(mode.overhead(vtep))
         .max(networks::MIN_MTU)
+}
+
+/// A network has one MTU on every host (DESIGN.md, "MTU"): `--mtu`, or the
+/// smallest data-path MTU among its member hosts (this host and every
+/// owner of an endpoint row of the network, live or not, so a host that
+/// restarts does not move it) minus the mode's overhead. A per-host MTU
+/// would black-hole full-size packets towards a smaller host. Members that
+/// have not published their MTU (older agents) are left out.
+pub fn mtu_choice(
+    view: &NetworkView,
+    endpoints: &[EndpointView],
+    nodes: &[NodeView],
+    host: &Host,
+) -> MtuChoice {
+    let mode = NetworkMode::of(view);
+    let members: HashSet<NodeId> = endpoints
+        .iter()
+        .filter(|e| e.network == view.id && e.owner != host.me)
+        .map(|e| e.owner)
+        .collect();
+    let mut limit = PathLimit {
+        mtu: host_limit(mode, host.underlay_mtu, host.local_vtep),
+        host: host.me,
+    };
+    for n in nodes.iter().filter(|n| members.contains(&n.id)) {
+        let Ok(vtep) = n.data_path_addr.parse::<IpAddr>() else {
+            continue;
+        };
+        if n.data_path_mtu == 0 {
+            continue;
+        }
+        let mtu = host_limit(mode, n.data_path_mtu, vtep);
+        // Ties go to the smaller id, so every host names the same one.
+        if (mtu, n.id) < (limit.mtu, limit.host) {
+            limit = PathLimit { mtu, host: n.id };
+        }
+    }
+    match view.record.mtu {
+        0 => MtuChoice {
+            mtu: limit.mtu,
+            limit,
+            exceeds_path: false,
+        },
+        set => MtuChoice {
+            mtu: set,
+            limit,
+            exceeds_path: set > limit.mtu,
+        },
+    }
 }
 
 /// The plan of `view` on `host`: every endpoint of the network (from
@@ -184,7 +248,7 @@ pub fn plan(
         plan: NetworkPlan {
             vni: view.vni,
             mode: NetworkMode::of(view),
-            mtu: mtu(view, host),
+            mtu: mtu_choice(view, endpoints, nodes, host).mtu,
             local_vtep: host.local_vtep,
             remotes,
             peers,

@@ -59,6 +59,7 @@ fn member(n: u8, status: NodeStatus) -> NodeView {
         table_version: 1,
         exchange_keys: Vec::new(),
         encrypted_port: 4500,
+        data_path_mtu: 1500,
     }
 }
 
@@ -76,6 +77,11 @@ fn host() -> Host {
         local_vtep: vtep(1),
         underlay_mtu: 1500,
     }
+}
+
+/// The network's MTU with no other member host.
+fn mtu(view: &NetworkView, h: &Host) -> u32 {
+    mtu_choice(view, &[], &[], h).mtu
 }
 
 #[test]
@@ -96,6 +102,86 @@ fn mtu_depends_on_the_mode_unless_configured() {
         ..h
     };
     assert_eq!(mtu(&net(true, 0), &tiny), networks::MIN_MTU);
+}
+
+fn member_mtu(n: u8, status: NodeStatus, data_path_mtu: u32) -> NodeView {
+    NodeView {
+        data_path_mtu,
+        ..member(n, status)
+    }
+}
+
+#[test]
+fn the_smallest_member_host_sets_the_mtu_everywhere() {
+    use NodeStatus::*;
+    let nodes = [
+        member_mtu(1, Alive, 1500),
+        member_mtu(2, Alive, 1400),
+        member_mtu(3, Alive, 9000),
+        // Not a member (no endpoint in the network): does not count.
+        member_mtu(4, Alive, 1280),
+    ];
+    let eps = [ep(2, 7, 1), ep(3, 8, 1), ep(4, 9, 2)];
+    let c = mtu_choice(&net(false, 0), &eps, &nodes, &host());
+    assert_eq!(c.mtu, 1350);
+    assert_eq!(
+        c.limit,
+        PathLimit {
+            mtu: 1350,
+            host: node(2)
+        }
+    );
+    assert!(!c.exceeds_path);
+    // The plan carries the same, and so does every other host computing it.
+    let p = plan(
+        &net(false, 0),
+        &eps,
+        &nodes,
+        &owners(&[1, 2, 3, 4]),
+        &host(),
+    )
+    .plan;
+    assert_eq!(p.mtu, 1350);
+    let on_h3 = Host {
+        me: node(3),
+        local_vtep: vtep(3),
+        underlay_mtu: 9000,
+    };
+    let eps_h3 = [ep(1, 6, 1), ep(2, 7, 1), ep(3, 8, 1)];
+    assert_eq!(
+        mtu_choice(&net(false, 0), &eps_h3, &nodes, &on_h3).mtu,
+        1350
+    );
+    // Encrypted: the mode's overhead off the smallest.
+    assert_eq!(mtu_choice(&net(true, 0), &eps, &nodes, &host()).mtu, 1322);
+}
+
+#[test]
+fn a_hidden_member_still_counts_and_an_unpublished_one_does_not() {
+    use NodeStatus::*;
+    let eps = [ep(2, 7, 1), ep(3, 8, 1)];
+    let nodes = [member_mtu(2, Dead, 1400), member_mtu(3, Alive, 0)];
+    let c = mtu_choice(&net(false, 0), &eps, &nodes, &host());
+    assert_eq!(c.mtu, 1350, "a restart of h2 must not move the MTU");
+    let nodes = [member_mtu(3, Alive, 0)];
+    let c = mtu_choice(&net(false, 0), &eps, &nodes, &host());
+    assert_eq!(
+        c.limit,
+        PathLimit {
+            mtu: 1450,
+            host: node(1)
+        }
+    );
+}
+
+#[test]
+fn a_configured_mtu_above_a_members_path_is_flagged_not_changed() {
+    let eps = [ep(2, 7, 1)];
+    let nodes = [member_mtu(2, NodeStatus::Alive, 1400)];
+    let c = mtu_choice(&net(false, 1450), &eps, &nodes, &host());
+    assert_eq!((c.mtu, c.limit.mtu, c.exceeds_path), (1450, 1350, true));
+    let c = mtu_choice(&net(false, 1350), &eps, &nodes, &host());
+    assert!(!c.exceeds_path);
 }
 
 #[test]

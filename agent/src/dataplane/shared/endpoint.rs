@@ -154,6 +154,115 @@ impl Dataplane {
             .is_some())
     }
 
+    /// What differs from `ep` as attached: its host end on the network's
+    /// bridge, and inside its namespace its interface (the host end's
+    /// peer) with MAC, MTU, address and up. Reads only. A namespace that
+    /// is gone is a problem, not an error.
+    pub async fn endpoint_problems(
+        &self,
+        vni: Vni,
+        ep: &LocalEndpoint,
+    ) -> Result<Vec<String>, DataplaneError> {
+        let mut problems = Vec::new();
+        let host = Self::host_ifname(ep.id);
+        let bridge = nl::link_by_name(&self.handle, &Self::bridge_name(vni)).await?;
+        let Some(h) = nl::link_by_name(&self.handle, &host).await? else {
+            problems.push(format!("host end {host} is missing"));
+            return Ok(problems);
+        };
+        if bridge.is_none() || h.master != bridge.as_ref().map(|b| b.index) {
+            problems.push(format!("host end {host} is not on the network's bridge"));
+        }
+        if !h.up {
+            problems.push(format!("host end {host} is down"));
+        }
+        let ns = match netns::connect_in(&ep.netns).await {
+            Ok((ns, conn)) => (ns, conn),
+            Err(e) => {
+                problems.push(format!("namespace {}: {e}", ep.netns.display()));
+                return Ok(problems);
+            }
+        };
+        let where_ = format!("{} in {}", ep.ifname, ep.netns.display());
+        let Some(c) = nl::link_by_name(&ns.0, &ep.ifname).await? else {
+            problems.push(format!("{where_} is missing"));
+            return Ok(problems);
+        };
+        if c.peer != Some(h.index) {
+            problems.push(format!("{where_} is not the peer of {host}"));
+        }
+        if c.mac != Some(ep.mac) {
+            let has = c.mac.map_or_else(|| "none".to_string(), |m| m.to_string());
+            problems.push(format!("{where_} has MAC {has}, attached with {}", ep.mac));
+        }
+        if c.mtu != Some(ep.mtu) {
+            let has = c.mtu.unwrap_or_default();
+            problems.push(format!(
+                "{where_} has MTU {has}, the network's is {}",
+                ep.mtu
+            ));
+        }
+        if !c.up {
+            problems.push(format!("{where_} is down"));
+        }
+        let want = (ep.addr.ip(), ep.addr.prefix());
+        if !nl::addresses(&ns.0, c.index).await?.contains(&want) {
+            problems.push(format!("{where_} lacks its address {}", ep.addr));
+        }
+        Ok(problems)
+    }
+
+    /// The MTU of every endpoint's host end, from one link dump.
+    pub async fn host_end_mtus(&self) -> Result<Vec<(String, Option<u32>)>, DataplaneError> {
+        Ok(nl::links(&self.handle)
+            .await?
+            .into_iter()
+            .filter(|l| names::is_host_ifname(&l.name))
+            .map(|l| (l.name, l.mtu))
+            .collect())
+    }
+
+    /// Moves a live endpoint to `mtu` (a network's MTU follows its member
+    /// hosts, DESIGN.md "MTU"): the far end in the container first, so a
+    /// lowered network never has the container send what the host end
+    /// would drop, then the host end. An endpoint whose namespace is gone
+    /// is left to the orphan sweep.
+    pub async fn set_endpoint_mtu(
+        &self,
+        vni: Vni,
+        id: EndpointId,
+        netns: &std::path::Path,
+        ifname: &str,
+        mtu: u32,
+    ) -> Result<(), DataplaneError> {
+        let _g = self.lock.lock().await;
+        let host = Self::host_ifname(id);
+        let Some(h) = nl::link_by_name(&self.handle, &host).await? else {
+            return Ok(());
+        };
+        let (ns, _conn) = netns::connect_in(netns).await?;
+        let where_ = format!("{ifname} in {}", netns.display());
+        match nl::link_by_name(&ns, ifname).await? {
+            Some(c) if c.peer == Some(h.index) => {
+                if c.mtu != Some(mtu) {
+                    nl::set_link(&ns, nl::set_msg(c.index).mtu(mtu).build(), &where_).await?;
+                }
+            }
+            _ => {
+                return Err(DataplaneError::KernelReply(format!(
+                    "{where_} is not the peer of {host}"
+                )));
+            }
+        }
+        if h.mtu != Some(mtu) {
+            nl::set_link(&self.handle, nl::set_msg(h.index).mtu(mtu).build(), &host).await?;
+        }
+        self.changed();
+        info!(vni = %vni, endpoint = %id, device = %host, peer = %ifname, netns = %netns.display(),
+              from = ?h.mtu, mtu, "endpoint MTU changed to the network's");
+        Ok(())
+    }
+
     /// Host ends (`ovl` + 8 hex veths) and the network whose bridge each is
     /// enslaved to.
     pub async fn local_endpoints(&self) -> Result<Vec<(String, Option<Vni>)>, DataplaneError> {

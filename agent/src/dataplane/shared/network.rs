@@ -220,7 +220,7 @@ impl Dataplane {
         let mtu = link.mtu.ok_or_else(|| {
             DataplaneError::KernelReply(format!("link {} reported no MTU", link.name))
         })?;
-        self.vxlan.set_underlay(index);
+        self.vxlan.set_underlay(index, mtu);
         Ok(mtu)
     }
 }

@@ -50,6 +50,8 @@ pub struct VxlanVtep {
     /// 0 until the data plane has read it (see
     /// [`super::Dataplane::refresh_underlay`]).
     underlay: AtomicU32,
+    /// That interface's MTU (0 until read).
+    underlay_mtu: AtomicU32,
 }
 
 impl VxlanVtep {
@@ -58,6 +60,7 @@ impl VxlanVtep {
             handle,
             cfg,
             underlay: AtomicU32::new(0),
+            underlay_mtu: AtomicU32::new(0),
         }
     }
 
@@ -68,8 +71,23 @@ impl VxlanVtep {
     /// The interface holding the data-path address moved (or was first
     /// read): devices created from now on use it as their lower device,
     /// and one bound elsewhere is recreated at its next `ensure`.
-    pub(crate) fn set_underlay(&self, ifindex: u32) {
+    pub(crate) fn set_underlay(&self, ifindex: u32, mtu: u32) {
         self.underlay.store(ifindex, Ordering::Relaxed);
+        self.underlay_mtu.store(mtu, Ordering::Relaxed);
+    }
+
+    /// The device's MTU: the network's, but never more than the kernel
+    /// lets a VXLAN device have over its lower device (its MTU − 50;
+    /// creating above it is silently clamped, changing above it is
+    /// EINVAL). Only a `--mtu` larger than this host's path asks for more,
+    /// and `network inspect` flags that network.
+    fn device_mtu(&self, plan: &NetworkPlan) -> u32 {
+        match self.underlay_mtu.load(Ordering::Relaxed) {
+            0 => plan.mtu,
+            u => plan
+                .mtu
+                .min(u.saturating_sub(crate::planner::PLAIN_OVERHEAD).max(68)),
+        }
     }
 
     fn settings(&self) -> Settings {
@@ -142,13 +160,14 @@ impl VxlanVtep {
         if let Some(dev) = s.dev {
             b = b.dev(dev);
         }
-        let msg = b.mtu(plan.mtu).controller(bridge).build();
+        let mtu = self.device_mtu(plan);
+        let msg = b.mtu(mtu).controller(bridge).build();
         nl::add_link(&self.handle, msg, &format!("VXLAN device {name}")).await?;
         report.created_devices += 1;
         let l = nl::must_find(&self.handle, &name).await?;
         nl::quiet_up(&self.handle, l.index, &name).await?;
         info!(vni = %plan.vni, device = %name, ifindex = l.index, local = %plan.local_vtep, port = s.port,
-              dev = ?s.dev, mtu = plan.mtu, "VXLAN device created");
+              dev = ?s.dev, mtu, "VXLAN device created");
         Ok(l.index)
     }
 
@@ -166,8 +185,9 @@ impl VxlanVtep {
             fix = fix.controller(bridge);
             changed.push("master");
         }
-        if l.mtu != Some(plan.mtu) {
-            fix = fix.mtu(plan.mtu);
+        let mtu = self.device_mtu(plan);
+        if l.mtu != Some(mtu) {
+            fix = fix.mtu(mtu);
             changed.push("mtu");
         }
         if !changed.is_empty() {
@@ -178,7 +198,7 @@ impl VxlanVtep {
             changed.push("up");
         }
         if !changed.is_empty() {
-            info!(vni = %plan.vni, device = %name, ?changed, mtu = plan.mtu, "VXLAN device settings corrected");
+            info!(vni = %plan.vni, device = %name, ?changed, mtu, "VXLAN device settings corrected");
         }
         Ok(())
     }
