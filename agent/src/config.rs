@@ -158,6 +158,11 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Where the embedded DNS forwards names it does not hold.
     pub dns_upstreams: Vec<SocketAddr>,
+    /// MTU of the data-path interface as read at start (0: not read), so
+    /// the first signed record already states it: a restarted host that
+    /// published 0 until its first reconcile would move the MTU of every
+    /// network it is in, twice.
+    pub data_path_mtu_at_start: u32,
 }
 
 impl Config {
@@ -243,6 +248,7 @@ impl Config {
                     .collect::<Result<_, _>>()
                     .map_err(ConfigError::BadUpstream)?
             },
+            data_path_mtu_at_start: 0,
         })
     }
 }

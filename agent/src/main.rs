@@ -154,6 +154,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let encrypted = EncryptedVtep::new(engine.clone(), dataplane.netlink(), None);
     dataplane.set_vtep(NetworkMode::Encrypted, encrypted.clone());
     let key_rotation = config.key_rotation;
+    let mut config = config;
+    // Read before the cluster starts: its first record states it.
+    match dataplane.refresh_underlay(config.data_path_addr).await {
+        Ok(mtu) => config.data_path_mtu_at_start = mtu,
+        Err(e) => {
+            tracing::warn!(error = %e, "data-path interface not readable at start; its MTU is published once it is")
+        }
+    }
     let channels = Arc::new(peer::Channels::new(tls, counters.clone()));
     let cluster = Cluster::start(config, identity, counters.clone(), channels.clone()).await?;
     let core = Core::new(
@@ -166,6 +174,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     );
     core.set_channels(channels.clone());
     core.set_engine(engine.clone());
+    if let Err(e) = core.refresh_underlay().await {
+        tracing::warn!(error = %e, "reading the data-path interface failed; the reconciler retries");
+    }
     let mut sync_task = tokio::spawn(ovl_agent::sync::run(core.clone(), channels));
     let mut reconcile_task = tokio::spawn(ovl_agent::reconcile::run(core.clone()));
     // Not supervised: without miss notifications the periodic pass still

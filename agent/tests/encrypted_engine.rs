@@ -515,6 +515,11 @@ fn ping_broadcast_replay_tamper_and_membership() {
     // A host with keys but not a peer of the network.
     let o = seal(&mut p.outsider, vni, &frame);
     expect_drop(Dropped::NotMember, &o, "non-member");
+    // A's key, but the frame claims a source MAC A does not hold.
+    let mut spoofed = frame.clone();
+    spoofed[6..12].copy_from_slice(&mac(9).0);
+    let sp = seal(&mut p.forger, vni, &spoofed);
+    expect_drop(Dropped::SpoofedSource, &sp, "spoofed source MAC");
     // An SPI nobody has.
     let mut s = seal(&mut p.forger, vni, &frame);
     s[..4].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);

@@ -20,7 +20,7 @@ use common::*;
 use ovl_e2e::agent::binary;
 use ovl_e2e::cmd::{self, CmdOutput};
 use ovl_e2e::kernel::host_veth;
-use ovl_e2e::{Container, Findings, Lab, PATIENCE, shared};
+use ovl_e2e::{Container, EndpointRow, Findings, Lab, PATIENCE, shared};
 use serde_json::{Value, json};
 
 /// One plugin run: `command` with `env` on host k, `conf` on stdin.
@@ -80,8 +80,26 @@ fn path(c: &Container) -> String {
 /// Whether host k lists an endpoint named `name` in `network`.
 fn listed(lab: &Lab, k: usize, network: &str, name: &str) -> bool {
     lab.endpoints(k, Some(network))
-        .map(|eps| eps.iter().any(|e| e.name == name))
-        .unwrap_or(true)
+        .expect("endpoint ls")
+        .iter()
+        .any(|e| e.name == name)
+}
+
+/// The endpoint holding `ip` in `network`, as host k lists it.
+fn endpoint_at(lab: &Lab, k: usize, network: &str, ip: &str) -> Option<EndpointRow> {
+    lab.endpoints(k, Some(network))
+        .expect("endpoint ls")
+        .into_iter()
+        .find(|e| e.ip == ip)
+}
+
+/// The address of an ADD result.
+fn result_ip(r: &Value) -> String {
+    r["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -92,7 +110,6 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
     let c1 = lab.add_container(1, "c1").expect("container");
     let c2 = lab.add_container(2, "c2").expect("container");
     let (id1, id2) = (cid(1), cid(2));
-    let name1 = format!("cni-{}", &id1[..12]);
 
     // ADD: an address from ovl's IPAM; the result as the spec shapes it.
     let (out, r1) = cni(
@@ -142,12 +159,13 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
     f.check(addrs.contains(&addr1), || {
         format!("c1 eth0 addresses {addrs:?}, want {addr1}")
     });
-    let eps = lab.endpoints(1, Some("web")).unwrap_or_default();
-    let ep1 = eps.iter().find(|e| e.name == name1);
+    let ep1 = endpoint_at(&lab, 1, "web", &ip1);
     f.check(
-        ep1.is_some_and(|e| e.aliases.iter().any(|a| a == "web1")),
-        || format!("endpoint {name1} with alias web1 (K8S_POD_NAME), got {ep1:?}"),
+        ep1.as_ref()
+            .is_some_and(|e| e.name.starts_with("cni-") && e.aliases.iter().any(|a| a == "web1")),
+        || format!("endpoint cni-... with alias web1 (K8S_POD_NAME) at {ip1}, got {ep1:?}"),
     );
+    let name1 = ep1.as_ref().map(|e| e.name.clone()).unwrap_or_default();
 
     // ADD with IP and MAC from CNI_ARGS (as podman passes them).
     let want_ip = net
@@ -233,7 +251,7 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
     f.check(out.success() && out.stdout.trim().is_empty(), || {
         format!("DEL c1: {out}")
     });
-    let veth = ep1.map(|e| host_veth(&e.id)).unwrap_or_default();
+    let veth = ep1.as_ref().map(|e| host_veth(&e.id)).unwrap_or_default();
     f.check(
         lab.link_in(&lab.ns(1), &veth).ok().flatten().is_none(),
         || format!("{veth} still on h1 after DEL"),
@@ -290,6 +308,7 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
     // Errors with the spec's codes, and nothing left behind.
     let c3 = lab.add_container(1, "c3").expect("container");
     let id3 = cid(3);
+    let before = lab.endpoints(1, Some("web")).expect("endpoint ls").len();
     let add3 = |lab: &Lab, conf: &Value| {
         cni(
             lab,
@@ -331,36 +350,63 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
     f.check(links.iter().all(|l| l.ifname == "lo"), || {
         format!("c3 has interfaces after failed ADDs: {links:?}")
     });
-    let name3 = format!("cni-{}", &id3[..12]);
-    f.check(!listed(&lab, 1, "web", &name3), || {
-        format!("{name3} exists after failed ADDs")
+    let after = lab.endpoints(1, Some("web")).expect("endpoint ls").len();
+    f.check(after == before, || {
+        format!("failed ADDs left endpoints: {before} before, {after} after")
     });
 
-    // GC: an attachment the runtime no longer lists goes; c2's (on h2,
-    // listed) stays.
-    let (out, _) = add3(&lab, &conf(&lab, 1, "web"));
+    // GC: c3's attachment, no longer listed, goes; c4's on the same host
+    // and c2's on h2, listed, stay.
+    let (out, r3) = add3(&lab, &conf(&lab, 1, "web"));
     f.check(out.success(), || format!("ADD c3: {out}"));
-    let mut gc = conf(&lab, 1, "web");
-    gc["cniVersion"] = json!("1.1.0");
-    gc["cni.dev/valid-attachments"] = json!([{"containerID": id2, "ifname": "eth0"}]);
-    let (out, _) = cni(
+    let c4 = lab.add_container(1, "c4").expect("container");
+    let id4 = cid(4);
+    let (out, r4) = cni(
         &lab,
         1,
         &Call {
-            command: "GC",
-            container_id: "",
-            netns: "",
+            command: "ADD",
+            container_id: &id4,
+            netns: &path(&c4),
             args: "",
         },
-        &gc,
+        &conf(&lab, 1, "web"),
     );
+    f.check(out.success(), || format!("ADD c4: {out}"));
+    let name3 = endpoint_at(&lab, 1, "web", &result_ip(&r3)).map(|e| e.name);
+    let name4 = endpoint_at(&lab, 1, "web", &result_ip(&r4)).map(|e| e.name);
+    let name2 = endpoint_at(&lab, 1, "web", &ip2).map(|e| e.name);
+    f.check(
+        name3.is_some() && name4.is_some() && name2.is_some(),
+        || format!("before GC: c3 {name3:?} c4 {name4:?} c2 {name2:?}"),
+    );
+    let mut gc = conf(&lab, 1, "web");
+    gc["cniVersion"] = json!("1.1.0");
+    let gc_call = Call {
+        command: "GC",
+        container_id: "",
+        netns: "",
+        args: "",
+    };
+    let (out, e) = cni(&lab, 1, &gc_call, &gc);
+    f.check(!out.success() && e["code"] == 7, || {
+        format!("GC without cni.dev/valid-attachments: {out}")
+    });
+    gc["cni.dev/valid-attachments"] = json!([
+        {"containerID": id2, "ifname": "eth0"},
+        {"containerID": id4, "ifname": "eth0"},
+    ]);
+    let (out, _) = cni(&lab, 1, &gc_call, &gc);
     f.check(out.success(), || format!("GC: {out}"));
-    f.check(!listed(&lab, 1, "web", &name3), || {
-        format!("{name3} survived GC")
-    });
-    let name2 = format!("cni-{}", &id2[..12]);
-    f.check(listed(&lab, 1, "web", &name2), || {
-        format!("GC on h1 removed {name2}, which lives on h2 and is listed")
-    });
+    for (what, name, want) in [
+        ("c3", &name3, false),
+        ("c4", &name4, true),
+        ("c2", &name2, true),
+    ] {
+        let name = name.clone().unwrap_or_default();
+        f.check(listed(&lab, 1, "web", &name) == want, || {
+            format!("after GC {what} ({name}) listed: want {want}")
+        });
+    }
     f.finish();
 }

@@ -651,8 +651,14 @@ impl Cluster {
             // Published by the key schedule task once membership runs.
             exchange_keys: Vec::new(),
             encrypted_port: self.config.encrypted_port,
-            // Published by the reconciler once it has read the interface.
-            data_path_mtu: 0,
+            // Kept current by the reconciler from then on.
+            data_path_mtu: match self.config.data_path_mtu_at_start {
+                0 => 0,
+                m => m.clamp(
+                    membership::record::MIN_DATA_PATH_MTU,
+                    membership::record::MAX_DATA_PATH_MTU,
+                ),
+            },
         };
         let started = Membership::start(MembershipConfig {
             node_id: self.identity.node_id,

@@ -241,7 +241,13 @@ impl Core {
         endpoints: &[EndpointView],
         nodes: &[NodeView],
     ) -> NetworkInfo {
-        let mtu = planner::mtu_choice(&view, endpoints, nodes, &self.planner_host());
+        let mtu = planner::mtu_choice(
+            &view,
+            endpoints,
+            nodes,
+            &self.planner_host(),
+            planner::Including::MembersOnly,
+        );
         let limit_host = nodes
             .iter()
             .find(|n| n.id == mtu.limit.host)
@@ -339,11 +345,20 @@ impl Core {
         Ok(view.id)
     }
 
-    /// The network's one MTU (see [`planner::mtu_choice`]).
+    /// The network's one MTU with this host in it (see
+    /// [`planner::mtu_choice`]).
     pub async fn network_mtu(&self, view: &NetworkView) -> u32 {
         let nodes = self.cluster.members().await;
         let endpoints = self.store().endpoints();
-        planner::mtu_choice(view, &endpoints, &nodes, &self.planner_host()).mtu
+        let host = self.planner_host();
+        planner::mtu_choice(
+            view,
+            &endpoints,
+            &nodes,
+            &host,
+            planner::Including::ThisHost,
+        )
+        .mtu
     }
 
     /// This host, as the planner needs it.

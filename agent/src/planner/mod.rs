@@ -153,28 +153,43 @@ fn host_limit(mode: NetworkMode, data_path_mtu: u32, vtep: IpAddr) -> u32 {
         .max(networks::MIN_MTU)
 }
 
+/// Which hosts bound the MTU besides those with endpoint rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Including {
+    /// This host carries the network or is about to (a plan, an attach).
+    ThisHost,
+    /// Only the hosts with endpoints (`network inspect` on a host outside
+    /// the network names the MTU the members use). With none, this host's
+    /// own path is shown.
+    MembersOnly,
+}
+
 /// A network has one MTU on every host (DESIGN.md, "MTU"): `--mtu`, or the
-/// smallest data-path MTU among its member hosts (this host and every
-/// owner of an endpoint row of the network, live or not, so a host that
-/// restarts does not move it) minus the mode's overhead. A per-host MTU
-/// would black-hole full-size packets towards a smaller host. Members that
-/// have not published their MTU (older agents) are left out.
+/// smallest data-path MTU among its member hosts (every owner of an
+/// endpoint row of the network, live or not, so a host that restarts does
+/// not move it, and this host when it carries the network) minus the
+/// mode's overhead. A per-host MTU would black-hole full-size packets
+/// towards a smaller host. Members that have not published their MTU
+/// (older agents) are left out.
 pub fn mtu_choice(
     view: &NetworkView,
     endpoints: &[EndpointView],
     nodes: &[NodeView],
     host: &Host,
+    including: Including,
 ) -> MtuChoice {
     let mode = NetworkMode::of(view);
-    let members: HashSet<NodeId> = endpoints
+    let mut members: HashSet<NodeId> = endpoints
         .iter()
-        .filter(|e| e.network == view.id && e.owner != host.me)
+        .filter(|e| e.network == view.id)
         .map(|e| e.owner)
         .collect();
-    let mut limit = PathLimit {
+    let own = PathLimit {
         mtu: host_limit(mode, host.underlay_mtu, host.local_vtep),
         host: host.me,
     };
+    let with_self = including == Including::ThisHost || members.remove(&host.me);
+    let mut limit: Option<PathLimit> = with_self.then_some(own);
     for n in nodes.iter().filter(|n| members.contains(&n.id)) {
         let Ok(vtep) = n.data_path_addr.parse::<IpAddr>() else {
             continue;
@@ -182,12 +197,17 @@ pub fn mtu_choice(
         if n.data_path_mtu == 0 {
             continue;
         }
-        let mtu = host_limit(mode, n.data_path_mtu, vtep);
+        let here = PathLimit {
+            mtu: host_limit(mode, n.data_path_mtu, vtep),
+            host: n.id,
+        };
         // Ties go to the smaller id, so every host names the same one.
-        if (mtu, n.id) < (limit.mtu, limit.host) {
-            limit = PathLimit { mtu, host: n.id };
-        }
+        limit = Some(match limit {
+            Some(l) if (l.mtu, l.host) <= (here.mtu, here.host) => l,
+            _ => here,
+        });
     }
+    let limit = limit.unwrap_or(own);
     match view.record.mtu {
         0 => MtuChoice {
             mtu: limit.mtu,
@@ -248,7 +268,7 @@ pub fn plan(
         plan: NetworkPlan {
             vni: view.vni,
             mode: NetworkMode::of(view),
-            mtu: mtu_choice(view, endpoints, nodes, host).mtu,
+            mtu: mtu_choice(view, endpoints, nodes, host, Including::ThisHost).mtu,
             local_vtep: host.local_vtep,
             remotes,
             peers,

@@ -81,7 +81,11 @@ fn host() -> Host {
 
 /// The network's MTU with no other member host.
 fn mtu(view: &NetworkView, h: &Host) -> u32 {
-    mtu_choice(view, &[], &[], h).mtu
+    mtu_choice(view, &[], &[], h, Including::ThisHost).mtu
+}
+
+fn choice(view: &NetworkView, eps: &[EndpointView], nodes: &[NodeView], h: &Host) -> MtuChoice {
+    mtu_choice(view, eps, nodes, h, Including::ThisHost)
 }
 
 #[test]
@@ -122,7 +126,7 @@ fn the_smallest_member_host_sets_the_mtu_everywhere() {
         member_mtu(4, Alive, 1280),
     ];
     let eps = [ep(2, 7, 1), ep(3, 8, 1), ep(4, 9, 2)];
-    let c = mtu_choice(&net(false, 0), &eps, &nodes, &host());
+    let c = choice(&net(false, 0), &eps, &nodes, &host());
     assert_eq!(c.mtu, 1350);
     assert_eq!(
         c.limit,
@@ -148,12 +152,9 @@ fn the_smallest_member_host_sets_the_mtu_everywhere() {
         underlay_mtu: 9000,
     };
     let eps_h3 = [ep(1, 6, 1), ep(2, 7, 1), ep(3, 8, 1)];
-    assert_eq!(
-        mtu_choice(&net(false, 0), &eps_h3, &nodes, &on_h3).mtu,
-        1350
-    );
+    assert_eq!(choice(&net(false, 0), &eps_h3, &nodes, &on_h3).mtu, 1350);
     // Encrypted: the mode's overhead off the smallest.
-    assert_eq!(mtu_choice(&net(true, 0), &eps, &nodes, &host()).mtu, 1322);
+    assert_eq!(choice(&net(true, 0), &eps, &nodes, &host()).mtu, 1322);
 }
 
 #[test]
@@ -161,10 +162,10 @@ fn a_hidden_member_still_counts_and_an_unpublished_one_does_not() {
     use NodeStatus::*;
     let eps = [ep(2, 7, 1), ep(3, 8, 1)];
     let nodes = [member_mtu(2, Dead, 1400), member_mtu(3, Alive, 0)];
-    let c = mtu_choice(&net(false, 0), &eps, &nodes, &host());
+    let c = choice(&net(false, 0), &eps, &nodes, &host());
     assert_eq!(c.mtu, 1350, "a restart of h2 must not move the MTU");
     let nodes = [member_mtu(3, Alive, 0)];
-    let c = mtu_choice(&net(false, 0), &eps, &nodes, &host());
+    let c = choice(&net(false, 0), &eps, &nodes, &host());
     assert_eq!(
         c.limit,
         PathLimit {
@@ -175,12 +176,63 @@ fn a_hidden_member_still_counts_and_an_unpublished_one_does_not() {
 }
 
 #[test]
+fn a_host_outside_the_network_names_the_members_mtu() {
+    use NodeStatus::*;
+    // This host (h1) has a 1280-byte underlay but no endpoint in the
+    // network: inspect shows what h2 and h3 use.
+    let small_here = Host {
+        underlay_mtu: 1280,
+        ..host()
+    };
+    let nodes = [member_mtu(2, Alive, 1500), member_mtu(3, Alive, 1400)];
+    let eps = [ep(2, 7, 1), ep(3, 8, 1)];
+    let c = mtu_choice(
+        &net(false, 0),
+        &eps,
+        &nodes,
+        &small_here,
+        Including::MembersOnly,
+    );
+    assert_eq!(
+        c.limit,
+        PathLimit {
+            mtu: 1350,
+            host: node(3)
+        }
+    );
+    // Attaching here would lower it.
+    let c = mtu_choice(
+        &net(false, 0),
+        &eps,
+        &nodes,
+        &small_here,
+        Including::ThisHost,
+    );
+    assert_eq!(
+        c.limit,
+        PathLimit {
+            mtu: 1230,
+            host: node(1)
+        }
+    );
+    // No members: this host's own path.
+    let c = mtu_choice(
+        &net(false, 0),
+        &[],
+        &nodes,
+        &small_here,
+        Including::MembersOnly,
+    );
+    assert_eq!(c.mtu, 1230);
+}
+
+#[test]
 fn a_configured_mtu_above_a_members_path_is_flagged_not_changed() {
     let eps = [ep(2, 7, 1)];
     let nodes = [member_mtu(2, NodeStatus::Alive, 1400)];
-    let c = mtu_choice(&net(false, 1450), &eps, &nodes, &host());
+    let c = choice(&net(false, 1450), &eps, &nodes, &host());
     assert_eq!((c.mtu, c.limit.mtu, c.exceeds_path), (1450, 1350, true));
-    let c = mtu_choice(&net(false, 1350), &eps, &nodes, &host());
+    let c = choice(&net(false, 1350), &eps, &nodes, &host());
     assert!(!c.exceeds_path);
 }
 

@@ -192,13 +192,19 @@ async fn status(conf: &NetConf, channel: Channel) -> Result<(), CniError> {
 }
 
 /// GC (spec 1.1): detaches this host's endpoints that this plugin made in
-/// the network and the runtime no longer lists.
+/// the network and the runtime no longer lists. Its scope is the ovl
+/// network on this host: two runtimes sharing one ovl network on one host
+/// would collect each other's attachments (give each its own network).
 async fn gc(conf: &NetConf, channel: Channel) -> Result<(), CniError> {
     let network = conf.network();
-    let keep: HashSet<String> = conf
-        .valid_attachments
+    let Some(valid) = &conf.valid_attachments else {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "GC needs cni.dev/valid-attachments (an empty list removes every attachment)",
+        ));
+    };
+    let keep: HashSet<String> = valid
         .iter()
-        .flatten()
         .map(|a| spec::endpoint_name(&a.container_id, &a.ifname))
         .collect();
     let me = ClusterClient::new(channel.clone())

@@ -143,18 +143,25 @@ impl Env {
 
     fn check_attachment(&self) -> Result<(), CniError> {
         let id = &self.container_id;
-        let ok_id = !id.is_empty()
-            && id.len() <= MAX_CONTAINER_ID
+        // SPEC.md "CNI_CONTAINERID": alphanumeric first, then [A-Za-z0-9_.-].
+        let ok_id = id.len() <= MAX_CONTAINER_ID
+            && id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
         if !ok_id {
             return Err(CniError::new(
                 Code::InvalidEnv,
-                format!("CNI_CONTAINERID {id:?} is not 1-255 of [A-Za-z0-9_.-]"),
+                format!(
+                    "CNI_CONTAINERID {id:?} is not 1-255 of [A-Za-z0-9_.-], alphanumeric first"
+                ),
             ));
         }
+        // SPEC.md "CNI_IFNAME": at most 15 bytes, not "." or "..", no
+        // '/', ':' or white space.
         let ok_if = !self.ifname.is_empty()
+            && self.ifname != "."
+            && self.ifname != ".."
             && self.ifname.len() <= 15
             && !self
                 .ifname
@@ -169,23 +176,24 @@ impl Env {
         Ok(())
     }
 
-    /// The ovl endpoint an attachment is: `cni-<first 12 of the container
-    /// id>`, plus `-<ifname>` beyond `eth0`. Derived, so DEL and GC find it
-    /// with nothing but the container id and interface (no state file, no
-    /// `prevResult`); the short id is also what Docker's DNS answers for.
+    /// The ovl endpoint an attachment is (see [`endpoint_name`]).
     pub fn endpoint_name(&self) -> String {
         endpoint_name(&self.container_id, &self.ifname)
     }
 }
 
-/// See [`Env::endpoint_name`].
+/// The ovl endpoint of an attachment: `cni-` and 16 hex digits of
+/// SHA-256 over the container id and interface. Derived, so DEL and GC
+/// find it with nothing but those two (no state file, no `prevResult`);
+/// hashed, because endpoint names are cluster-wide, at most 63 bytes, and
+/// container ids are up to 255 bytes of which no prefix is unique.
 pub fn endpoint_name(container_id: &str, ifname: &str) -> String {
-    let short: String = container_id.chars().take(12).collect();
-    if ifname == "eth0" {
-        format!("{ENDPOINT_PREFIX}{short}")
-    } else {
-        format!("{ENDPOINT_PREFIX}{short}-{ifname}")
-    }
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{container_id}/{ifname}").as_bytes(),
+    );
+    let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{ENDPOINT_PREFIX}{hex}")
 }
 
 /// What every endpoint this plugin makes is named from (GC removes only
@@ -286,14 +294,27 @@ impl NetConf {
         self.network.as_deref().unwrap_or(&self.name)
     }
 
-    /// Aliases the runtime asks for in this network.
+    /// Aliases the runtime asks for in this network (those ovl cannot
+    /// hold as names are left out rather than failing the ADD).
     pub fn aliases(&self) -> Vec<String> {
         self.runtime_config
             .aliases
             .get(&self.name)
+            .into_iter()
+            .flatten()
+            .filter(|a| valid_alias(a))
             .cloned()
-            .unwrap_or_default()
+            .collect()
     }
+}
+
+/// What ovl accepts as an endpoint name or alias: 1-63 of [A-Za-z0-9_.-],
+/// alphanumeric first (the agent checks the same).
+pub fn valid_alias(s: &str) -> bool {
+    s.len() <= 63
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// The static address and MAC a runtime asks for in `CNI_ARGS` (podman:
@@ -331,7 +352,7 @@ pub fn wanted(args: &BTreeMap<String, String>) -> Result<Wanted, CniError> {
         // accepted too (the network fixes the prefix).
         ip: non_empty("IP").map(|ip| ip.split('/').next().unwrap_or_default().to_string()),
         mac: non_empty("MAC"),
-        name: non_empty("K8S_POD_NAME"),
+        name: non_empty("K8S_POD_NAME").filter(|n| valid_alias(n)),
     })
 }
 
@@ -410,7 +431,8 @@ pub fn add_result(version: &str, netns: &str, a: &Attached) -> Result<AddResult,
             name: a.ifname.clone(),
             mac: a.mac.clone(),
             sandbox: netns.to_string(),
-            mtu: (a.mtu != 0).then_some(a.mtu),
+            // `mtu` joined the interface object in spec 1.1.
+            mtu: (a.mtu != 0 && version != "1.0.0").then_some(a.mtu),
         }],
         ips: vec![IpConfig {
             address: format!("{}/{prefix}", a.ip),

@@ -22,6 +22,9 @@ pub enum Dropped {
     UnknownVni,
     /// Received: the sending host is not a peer of that network.
     NotMember,
+    /// Received: the inner frame's source MAC is not an endpoint of the
+    /// sending host (a member speaking for another host's container).
+    SpoofedSource,
     /// Sent: no send key for the peer (no `install_keys`/`use_epoch`).
     NoKey,
     /// Sent: the peer's data-path address is unknown (`set_peer`).
@@ -41,13 +44,14 @@ pub enum Dropped {
 }
 
 impl Dropped {
-    pub const ALL: [Dropped; 14] = [
+    pub const ALL: [Dropped; 15] = [
         Dropped::BadTag,
         Dropped::Replay,
         Dropped::Generation,
         Dropped::UnknownSpi,
         Dropped::UnknownVni,
         Dropped::NotMember,
+        Dropped::SpoofedSource,
         Dropped::NoKey,
         Dropped::NoPeerAddr,
         Dropped::NoRoute,
@@ -67,6 +71,7 @@ impl Dropped {
             Dropped::UnknownSpi => "unknown_spi",
             Dropped::UnknownVni => "unknown_vni",
             Dropped::NotMember => "not_member",
+            Dropped::SpoofedSource => "spoofed_source",
             Dropped::NoKey => "no_key",
             Dropped::NoPeerAddr => "no_peer_addr",
             Dropped::NoRoute => "no_route",
@@ -88,6 +93,7 @@ impl Dropped {
                 | Dropped::UnknownSpi
                 | Dropped::UnknownVni
                 | Dropped::NotMember
+                | Dropped::SpoofedSource
         )
     }
 

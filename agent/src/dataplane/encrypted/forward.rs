@@ -21,8 +21,10 @@
 //!   traffic, sealed, to hosts that are not its destination.
 //!
 //! Receive: an opened frame for VNI `v` from node `N` is delivered only if
-//! `v` is a local encrypted network and `N` is one of its peer hosts
-//! ([`ingress`]).
+//! `v` is a local encrypted network, `N` is one of its peer hosts, and the
+//! frame's source MAC is one of `N`'s endpoints in it ([`ingress`]): the
+//! pair key proves which host sealed a frame, the table says which
+//! containers that host may speak for.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -162,22 +164,31 @@ fn arp(table: &Table, frame: &[u8], reply: &mut [u8]) -> Egress {
     Egress::ArpReply(ARP_REPLY_LEN)
 }
 
-/// Whether an opened frame for `vni` from `from` may be delivered: the VNI
-/// must be a local encrypted network (`networks`) and `from` one of its
-/// peer hosts. Returns the network's entry.
-pub fn ingress<N>(
-    networks: &HashMap<u32, N>,
+/// Whether an opened `frame` for `vni` from `from` may be delivered: the
+/// VNI must be a local encrypted network (`networks`), `from` one of its
+/// peer hosts, and the frame's source MAC an endpoint `from` holds in it
+/// (else a member could inject frames as another host's container, and
+/// poison the bridge's learning towards them). Returns the network's
+/// entry.
+pub fn ingress<'n, N>(
+    networks: &'n HashMap<u32, N>,
     table_of: impl Fn(&N) -> &Table,
     vni: u32,
     from: NodeId,
-    frame_len: usize,
-) -> Result<&N, Dropped> {
+    frame: &[u8],
+) -> Result<&'n N, Dropped> {
     let net = networks.get(&vni).ok_or(Dropped::UnknownVni)?;
-    if !table_of(net).is_member(from) {
+    let table = table_of(net);
+    if !table.is_member(from) {
         return Err(Dropped::NotMember);
     }
-    if frame_len < ETH_LEN {
+    let Some(src) = frame.get(6..ETH_LEN - 2) else {
         return Err(Dropped::Malformed);
+    };
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(src);
+    if table.by_mac.get(&MacAddr(mac)) != Some(&from) {
+        return Err(Dropped::SpoofedSource);
     }
     Ok(net)
 }
@@ -282,24 +293,37 @@ mod tests {
     }
 
     #[test]
-    fn ingress_needs_a_local_network_and_a_member() {
+    fn ingress_needs_a_local_network_a_member_and_its_own_source_mac() {
         let mut nets = HashMap::new();
         nets.insert(7u32, table());
         fn t(n: &Table) -> &Table {
             n
         }
-        assert!(ingress(&nets, t, 7, node(2), 60).is_ok());
+        // node(2) holds mac(2), node(3) holds mac(3).
+        let from2 = eth(mac(1).0, mac(2), 0x0800, &[0; 46]);
+        assert!(ingress(&nets, t, 7, node(2), &from2).is_ok());
         assert_eq!(
-            ingress(&nets, t, 8, node(2), 60).err(),
+            ingress(&nets, t, 8, node(2), &from2).err(),
             Some(Dropped::UnknownVni)
         );
         assert_eq!(
-            ingress(&nets, t, 7, node(5), 60).err(),
+            ingress(&nets, t, 7, node(5), &from2).err(),
             Some(Dropped::NotMember)
         );
         assert_eq!(
-            ingress(&nets, t, 7, node(2), 10).err(),
+            ingress(&nets, t, 7, node(2), &from2[..10]).err(),
             Some(Dropped::Malformed)
+        );
+        // A member sealing a frame as another host's container, or as a
+        // MAC nobody holds (a bridge's own, a made-up one).
+        assert_eq!(
+            ingress(&nets, t, 7, node(3), &from2).err(),
+            Some(Dropped::SpoofedSource)
+        );
+        let unknown = eth([0xff; 6], mac(9), 0x0800, &[0; 46]);
+        assert_eq!(
+            ingress(&nets, t, 7, node(2), &unknown).err(),
+            Some(Dropped::SpoofedSource)
         );
     }
 

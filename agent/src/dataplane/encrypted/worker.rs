@@ -312,7 +312,7 @@ impl Worker {
             |n: &NetState| &n.table,
             o.vni,
             entry.node,
-            frame.len(),
+            frame,
         ) {
             Ok(n) => n,
             Err(why) => {

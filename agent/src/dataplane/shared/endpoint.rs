@@ -223,10 +223,10 @@ impl Dataplane {
     }
 
     /// Moves a live endpoint to `mtu` (a network's MTU follows its member
-    /// hosts, DESIGN.md "MTU"): the far end in the container first, so a
-    /// lowered network never has the container send what the host end
-    /// would drop, then the host end. An endpoint whose namespace is gone
-    /// is left to the orphan sweep.
+    /// hosts, DESIGN.md "MTU"). Lowering changes the far end in the
+    /// container first and raising the host end first, so the container
+    /// never sends what its host end would drop. An endpoint whose
+    /// namespace is gone is left to the orphan sweep.
     pub async fn set_endpoint_mtu(
         &self,
         vni: Vni,
@@ -240,22 +240,37 @@ impl Dataplane {
         let Some(h) = nl::link_by_name(&self.handle, &host).await? else {
             return Ok(());
         };
+        if !netns.exists() {
+            return Ok(());
+        }
         let (ns, _conn) = netns::connect_in(netns).await?;
         let where_ = format!("{ifname} in {}", netns.display());
-        match nl::link_by_name(&ns, ifname).await? {
-            Some(c) if c.peer == Some(h.index) => {
-                if c.mtu != Some(mtu) {
-                    nl::set_link(&ns, nl::set_msg(c.index).mtu(mtu).build(), &where_).await?;
-                }
-            }
+        let c = match nl::link_by_name(&ns, ifname).await? {
+            Some(c) if c.peer == Some(h.index) && h.peer == Some(c.index) => c,
             _ => {
                 return Err(DataplaneError::KernelReply(format!(
                     "{where_} is not the peer of {host}"
                 )));
             }
-        }
-        if h.mtu != Some(mtu) {
-            nl::set_link(&self.handle, nl::set_msg(h.index).mtu(mtu).build(), &host).await?;
+        };
+        let set_inside = async {
+            if c.mtu != Some(mtu) {
+                nl::set_link(&ns, nl::set_msg(c.index).mtu(mtu).build(), &where_).await?;
+            }
+            Ok::<(), DataplaneError>(())
+        };
+        let set_host = async {
+            if h.mtu != Some(mtu) {
+                nl::set_link(&self.handle, nl::set_msg(h.index).mtu(mtu).build(), &host).await?;
+            }
+            Ok::<(), DataplaneError>(())
+        };
+        if h.mtu.is_some_and(|m| m < mtu) {
+            set_host.await?;
+            set_inside.await?;
+        } else {
+            set_inside.await?;
+            set_host.await?;
         }
         self.changed();
         info!(vni = %vni, endpoint = %id, device = %host, peer = %ifname, netns = %netns.display(),

@@ -77,16 +77,19 @@ impl VxlanVtep {
     }
 
     /// The device's MTU: the network's, but never more than the kernel
-    /// lets a VXLAN device have over its lower device (its MTU − 50;
-    /// creating above it is silently clamped, changing above it is
-    /// EINVAL). Only a `--mtu` larger than this host's path asks for more,
-    /// and `network inspect` flags that network.
+    /// lets a VXLAN device have over its lower device (its MTU − 50 on an
+    /// IPv4 underlay, − 70 on IPv6: the kernel's VXLAN headroom; creating
+    /// above it is silently clamped, changing above it is EINVAL). Only a
+    /// `--mtu` larger than this host's path asks for more, and `network
+    /// inspect` flags that network.
     fn device_mtu(&self, plan: &NetworkPlan) -> u32 {
+        let headroom = match plan.local_vtep {
+            IpAddr::V4(_) => crate::planner::PLAIN_OVERHEAD,
+            IpAddr::V6(_) => crate::planner::PLAIN_OVERHEAD + 20,
+        };
         match self.underlay_mtu.load(Ordering::Relaxed) {
             0 => plan.mtu,
-            u => plan
-                .mtu
-                .min(u.saturating_sub(crate::planner::PLAIN_OVERHEAD).max(68)),
+            u => plan.mtu.min(u.saturating_sub(headroom).max(68)),
         }
     }
 

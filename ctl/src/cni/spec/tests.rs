@@ -26,7 +26,9 @@ fn add_needs_the_attachment_and_a_namespace() {
     ])
     .unwrap();
     assert_eq!(e.command, Command::Add);
-    assert_eq!(e.endpoint_name(), "cni-0123456789ab");
+    let name = e.endpoint_name();
+    assert!(name.starts_with("cni-") && name.len() == 20, "{name}");
+    assert!(crate::cni::spec::valid_alias(&name));
     assert_eq!(e.args["IP"], "198.19.0.9");
     for (k, v) in [
         ("CNI_NETNS", ""),
@@ -34,6 +36,8 @@ fn add_needs_the_attachment_and_a_namespace() {
         ("CNI_IFNAME", "a/b"),
         ("CNI_CONTAINERID", ""),
         ("CNI_CONTAINERID", "a b"),
+        ("CNI_CONTAINERID", "-abc"),
+        ("CNI_IFNAME", ".."),
         ("CNI_COMMAND", "ATTACH"),
         ("CNI_ARGS", "novalue"),
     ] {
@@ -60,7 +64,17 @@ fn del_works_without_a_namespace_and_version_needs_nothing() {
         ("CNI_IFNAME", "net1"),
     ])
     .unwrap();
-    assert_eq!(e.endpoint_name(), "cni-0123456789ab-net1");
+    assert_ne!(e.endpoint_name(), endpoint_name(CID, "eth0"));
+    // No prefix of an id is unique, and the interface is not just appended.
+    assert_ne!(
+        endpoint_name("my-container-1", "eth0"),
+        endpoint_name("my-container-2", "eth0")
+    );
+    assert_ne!(
+        endpoint_name("ab", "cd-eth0"),
+        endpoint_name("ab-cd", "eth0")
+    );
+    assert_eq!(endpoint_name("x", "eth0"), endpoint_name("x", "eth0"));
     assert_eq!(
         env(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
         Command::Version
@@ -71,13 +85,21 @@ fn del_works_without_a_namespace_and_version_needs_nothing() {
 
 #[test]
 fn configs_name_a_supported_version_and_a_network() {
+    let long = "a".repeat(64);
     let c = NetConf::parse(
-        br#"{"cniVersion":"1.0.0","name":"web","type":"ovl","network":"front",
-            "runtimeConfig":{"aliases":{"web":["www"]}},"prevResult":{"ips":[]}}"#,
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"web","type":"ovl","network":"front",
+            "runtimeConfig":{{"aliases":{{"web":["www","{long}","-x"]}}}},"prevResult":{{"ips":[]}}}}"#
+        )
+        .as_bytes(),
     )
     .unwrap();
     assert_eq!(c.network(), "front");
-    assert_eq!(c.aliases(), vec!["www".to_string()]);
+    assert_eq!(
+        c.aliases(),
+        vec!["www".to_string()],
+        "names ovl cannot hold are left out"
+    );
     assert!(c.prev_result.is_some());
     let c = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"web","type":"ovl"}"#).unwrap();
     assert_eq!(
@@ -141,12 +163,14 @@ fn the_add_result_carries_interface_ip_gateway_route_and_dns() {
         r,
         json!({
             "cniVersion": "1.0.0",
-            "interfaces": [{"name": "eth0", "mac": "02:42:c6:13:00:05", "sandbox": "/run/netns/x", "mtu": 1450}],
+            "interfaces": [{"name": "eth0", "mac": "02:42:c6:13:00:05", "sandbox": "/run/netns/x"}],
             "ips": [{"address": "198.19.0.5/24", "gateway": "198.19.0.1", "interface": 0}],
             "routes": [{"dst": "198.19.0.0/24"}],
             "dns": {"nameservers": ["198.19.0.1"]},
         })
     );
+    let r = serde_json::to_value(add_result("1.1.0", "/run/netns/x", &a).unwrap()).unwrap();
+    assert_eq!(r["interfaces"][0]["mtu"], 1450, "a 1.1 field");
     let bad = Attached {
         subnet: "nonsense".into(),
         ..a
