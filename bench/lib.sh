@@ -149,6 +149,9 @@ bench_cleanup() {
 		ns_del "${BENCH_NAMESPACES[i]}"
 	done
 	if [[ -n $BENCH_TMP && -d $BENCH_TMP ]]; then
+		# The agents' network sandboxes (bind mounts under $BENCH_TMP).
+		awk -v d="^${BENCH_TMP}/" '$5 ~ d { print $5 }' /proc/self/mountinfo 2>/dev/null |
+			while read -r mnt; do umount -l "$mnt" 2>/dev/null || true; done
 		if [[ -n ${BENCH_KEEP_LOGS:-} ]]; then
 			say "logs kept in $BENCH_TMP"
 		else
@@ -233,9 +236,12 @@ start_agents() {
 	OVL_DIR=$(ovl_bin_dir)
 	for ((k = 1; k <= n; k++)); do
 		mkdir -p "$BENCH_TMP/h$k/state"
-		bg_start ip netns exec "$(host_ns "$k")" "$OVL_DIR/ovl-agent" \
+		# nsenter, not `ip netns exec`: the agent's sandbox bind mounts
+		# must live in this mount namespace (docs/sandbox.md).
+		bg_start nsenter --net="/run/netns/$(host_ns "$k")" "$OVL_DIR/ovl-agent" \
 			--advertise-addr "$(host_addr "$k")" \
 			--state-dir "$BENCH_TMP/h$k/state" \
+			--sandbox-dir "$BENCH_TMP/h$k/netns" \
 			--socket "$(agent_sock "$k")" \
 			--node-name "bench-h$k" \
 			--default-address-pool 198.19.0.0/16 \

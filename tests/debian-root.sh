@@ -7,7 +7,8 @@
 # clone starts without); every root is then made from that tarball with
 # `--unpack-tarball`, with no download.
 #
-# systemd, iproute2 and iputils-ping are included: a Vagrant box has them
+# systemd, iproute2, iputils-ping and nftables (the package depends on it)
+# are included: a Vagrant box has the first three
 # (and `systemd-analyze verify` needs the root's own systemd units), and the
 # roots run in host namespaces without Internet access, where the
 # provisioning script could not install them.
@@ -18,9 +19,9 @@
 
 : "${OVL_DEBROOT_CACHE:=$REPO_ROOT/target/debootstrap}"
 readonly DEBROOT_SUITE=bookworm
-readonly DEBROOT_INCLUDE=systemd,iproute2,iputils-ping
-readonly DEBROOT_TARBALL=$OVL_DEBROOT_CACHE/$DEBROOT_SUITE-minbase-systemd.tgz
-readonly DEBROOT_PRISTINE=$OVL_DEBROOT_CACHE/$DEBROOT_SUITE-root.tar
+readonly DEBROOT_INCLUDE=systemd,iproute2,iputils-ping,nftables
+readonly DEBROOT_TARBALL=$OVL_DEBROOT_CACHE/$DEBROOT_SUITE-minbase-systemd-nft.tgz
+readonly DEBROOT_PRISTINE=$OVL_DEBROOT_CACHE/$DEBROOT_SUITE-root-nft.tar
 
 debroot_tarball() {
 	command -v debootstrap >/dev/null 2>&1 || {

@@ -46,6 +46,10 @@ pub struct Options {
     /// Local API socket, root only [default: /run/ovl/ovl.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Where networks' sandbox namespaces are mounted, as `ovl-<VNI>`
+    /// [default: /run/netns, so `ip netns exec ovl-<VNI>` reaches them].
+    #[arg(long, value_name = "DIR")]
+    pub sandbox_dir: Option<PathBuf>,
     /// Agent of the cluster to join at start: IP or IP:PORT (repeatable).
     #[arg(long = "seed", value_name = "IP[:PORT]")]
     #[serde(alias = "seeds")]
@@ -146,6 +150,7 @@ pub struct Config {
     pub encrypted_port: u16,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+    pub sandbox_dir: PathBuf,
     pub seeds: Vec<SocketAddr>,
     pub join_token: Option<JoinToken>,
     pub key_rotation: Duration,
@@ -206,6 +211,7 @@ impl Config {
             encrypted_port: port("encrypted-port", o.encrypted_port, 4500)?,
             state_dir: o.state_dir.unwrap_or_else(|| "/var/lib/ovl".into()),
             socket: o.socket.unwrap_or_else(|| "/run/ovl/ovl.sock".into()),
+            sandbox_dir: o.sandbox_dir.unwrap_or_else(|| "/run/netns".into()),
             seeds,
             join_token: match (o.join_token, o.join_token_file) {
                 (Some(_), Some(_)) => return Err(ConfigError::TwoTokens),
@@ -265,6 +271,7 @@ impl Options {
             encrypted_port: self.encrypted_port.or(file.encrypted_port),
             state_dir: self.state_dir.or(file.state_dir),
             socket: self.socket.or(file.socket),
+            sandbox_dir: self.sandbox_dir.or(file.sandbox_dir),
             seed: if self.seed.is_empty() {
                 file.seed
             } else {

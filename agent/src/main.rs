@@ -9,7 +9,7 @@ use ovl_agent::cluster::Cluster;
 use ovl_agent::config::{Config, Options};
 use ovl_agent::core::{Core, Ipam};
 use ovl_agent::dataplane::encrypted::{EncryptedVtep, Engine, EngineConfig};
-use ovl_agent::dataplane::{Dataplane, NetworkMode, VxlanConfig};
+use ovl_agent::dataplane::{Dataplane, DataplaneConfig, NetworkMode, VxlanConfig};
 use ovl_agent::keys::identity::Identity;
 use ovl_agent::metrics::Counters;
 use ovl_agent::peer::{self, TlsIdentity};
@@ -138,8 +138,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let node_id = identity.node_id;
     let store = Store::load(&state_dir, node_id, counters.clone())?;
     let ipam = Ipam::load(&state_dir, identity.key.clone())?;
-    let mut dataplane = Dataplane::new(VxlanConfig {
-        port: config.data_path_port,
+    let mut dataplane = Dataplane::new(DataplaneConfig {
+        vxlan: VxlanConfig {
+            port: config.data_path_port,
+        },
+        ..DataplaneConfig::new(config.sandbox_dir.clone())
     })
     .await
     .context("open netlink")?;
@@ -151,7 +154,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         netns: None,
     })
     .context("start the encrypted data plane")?;
-    let encrypted = EncryptedVtep::new(engine.clone(), dataplane.netlink(), None);
+    let encrypted = EncryptedVtep::new(engine.clone());
     dataplane.set_vtep(NetworkMode::Encrypted, encrypted.clone());
     let key_rotation = config.key_rotation;
     let mut config = config;

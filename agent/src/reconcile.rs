@@ -252,8 +252,8 @@ async fn follow_network_mtu(
 }
 
 /// Starts, updates and stops the networks' resolvers to match `applied`.
-/// On this base a network's bridge lives in the agent's namespace, so the
-/// resolver binds there (`netns: None`) at the gateway address.
+/// A network's resolver binds inside its sandbox, at the gateway address
+/// its bridge holds there.
 async fn sync_dns(core: &Core, applied: &Applied, resolvers: &mut dns::resolvers::Resolvers) {
     let me = core.cluster.node_id();
     let (networks, endpoints) = {
@@ -267,7 +267,7 @@ async fn sync_dns(core: &Core, applied: &Applied, resolvers: &mut dns::resolvers
             let net = networks.iter().find(|n| n.id == *id)?;
             Some(dns::resolvers::Wanted {
                 network: *id,
-                netns: None,
+                netns: Some(core.dataplane.sandbox_path(plan.vni)),
                 gateway: std::net::IpAddr::V4(net.pool.gateway),
                 names: dns::table::for_network(*id, net.pool.subnet, &endpoints, me, plan),
             })

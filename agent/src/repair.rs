@@ -13,10 +13,12 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use tracing::{debug, info, warn};
 
 use crate::core::Core;
-use crate::dataplane::{Dataplane, Miss};
+use crate::dataplane::Miss;
 #[cfg(test)]
 use crate::ids::MacAddr;
 use crate::ids::{NodeId, Vni};
@@ -63,30 +65,16 @@ pub fn lookup(miss: &Miss, net: &NetworkView, endpoints: &[EndpointView], me: No
 /// Runs until the process ends; returns early (logged) when the kernel
 /// refuses the subscription: missing entries then wait for the next pass.
 pub async fn run(core: Arc<Core>) {
-    let mut misses = match Dataplane::misses() {
-        Ok(m) => {
-            info!("listening for VXLAN miss notifications");
-            m
-        }
-        Err(e) => {
-            warn!(error = %e, "cannot subscribe to VXLAN miss notifications; missing entries are repaired by the periodic pass only");
-            return;
-        }
+    let Some(mut misses) = core.dataplane.take_misses() else {
+        warn!(
+            "VXLAN miss notifications are already taken; missing entries are repaired by the periodic pass only"
+        );
+        return;
     };
+    info!("listening for VXLAN miss notifications of every network sandbox");
     let mut last_pull: Option<Instant> = None;
-    while let Some(miss) = misses.next().await {
+    while let Some((vni, miss)) = misses.next().await {
         core.counters.inc(Counter::DataplaneMiss);
-        let ifindex = match miss {
-            Miss::Ip { ifindex, .. } | Miss::Mac { ifindex, .. } => ifindex,
-        };
-        let vni = match core.dataplane.vni_of_index(ifindex).await {
-            Ok(Some(v)) => v,
-            Ok(None) => continue,
-            Err(e) => {
-                debug!(ifindex, error = %e, "miss on a device that vanished");
-                continue;
-            }
-        };
         match classify(&core, vni, &miss) {
             Lookup::NotOurs => {}
             Lookup::Remote => {

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnetwork::IpNetwork;
 use ovl_agent::dataplane::{
-    Dataplane, DataplaneError, KernelView, LocalEndpoint, NetworkMode, NetworkPlan, PeerHost,
-    ReconcileReport, RemoteEndpoint, VxlanConfig, VxlanVtep,
+    Dataplane, DataplaneConfig, DataplaneError, KernelView, LocalEndpoint, NetworkMode,
+    NetworkPlan, PeerHost, ReconcileReport, RemoteEndpoint, VxlanConfig, VxlanVtep,
 };
 use ovl_agent::ids::{EndpointId, MacAddr, NodeId, Vni};
 
@@ -62,6 +62,16 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Sandboxes first: their bind mounts would keep them alive.
+        for ns in &self.made {
+            let dir = sandbox_dir(ns);
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let _ = Command::new("umount").arg("-l").arg(e.path()).output();
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         for ns in self.made.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
@@ -74,9 +84,22 @@ struct Host {
     dp: Dataplane,
 }
 
+/// Where the "host" `ns` keeps its networks' sandboxes (one directory
+/// per host: two hosts of one test carry the same VNI).
+fn sandbox_dir(ns: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{ns}-sandboxes"))
+}
+
+fn config(ns: &str, port: u16) -> DataplaneConfig {
+    DataplaneConfig {
+        vxlan: VxlanConfig { port },
+        ..DataplaneConfig::new(sandbox_dir(ns))
+    }
+}
+
 impl Host {
     async fn new(ns: String, vtep: &str) -> Self {
-        let dp = Dataplane::new_in(&netns_path(&ns), VxlanConfig::default())
+        let dp = Dataplane::new_in(&netns_path(&ns), config(&ns, 4789))
             .await
             .expect("netlink in host namespace");
         Self {
@@ -84,6 +107,15 @@ impl Host {
             vtep: vtep.parse().unwrap(),
             dp,
         }
+    }
+
+    /// Runs `args` inside the sandbox of `vni` on this host.
+    fn in_sb(&self, vni: Vni, args: &[&str]) -> String {
+        let path = self.dp.sandbox_path(vni);
+        let net = format!("--net={}", path.display());
+        let mut all = vec!["nsenter", net.as_str()];
+        all.extend_from_slice(args);
+        run(&all)
     }
 
     async fn plan(&self, vni: Vni, remotes: Vec<RemoteEndpoint>) -> NetworkPlan {
@@ -95,11 +127,14 @@ impl Host {
             local_vtep: self.vtep,
             peers: peers_of(&remotes),
             remotes,
+            gateway: None,
+            egress: false,
         }
     }
 
-    fn ifindex(&self, dev: &str) -> u32 {
-        let out = run(&["ip", "-n", &self.ns, "-o", "link", "show", "dev", dev]);
+    /// A device's ifindex in the sandbox of `vni`.
+    fn ifindex(&self, vni: Vni, dev: &str) -> u32 {
+        let out = self.in_sb(vni, &["ip", "-o", "link", "show", "dev", dev]);
         out.split(':')
             .next()
             .and_then(|i| i.trim().parse().ok())
@@ -171,6 +206,7 @@ fn local(id: u8, netns: &str, cidr: &str) -> LocalEndpoint {
         mac: MacAddr::from_ipv4(v4),
         addr,
         mtu: 1450,
+        gateway: None,
     }
 }
 
@@ -245,7 +281,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
         VxlanVtep::device_name(net),
         host_end.clone(),
     ];
-    let before: Vec<u32> = devs.iter().map(|d| h1.ifindex(d)).collect();
+    let before: Vec<u32> = devs.iter().map(|d| h1.ifindex(net, d)).collect();
     assert_eq!(
         h1.dp.ensure_network(&p1).await.unwrap(),
         ReconcileReport::default()
@@ -255,7 +291,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
         .await
         .unwrap();
     // A restarted agent (new connection, no memory) adopts everything.
-    let restarted = Dataplane::new_in(&netns_path(&h1.ns), VxlanConfig::default())
+    let restarted = Dataplane::new_in(&netns_path(&h1.ns), config(&h1.ns, 4789))
         .await
         .unwrap();
     // Before it read the underlay (no lower device known yet).
@@ -273,7 +309,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
         .await
         .unwrap();
     drop(restarted);
-    let after: Vec<u32> = devs.iter().map(|d| h1.ifindex(d)).collect();
+    let after: Vec<u32> = devs.iter().map(|d| h1.ifindex(net, d)).collect();
     assert_eq!(before, after, "devices kept their ifindex");
     assert_eq!(
         h1.dp.kernel_view(NetworkMode::Plain, net).await.unwrap(),
@@ -288,10 +324,10 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     assert_eq!(h1.dp.networks_present().await.unwrap(), vec![net]);
     // Fixed bridge MAC (02:6f:76 + VNI 4242); the host has no IPv6 address on
     // the overlay (bridge, VXLAN device, host veth end).
-    let br = run(&["ip", "-n", &h1.ns, "link", "show", "dev", &devs[0]]);
+    let br = h1.in_sb(net, &["ip", "link", "show", "dev", &devs[0]]);
     assert!(br.contains("02:6f:76:00:10:92"), "{br}");
     for dev in &devs {
-        let v6 = run(&["ip", "-n", &h1.ns, "-6", "addr", "show", "dev", dev]);
+        let v6 = h1.in_sb(net, &["ip", "-6", "addr", "show", "dev", dev]);
         assert!(v6.trim().is_empty(), "{dev}: {v6}");
     }
     assert_eq!(
@@ -313,7 +349,7 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
         }
     );
     let vx = VxlanVtep::device_name(net);
-    let fdb = run(&["bridge", "-n", &h1.ns, "fdb", "show", "dev", &vx]);
+    let fdb = h1.in_sb(net, &["bridge", "fdb", "show", "dev", &vx]);
     assert_eq!(fdb.matches("00:00:00:00:00:00").count(), 2, "{fdb}");
     assert!(fdb.contains(&mac("198.19.1.9").to_string()), "{fdb}");
 
@@ -326,11 +362,11 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
             created_devices: 0
         }
     );
-    let fdb = run(&["bridge", "-n", &h1.ns, "fdb", "show", "dev", &vx]);
+    let fdb = h1.in_sb(net, &["bridge", "fdb", "show", "dev", &vx]);
     assert!(!fdb.contains(&mac("198.19.1.9").to_string()), "{fdb}");
     assert!(!fdb.contains("198.18.0.3"), "{fdb}");
     assert!(fdb.contains(&mac("198.19.1.3").to_string()), "{fdb}");
-    let neigh = run(&["ip", "-n", &h1.ns, "neigh", "show", "dev", &vx]);
+    let neigh = h1.in_sb(net, &["ip", "neigh", "show", "dev", &vx]);
     assert!(
         !neigh.contains("198.19.1.9") && neigh.contains("198.19.1.3"),
         "{neigh}"
@@ -338,17 +374,10 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     assert!(pings(&c1, "198.19.1.3"));
 
     // An operator deletes the bridge: the next pass puts it and its ports back.
-    run(&[
-        "ip",
-        "-n",
-        &h1.ns,
-        "link",
-        "del",
-        &Dataplane::bridge_name(net),
-    ]);
+    h1.in_sb(net, &["ip", "link", "del", &Dataplane::bridge_name(net)]);
     let r = h1.dp.ensure_network(&p1).await.unwrap();
     assert_eq!((r.created_devices, r.added, r.removed), (1, 1, 0), "{r:?}");
-    assert_eq!(h1.ifindex(&vx), before[1], "VXLAN device kept");
+    assert_eq!(h1.ifindex(net, &vx), before[1], "VXLAN device kept");
     assert!(pings(&c1, "198.19.1.3"), "traffic back after the repair");
 
     // Detach and remove leave nothing behind, and are idempotent.
@@ -367,6 +396,8 @@ async fn overlay_carries_traffic_and_reconciles_exactly() {
     for dev in [&devs[0], &devs[1], &host_end] {
         assert!(!links.contains(dev.as_str()), "{dev} left behind: {links}");
     }
+    let sandbox = h1.dp.sandbox_path(net);
+    assert!(!sandbox.exists(), "{} left behind", sandbox.display());
     let inside = run(&["ip", "-n", &c1, "-o", "link"]);
     assert!(!inside.contains("eth0"), "{inside}");
 }
@@ -534,8 +565,8 @@ async fn attach_failures_are_clear_and_leave_nothing() {
     // device, and the endpoint stays on its bridge.
     h1.dp.attach(net, &ep).await.unwrap();
     let (br, vx) = (Dataplane::bridge_name(net), VxlanVtep::device_name(net));
-    let (br_before, vx_before) = (h1.ifindex(&br), h1.ifindex(&vx));
-    let moved_dp = Dataplane::new_in(&netns_path(&h1.ns), VxlanConfig { port: 4790 })
+    let (br_before, vx_before) = (h1.ifindex(net, &br), h1.ifindex(net, &vx));
+    let moved_dp = Dataplane::new_in(&netns_path(&h1.ns), config(&h1.ns, 4790))
         .await
         .unwrap();
     moved_dp.refresh_underlay(h1.vtep).await.unwrap();
@@ -549,9 +580,9 @@ async fn attach_failures_are_clear_and_leave_nothing() {
         h1.dp.ensure_network(&moved).await.unwrap().created_devices,
         1
     );
-    assert_eq!(h1.ifindex(&br), br_before);
-    assert_ne!(h1.ifindex(&vx), vx_before);
-    let details = run(&["ip", "-n", &h1.ns, "-d", "link", "show", "dev", &vx]);
+    assert_eq!(h1.ifindex(net, &br), br_before);
+    assert_ne!(h1.ifindex(net, &vx), vx_before);
+    let details = h1.in_sb(net, &["ip", "-d", "link", "show", "dev", &vx]);
     assert!(
         details.contains("dstport 4790")
             && details.contains("nolearning")
@@ -569,18 +600,19 @@ async fn attach_failures_are_clear_and_leave_nothing() {
     );
 
     // Learning drift is fixed in place, without a new device.
-    let vx_now = h1.ifindex(&vx);
-    run(&[
-        "ip", "-n", &h1.ns, "link", "set", "dev", &vx, "type", "vxlan", "learning",
-    ]);
-    let drifted = run(&["ip", "-n", &h1.ns, "-d", "link", "show", "dev", &vx]);
+    let vx_now = h1.ifindex(net, &vx);
+    h1.in_sb(
+        net,
+        &["ip", "link", "set", "dev", &vx, "type", "vxlan", "learning"],
+    );
+    let drifted = h1.in_sb(net, &["ip", "-d", "link", "show", "dev", &vx]);
     assert!(!drifted.contains("nolearning"), "{drifted}");
     assert_eq!(
         h1.dp.ensure_network(&moved).await.unwrap(),
         ReconcileReport::default()
     );
-    assert_eq!(h1.ifindex(&vx), vx_now);
-    let details = run(&["ip", "-n", &h1.ns, "-d", "link", "show", "dev", &vx]);
+    assert_eq!(h1.ifindex(net, &vx), vx_now);
+    let details = h1.in_sb(net, &["ip", "-d", "link", "show", "dev", &vx]);
     assert!(
         details.contains("nolearning") && details.contains(" proxy"),
         "{details}"
@@ -631,4 +663,110 @@ async fn an_encrypted_network_without_its_vtep_is_refused_and_creates_nothing() 
     );
     h1.dp.remove_network(net).await.unwrap();
     assert!(h1.dp.networks_present().await.unwrap().is_empty());
+}
+
+/// `Icmp: InEchos` of the namespace `nsenter` enters with `args`.
+fn in_echos(prefix: &[&str]) -> u64 {
+    let mut all = prefix.to_vec();
+    all.extend_from_slice(&["cat", "/proc/net/snmp"]);
+    let snmp = run(&all);
+    let rows: Vec<Vec<&str>> = snmp
+        .lines()
+        .filter(|l| l.starts_with("Icmp:"))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let i = rows[0].iter().position(|c| *c == "InEchos").unwrap();
+    rows[1][i].parse().unwrap()
+}
+
+#[tokio::test]
+async fn each_host_serves_the_gateway_in_its_sandbox_and_containers_route_through_it() {
+    if !is_root() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (h1, h2) = lab.hosts().await;
+    let (c1, c2) = (lab.netns("c1"), lab.netns("c2"));
+    let net = vni(4250);
+    let gw: ipnetwork::Ipv4Network = "198.19.9.1/24".parse().unwrap();
+    let mut p1 = h1.plan(net, vec![remote("198.19.9.3", h2.vtep)]).await;
+    let mut p2 = h2.plan(net, vec![remote("198.19.9.2", h1.vtep)]).await;
+    p1.gateway = Some(gw);
+    p2.gateway = Some(gw);
+    h1.dp.ensure_network(&p1).await.unwrap();
+    h2.dp.ensure_network(&p2).await.unwrap();
+    let routed = |id, ns: &str, cidr| LocalEndpoint {
+        gateway: Some(gw.ip().into()),
+        ..local(id, ns, cidr)
+    };
+    let (e1, e2) = (
+        routed(1, &c1, "198.19.9.2/24"),
+        routed(2, &c2, "198.19.9.3/24"),
+    );
+    h1.dp.attach(net, &e1).await.unwrap();
+    h2.dp.attach(net, &e2).await.unwrap();
+
+    // Nothing of the network is in the host namespace: the bridge and the
+    // VXLAN device live in the sandbox, and the gateway with them.
+    let host_links = run(&["ip", "-n", &h1.ns, "-o", "link"]);
+    for dev in [
+        Dataplane::bridge_name(net),
+        VxlanVtep::device_name(net),
+        Dataplane::host_ifname(e1.id),
+    ] {
+        assert!(
+            !host_links.contains(&format!(": {dev}")),
+            "{dev}: {host_links}"
+        );
+    }
+    let addrs = h1.in_sb(
+        net,
+        &[
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            &Dataplane::bridge_name(net),
+        ],
+    );
+    assert!(addrs.contains("198.19.9.1/24"), "{addrs}");
+    for c in [&c1, &c2] {
+        let route = run(&["ip", "-n", c, "route", "show", "default"]);
+        assert!(route.contains("via 198.19.9.1 dev eth0"), "{c}: {route}");
+    }
+    assert!(h1.dp.endpoint_problems(net, &e1).await.unwrap().is_empty());
+
+    // Each container's gateway is its own host's sandbox: h1's answers
+    // c1, h2's answers c2, and no echo crosses the overlay.
+    let sb = |h: &Host| format!("--net={}", h.dp.sandbox_path(net).display());
+    let (s1, s2) = (sb(&h1), sb(&h2));
+    let (b1, b2) = (in_echos(&["nsenter", &s1]), in_echos(&["nsenter", &s2]));
+    assert!(pings(&c1, "198.19.9.1"), "c1 -> gateway");
+    let (m1, m2) = (in_echos(&["nsenter", &s1]), in_echos(&["nsenter", &s2]));
+    assert_eq!((m1 - b1, m2 - b2), (3, 0), "c1's gateway is h1");
+    assert!(pings(&c2, "198.19.9.1"), "c2 -> gateway");
+    let (a1, a2) = (in_echos(&["nsenter", &s1]), in_echos(&["nsenter", &s2]));
+    assert_eq!((a1 - m1, a2 - m2), (0, 3), "c2's gateway is h2");
+    assert!(
+        pings(&c1, "198.19.9.3"),
+        "and the overlay still carries c1 -> c2"
+    );
+
+    // A container whose default route was removed is put right again.
+    run(&["ip", "-n", &c1, "route", "del", "default"]);
+    let problems = h1.dp.endpoint_problems(net, &e1).await.unwrap();
+    assert!(
+        problems.iter().any(|p| p.contains("default route")),
+        "{problems:?}"
+    );
+    h1.dp.attach(net, &e1).await.unwrap();
+    assert!(h1.dp.endpoint_problems(net, &e1).await.unwrap().is_empty());
+
+    // Removing the network removes its sandbox, and with it the veths.
+    h1.dp.remove_network(net).await.unwrap();
+    assert!(!h1.dp.sandbox_path(net).exists());
+    let inside = run(&["ip", "-n", &c1, "-o", "link"]);
+    assert!(!inside.contains("eth0"), "{inside}");
 }

@@ -61,9 +61,12 @@ pub(crate) struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `ip netns exec NS AGENT ARGS...` with stdout and stderr
-    /// appended to `log`. `ip netns exec` execs in place, so the child's pid
-    /// is the agent's.
+    /// Starts `nsenter --net=/run/netns/NS AGENT ARGS...` with stdout and
+    /// stderr appended to `log`. nsenter execs in place, so the child's pid
+    /// is the agent's. Not `ip netns exec`: that gives the agent a mount
+    /// namespace of its own, and the bind mounts holding its networks'
+    /// sandboxes would die with it, so a restart could not adopt them (the
+    /// systemd unit runs it in the host's mount namespace too).
     ///
     /// The child gets `PR_SET_PDEATHSIG = SIGKILL`: if the test process dies
     /// without running its destructors, the agent dies with it. The signal
@@ -76,8 +79,8 @@ impl AgentProcess {
         env: &[(&str, &str)],
         log: &Path,
     ) -> Result<Self> {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{ns}"))
             .arg(agent_bin)
             .args(args)
             .env_remove("OVL_JOIN_TOKEN")

@@ -146,6 +146,24 @@ impl LinkRow {
 
 /// Runs a command that prints JSON; a missing device (`Cannot find device`,
 /// `does not exist`) is `Ok(None)`.
+/// `tool` (ip, bridge) run in namespace `ns`: a name under /run/netns, or
+/// a path (an agent's network sandbox), entered with nsenter.
+fn in_ns(ns: &str, tool: &str, args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = if ns.starts_with('/') {
+        vec!["nsenter".into(), format!("--net={ns}"), tool.into()]
+    } else {
+        vec![tool.into(), "-n".into(), ns.into()]
+    };
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
+fn json_in(ns: &str, tool: &str, args: &[&str]) -> Result<Option<serde_json::Value>> {
+    let all = in_ns(ns, tool, args);
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    json_or_missing(&refs)
+}
+
 fn json_or_missing(args: &[&str]) -> Result<Option<serde_json::Value>> {
     let (prog, rest) = args.split_first().expect("a command");
     let out = cmd::run(std::process::Command::new(prog).args(rest), IP_TIMEOUT)?;
@@ -173,7 +191,7 @@ impl Lab {
     /// `bridge fdb show dev DEV` in namespace `ns`; `None` when DEV does not
     /// exist.
     pub fn fdb_in(&self, ns: &str, dev: &str) -> Result<Option<Vec<FdbEntry>>> {
-        match json_or_missing(&["bridge", "-n", ns, "-j", "fdb", "show", "dev", dev])? {
+        match json_in(ns, "bridge", &["-j", "fdb", "show", "dev", dev])? {
             Some(v) => Ok(Some(rows("bridge fdb", v)?)),
             None => Ok(None),
         }
@@ -182,7 +200,7 @@ impl Lab {
     /// `ip neigh show dev DEV` in namespace `ns`; `None` when DEV does not
     /// exist.
     pub fn neigh_in(&self, ns: &str, dev: &str) -> Result<Option<Vec<NeighEntry>>> {
-        match json_or_missing(&["ip", "-n", ns, "-j", "neigh", "show", "dev", dev])? {
+        match json_in(ns, "ip", &["-j", "neigh", "show", "dev", dev])? {
             Some(v) => Ok(Some(rows("ip neigh", v)?)),
             None => Ok(None),
         }
@@ -193,7 +211,7 @@ impl Lab {
     pub fn fdb(&self, k: usize, vni: u32) -> Result<Vec<FdbEntry>> {
         let dev = vxlan_dev(vni);
         let all = self
-            .fdb_in(&self.ns(k), &dev)?
+            .fdb_in(&self.sandbox(k, vni), &dev)?
             .with_context(|| format!("h{k} has no {dev}"))?;
         Ok(all.into_iter().filter(FdbEntry::is_remote).collect())
     }
@@ -202,20 +220,77 @@ impl Lab {
     /// error when the device does not exist.
     pub fn neigh(&self, k: usize, vni: u32) -> Result<Vec<NeighEntry>> {
         let dev = vxlan_dev(vni);
-        self.neigh_in(&self.ns(k), &dev)?
+        self.neigh_in(&self.sandbox(k, vni), &dev)?
             .with_context(|| format!("h{k} has no {dev}"))
+    }
+
+    /// The path of network `vni`'s sandbox namespace on host k.
+    pub fn sandbox(&self, k: usize, vni: u32) -> String {
+        self.sandbox_dir(k)
+            .join(format!("ovl-{vni}"))
+            .display()
+            .to_string()
+    }
+
+    /// Every trace of ovl on host k: links named `ovl...` in its namespace
+    /// and in each network sandbox, and the sandboxes themselves (as
+    /// `netns:ovl-<vni>`). Empty when the host carries nothing.
+    pub fn ovl_traces(&self, k: usize) -> Result<Vec<String>> {
+        let mut out: Vec<String> = self
+            .links_in(&self.ns(k))?
+            .into_iter()
+            .map(|l| l.ifname)
+            .filter(|n| n.starts_with("ovl"))
+            .collect();
+        let dir = self.sandbox_dir(k);
+        let mut entries: Vec<_> = match std::fs::read_dir(&dir) {
+            Ok(e) => e.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        };
+        entries.sort();
+        for path in entries {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+            out.push(format!("netns:{name}"));
+            if let Ok(links) = self.links_in(&path.display().to_string()) {
+                out.extend(
+                    links
+                        .into_iter()
+                        .map(|l| format!("{name}/{}", l.ifname))
+                        .filter(|n| !n.ends_with("/lo")),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Link `dev` of host k, in its namespace or in any of its network
+    /// sandboxes (where bridges, VTEP devices and veth host ends live);
+    /// `None` if none has it.
+    pub fn ovl_link(&self, k: usize, dev: &str) -> Result<Option<LinkRow>> {
+        if let Some(l) = self.link_in(&self.ns(k), dev)? {
+            return Ok(Some(l));
+        }
+        let Ok(entries) = std::fs::read_dir(self.sandbox_dir(k)) else {
+            return Ok(None);
+        };
+        for e in entries.flatten() {
+            if let Some(l) = self.link_in(&e.path().display().to_string(), dev)? {
+                return Ok(Some(l));
+            }
+        }
+        Ok(None)
     }
 
     /// All links of namespace `ns`.
     pub fn links_in(&self, ns: &str) -> Result<Vec<LinkRow>> {
-        let v = json_or_missing(&["ip", "-n", ns, "-j", "link", "show"])?
+        let v = json_in(ns, "ip", &["-j", "link", "show"])?
             .with_context(|| format!("no links in {ns}?"))?;
         rows("ip link", v)
     }
 
     /// Link `dev` of namespace `ns`, `None` if it does not exist.
     pub fn link_in(&self, ns: &str, dev: &str) -> Result<Option<LinkRow>> {
-        match json_or_missing(&["ip", "-n", ns, "-j", "link", "show", "dev", dev])? {
+        match json_in(ns, "ip", &["-j", "link", "show", "dev", dev])? {
             Some(v) => Ok(rows::<LinkRow>("ip link", v)?.into_iter().next()),
             None => Ok(None),
         }
@@ -223,8 +298,7 @@ impl Lab {
 
     /// The IPv4 addresses (`a.b.c.d/len`) of `dev` in namespace `ns`.
     pub fn addrs_in(&self, ns: &str, dev: &str) -> Result<Vec<String>> {
-        let Some(v) = json_or_missing(&["ip", "-n", ns, "-j", "-4", "addr", "show", "dev", dev])?
-        else {
+        let Some(v) = json_in(ns, "ip", &["-j", "-4", "addr", "show", "dev", dev])? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();

@@ -155,6 +155,33 @@ impl Lab {
         Ok(())
     }
 
+    /// An "outside" host on the underlay switch, not running ovl:
+    /// namespace `<prefix>-<label>` with `eth0` = `addr`/24. Returns the
+    /// namespace's name.
+    pub fn add_outside(&mut self, label: &str, addr: Ipv4Addr) -> Result<String> {
+        let sw = self.switch_ns();
+        let ns = format!("{}-{label}", self.prefix);
+        let port = format!("o-{label}");
+        self.add_ns(&ns)?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&["-n", &sw, "link", "set", &port, "master", "br0"])?;
+        ip(&["-n", &sw, "link", "set", &port, "up"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        Ok(ns)
+    }
+
     pub(crate) fn add_ns(&mut self, name: &str) -> Result<()> {
         netns::add(name)?;
         self.namespaces.push(name.to_string());
@@ -220,6 +247,11 @@ impl Lab {
         self.host_dir(k).join("state")
     }
 
+    /// Where host k's agent mounts its networks' sandboxes.
+    pub fn sandbox_dir(&self, k: usize) -> PathBuf {
+        self.host_dir(k).join("netns")
+    }
+
     pub fn socket(&self, k: usize) -> PathBuf {
         self.host_dir(k).join("agent.sock")
     }
@@ -278,6 +310,8 @@ impl Lab {
             self.state_dir(k).display().to_string(),
             "--socket".into(),
             self.socket(k).display().to_string(),
+            "--sandbox-dir".into(),
+            self.sandbox_dir(k).display().to_string(),
             "--node-name".into(),
             self.node_name(k),
         ];
@@ -434,6 +468,15 @@ impl Lab {
         self.exec(k, cmd)?.ok()
     }
 
+    /// Runs `CMD...` inside the sandbox of network `vni` on host k, where
+    /// its bridge, VTEP device and veth host ends live (`nsenter`). A
+    /// non-zero exit is an error with the output.
+    pub fn exec_sandbox_ok(&self, k: usize, vni: u32, cmd: &[&str]) -> Result<CmdOutput> {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.sandbox(k, vni))).args(cmd);
+        cmd::run(&mut c, EXEC_TIMEOUT)?.ok()
+    }
+
     // ---- underlay faults --------------------------------------------------------
 
     /// `pK`: the switch-side end of host k's underlay veth (in
@@ -524,6 +567,8 @@ impl Drop for Lab {
                 eprintln!("ovl-e2e: teardown of {}: {e:#}", self.prefix);
             }
         }
+        // The agents' network sandboxes (bind mounts under the lab's dir).
+        netns::unmount_under(&self.dir);
         match fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 eprintln!("ovl-e2e: teardown: removing {}: {e}", self.dir.display());

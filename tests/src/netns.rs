@@ -101,6 +101,7 @@ pub fn sweep_stale() -> Vec<String> {
                 continue;
             };
             if stale(&name) && path.is_dir() {
+                unmount_under(&path);
                 match fs::remove_dir_all(&path) {
                     Ok(()) => removed.push(path.display().to_string()),
                     Err(e) => eprintln!("ovl-e2e: stale sweep: removing {}: {e}", path.display()),
@@ -128,6 +129,28 @@ pub(crate) fn kill_members(name: &str) {
     {
         if pid > 1 {
             crate::agent::signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Lazily unmounts every mount point under `dir` (agents' network
+/// sandboxes are nsfs bind mounts there; a mounted file cannot be removed).
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    for line in info.lines() {
+        // Field 5 is the mount point (octal escapes for spaces; lab paths
+        // have none).
+        let Some(point) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let point = Path::new(point);
+        if point.starts_with(dir) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(point)
+                .output();
         }
     }
 }

@@ -152,9 +152,18 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
     f.check(r1["dns"]["nameservers"] == json!([net.gateway]), || {
         format!("result dns {}", r1["dns"])
     });
-    f.check(r1["routes"] == json!([{"dst": net.subnet}]), || {
-        format!("result routes {}", r1["routes"])
-    });
+    f.check(
+        r1["routes"] == json!([{"dst": net.subnet}, {"dst": "0.0.0.0/0", "gw": net.gateway}]),
+        || format!("result routes {}", r1["routes"]),
+    );
+    let route = lab
+        .exec_in(&c1, &["ip", "route", "show", "default"])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    f.check(
+        route.contains(&format!("via {} dev eth0", net.gateway)),
+        || format!("c1 has no default route via the gateway: {route:?}"),
+    );
     let addrs = lab.addrs_in(&c1.name, "eth0").unwrap_or_default();
     f.check(addrs.contains(&addr1), || {
         format!("c1 eth0 addresses {addrs:?}, want {addr1}")
@@ -252,10 +261,9 @@ fn the_cni_plugin_attaches_checks_and_deletes_by_the_spec() {
         format!("DEL c1: {out}")
     });
     let veth = ep1.as_ref().map(|e| host_veth(&e.id)).unwrap_or_default();
-    f.check(
-        lab.link_in(&lab.ns(1), &veth).ok().flatten().is_none(),
-        || format!("{veth} still on h1 after DEL"),
-    );
+    f.check(lab.ovl_link(1, &veth).ok().flatten().is_none(), || {
+        format!("{veth} still on h1 after DEL")
+    });
     let t = Instant::now();
     while listed(&lab, 2, "web", &name1) && t.elapsed() < PATIENCE {
         std::thread::sleep(Duration::from_millis(100));

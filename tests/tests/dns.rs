@@ -1,12 +1,11 @@
-//! Issue 9 "Names", against real agents in network namespaces: what of the
-//! embedded DNS is observable on this base. `endpoint attach` returns the
-//! resolver (the network's gateway); each host carrying the network runs
-//! its resolver (UDP and TCP sockets on <gateway>:53 in the namespace the
-//! network's bridge lives in), and stops it when its last local endpoint
-//! of the network goes. Queries from containers need the gateway address
-//! on the bridge, which the sandbox work adds; until then they are not
-//! tested here (the resolver itself is tested over real sockets in
-//! `agent/src/dns/server/tests.rs`).
+//! Issue 9 "Names", against real agents in network namespaces.
+//! `endpoint attach` returns the resolver (the network's gateway); each
+//! host carrying the network runs its resolver (UDP and TCP sockets on
+//! <gateway>:53 inside the network's sandbox, where its bridge holds the
+//! gateway address), and stops it when its last local endpoint of the
+//! network goes. Containers query it with `dig`: names cluster-wide,
+//! aliases round robin, PTR, no names of other networks, names gone after
+//! a detach.
 //!
 //! Needs root and the binaries (`cargo build --release --workspace --bins`).
 
@@ -22,12 +21,21 @@ use serde_json::Value;
 /// detached (generous: a reconcile pass, at most a repair tick).
 const STOP_BOUND: Duration = Duration::from_secs(10);
 
-/// The `<addr>:53` sockets (UDP, TCP) listening in host k's namespace.
-fn dns_sockets(lab: &Lab, k: usize, addr: &str) -> (bool, bool) {
+/// The `<addr>:53` sockets (UDP, TCP) listening in the sandbox of network
+/// `vni` on host k (none when the host has no sandbox for it).
+fn dns_sockets(lab: &Lab, k: usize, vni: u32, addr: &str) -> (bool, bool) {
     let want = format!("{addr}:53");
+    let sb = format!("--net={}", lab.sandbox(k, vni));
     let listed = |proto: &str| {
-        lab.exec_ok(k, &["ss", "-Hln", proto])
-            .map(|o| o.stdout.split_whitespace().any(|w| w == want))
+        std::process::Command::new("nsenter")
+            .args([sb.as_str(), "ss", "-Hln", proto])
+            .output()
+            .map(|o| {
+                o.status.success()
+                    && String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .any(|w| w == want)
+            })
             .unwrap_or(false)
     };
     (listed("-u"), listed("-t"))
@@ -75,8 +83,8 @@ fn attach_returns_the_resolver_and_each_host_serves_it_while_it_carries_the_netw
     let mut up = [(false, false); 2];
     while t.elapsed() < STOP_BOUND {
         up = [
-            dns_sockets(&lab, 1, &net.gateway),
-            dns_sockets(&lab, 2, &net.gateway),
+            dns_sockets(&lab, 1, net.vni, &net.gateway),
+            dns_sockets(&lab, 2, net.vni, &net.gateway),
         ];
         if up.iter().all(|&(u, t)| u && t) {
             break;
@@ -97,7 +105,7 @@ fn attach_returns_the_resolver_and_each_host_serves_it_while_it_carries_the_netw
     let t = Instant::now();
     let mut h1 = (true, true);
     while t.elapsed() < STOP_BOUND {
-        h1 = dns_sockets(&lab, 1, &net.gateway);
+        h1 = dns_sockets(&lab, 1, net.vni, &net.gateway);
         if h1 == (false, false) {
             break;
         }
@@ -110,12 +118,194 @@ fn attach_returns_the_resolver_and_each_host_serves_it_while_it_carries_the_netw
     f.check(h1 == (false, false), || {
         format!("h1 still listens after detach: {h1:?}")
     });
-    let h2 = dns_sockets(&lab, 2, &net.gateway);
+    let h2 = dns_sockets(&lab, 2, net.vni, &net.gateway);
     f.check(h2 == (true, true), || format!("h2 stopped serving: {h2:?}"));
     let log = lab.log_tail(1, 400);
     f.check(
         log.contains("dns resolver started") && log.contains("dns resolver stopped"),
         || "h1's log has no 'dns resolver started/stopped' line".to_string(),
     );
+    f.finish();
+}
+
+/// `dig @server ARGS` from container `c`: the answer section (`+short`)
+/// and the status (NOERROR, NXDOMAIN, ...).
+fn dig(lab: &Lab, c: &ovl_e2e::Container, server: &str, args: &[&str]) -> (Vec<String>, String) {
+    let at = format!("@{server}");
+    let mut cmd = vec!["dig", at.as_str(), "+tries=1", "+time=2"];
+    cmd.extend_from_slice(args);
+    let out = match lab.exec_in(c, &cmd) {
+        Ok(o) => o.stdout,
+        Err(e) => return (Vec::new(), format!("dig failed: {e:#}")),
+    };
+    let status = out
+        .split("status: ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("none")
+        .to_string();
+    let answers = out
+        .split(";; ANSWER SECTION:")
+        .nth(1)
+        .map(|sec| {
+            sec.lines()
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    (answers, status)
+}
+
+/// The fake upstream resolver: dnsmasq on an "outside" host.
+const UPSTREAM: &str = "198.18.0.250";
+
+#[test]
+fn containers_resolve_names_and_aliases_cluster_wide_at_their_own_gateway() {
+    let _serial = shared();
+    let mut lab = Lab::new(3).expect("lab");
+    let outside = lab
+        .add_outside("dns", UPSTREAM.parse().expect("address"))
+        .expect("outside host");
+    let dnsmasq = ovl_e2e::Background::spawn(
+        &lab,
+        std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &outside,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--group=root",
+            "--pid-file=",
+            "--bind-interfaces",
+            &format!("--listen-address={UPSTREAM}"),
+            "--address=/outside.test/198.18.0.99",
+        ]),
+    )
+    .expect("dnsmasq");
+    for k in 1..=3 {
+        lab.start_agent(k, &["--dns-upstream", UPSTREAM])
+            .expect("agent");
+    }
+    let init = lab.cluster_init(1).expect("cluster init");
+    let seed = lab.addr(1).to_string();
+    for k in 2..=3 {
+        lab.cluster_join(k, &init.join_token, &[&seed])
+            .expect("cluster join");
+    }
+    lab.wait_members(&[1, 2, 3]).expect("members");
+    let net = lab.network_create(1, "names", &[]).expect("network");
+    lab.wait_network(&[1, 2, 3], "names")
+        .expect("network everywhere");
+    lab.network_create(1, "elsewhere", &[])
+        .expect("second network");
+    lab.wait_network(&[1, 2, 3], "elsewhere")
+        .expect("second network everywhere");
+    let mut lab = lab;
+    let mut f = Findings::new();
+    let mut eps = Vec::new();
+    let mut cs = Vec::new();
+    for k in 1..=3 {
+        let c = lab.add_container(k, &format!("w{k}")).expect("container");
+        let ep = lab
+            .attach("names", &c, &["--alias", "web"])
+            .expect("attach");
+        eps.push(ep);
+        cs.push(c);
+    }
+    let other = lab.add_container(2, "x").expect("container");
+    lab.attach("elsewhere", &other, &["--name", "hidden"])
+        .expect("attach to the other network");
+    let names: Vec<String> = eps.iter().map(|e| e.name.clone()).collect();
+    lab.wait_endpoints(&[1, 2, 3], "names", &names)
+        .expect("endpoints everywhere");
+    let gw = net.gateway.clone();
+    let c1 = &cs[0];
+    let ip_of = |i: usize| eps[i].ip.clone();
+
+    // c1 (h1) resolves w2 (h2) at its own gateway.
+    let t = Instant::now();
+    let mut got = (Vec::new(), String::new());
+    while t.elapsed() < Duration::from_secs(5) {
+        got = dig(&lab, c1, &gw, &[&names[1], "A"]);
+        if got.0 == vec![ip_of(1)] {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "c1 resolved {} -> {:?} ({}) after {:.2?}",
+        names[1],
+        got.0,
+        got.1,
+        t.elapsed()
+    );
+    f.check(got.0 == vec![ip_of(1)], || {
+        format!("{} from c1: {got:?}, want {}", names[1], ip_of(1))
+    });
+
+    // The alias held by three endpoints on three hosts: each comes first.
+    let mut firsts = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        let (a, status) = dig(&lab, c1, &gw, &["web", "A"]);
+        f.check(a.len() == 3, || {
+            format!("web: {a:?} ({status}), want 3 addresses")
+        });
+        if let Some(first) = a.first() {
+            firsts.insert(first.clone());
+        }
+    }
+    let all: std::collections::BTreeSet<String> = (0..3).map(ip_of).collect();
+    println!("first answers for web over 9 queries: {firsts:?}");
+    f.check(firsts == all, || {
+        format!("first answers {firsts:?}, want each of {all:?}")
+    });
+
+    // PTR, and a name of another network is NXDOMAIN.
+    let (ptr, status) = dig(&lab, c1, &gw, &["-x", &ip_of(1)]);
+    f.check(ptr == vec![format!("{}.", names[1])], || {
+        format!("PTR {}: {ptr:?} ({status})", ip_of(1))
+    });
+    let (a, status) = dig(&lab, c1, &gw, &["hidden", "A"]);
+    f.check(a.is_empty() && status == "NXDOMAIN", || {
+        format!("hidden (other network): {a:?} {status}")
+    });
+    // The other host's containers are answered by their own host's resolver.
+    let (a, status) = dig(&lab, &cs[2], &gw, &[&names[0], "A"]);
+    f.check(a == vec![ip_of(0)], || {
+        format!("{} from w3: {a:?} ({status})", names[0])
+    });
+
+    // A name ovl does not hold goes to the host's upstream resolver.
+    let (a, status) = dig(&lab, c1, &gw, &["outside.test", "A"]);
+    f.check(a == vec!["198.18.0.99".to_string()], || {
+        format!("outside.test through the upstream: {a:?} ({status})")
+    });
+
+    // A detach: the name is gone within 2 s.
+    lab.detach(2, "names", &names[1]).expect("detach w2");
+    let t = Instant::now();
+    let mut status = String::new();
+    while t.elapsed() < Duration::from_secs(2) {
+        status = dig(&lab, c1, &gw, &[&names[1], "A"]).1;
+        if status == "NXDOMAIN" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "{} gone from c1's resolver {:.2?} after the detach ({status})",
+        names[1],
+        t.elapsed()
+    );
+    f.check(status == "NXDOMAIN", || {
+        format!("{} after detach: {status}", names[1])
+    });
+    let _ = dnsmasq.stop(libc::SIGTERM, Duration::from_secs(2));
     f.finish();
 }

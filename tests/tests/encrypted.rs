@@ -164,7 +164,7 @@ fn encrypted_network_all_pairs_ping_tcp_and_the_underlay_shows_no_cleartext() {
     }
     // No kernel VXLAN device for the encrypted network, a TAP on its bridge.
     for k in 1..=3 {
-        let links = lab.links_in(&lab.ns(k)).unwrap_or_default();
+        let links = lab.links_in(&lab.sandbox(k, sec.vni)).unwrap_or_default();
         let vx = ovl_e2e::vxlan_dev(sec.vni);
         f.check(!links.iter().any(|l| l.ifname == vx), || {
             format!("h{k} has a kernel VXLAN device {vx} for an encrypted network")

@@ -381,7 +381,7 @@ fn missing_entry_is_repaired_on_the_first_miss() {
     };
     let before = misses(&lab);
     let dev = ovl_e2e::vxlan_dev(net.vni);
-    lab.exec_ok(1, &["ip", "neigh", "del", &ep2.ip, "dev", &dev])
+    lab.exec_sandbox_ok(1, net.vni, &["ip", "neigh", "del", &ep2.ip, "dev", &dev])
         .expect("delete h1's neighbour entry");
     let start = Instant::now();
     let mut ping = lab

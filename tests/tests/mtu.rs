@@ -29,7 +29,7 @@ fn pair_mtu(lab: &Lab, c: &Container, ep: &EndpointRow) -> (u32, u32) {
         .flatten()
         .map_or(0, |l| l.mtu);
     let host = lab
-        .link_in(&lab.ns(c.host), &host_veth(&ep.id))
+        .ovl_link(c.host, &host_veth(&ep.id))
         .ok()
         .flatten()
         .map_or(0, |l| l.mtu);

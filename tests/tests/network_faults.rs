@@ -35,11 +35,11 @@ fn offset(since: SystemTime, at: SystemTime) -> f64 {
     at.duration_since(since).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// The ifindex of each given device of namespace `ns` (0 when missing).
-fn ifindexes(lab: &Lab, ns: &str, devs: &[String]) -> Vec<(String, u32)> {
+/// The ifindex of each given device of host k (0 when missing).
+fn ifindexes(lab: &Lab, k: usize, devs: &[String]) -> Vec<(String, u32)> {
     devs.iter()
         .map(|d| {
-            let idx = lab.link_in(ns, d).ok().flatten().map_or(0, |l| l.ifindex);
+            let idx = lab.ovl_link(k, d).ok().flatten().map_or(0, |l| l.ifindex);
             (d.clone(), idx)
         })
         .collect()
@@ -215,14 +215,13 @@ fn kill_9_of_an_agent_leaves_other_traffic_alone_and_recovers() {
             .expect("pings flow");
     }
     let t0 = p12.started();
-    let h2 = lab.ns(2);
     let devs = endpoint_devices(net.vni, &e2);
-    let before = ifindexes(&lab, &h2, &devs);
+    let before = ifindexes(&lab, 2, &devs);
 
     let killed_at = SystemTime::now();
     let t_kill = Instant::now();
     lab.kill_agent(2).expect("kill -9 h2's agent");
-    let after_kill = ifindexes(&lab, &h2, &devs);
+    let after_kill = ifindexes(&lab, 2, &devs);
     f.check(after_kill == before, || {
         format!("h2's devices changed when its agent died: {before:?} -> {after_kill:?}")
     });
@@ -317,7 +316,7 @@ fn kill_9_of_an_agent_leaves_other_traffic_alone_and_recovers() {
         "h1 -> h2 pings recover after h2's agent restarts",
         recovered.map(|_| ()),
     );
-    let after_restart = ifindexes(&lab, &h2, &devs);
+    let after_restart = ifindexes(&lab, 2, &devs);
     f.check(after_restart == before, || {
         format!("h2's restarted agent recreated devices (data path flap): {before:?} -> {after_restart:?}")
     });
@@ -384,9 +383,8 @@ fn restarting_an_agent_under_a_continuous_ping_loses_nothing() {
     let all = vec![e1.clone(), e2.clone(), e3.clone()];
     lab.wait_dataplane(&[1, 2, 3], net.vni, &all)
         .expect("data plane complete");
-    let h1 = lab.ns(1);
     let devs = endpoint_devices(net.vni, &e1);
-    let before = ifindexes(&lab, &h1, &devs);
+    let before = ifindexes(&lab, 1, &devs);
     let mut f = Findings::new();
 
     for (how, graceful) in [("SIGTERM + start", true), ("kill -9 + start", false)] {
@@ -445,7 +443,7 @@ fn restarting_an_agent_under_a_continuous_ping_loses_nothing() {
         f.check(r.lost.is_empty(), || {
             format!("restart ({how}) lost pings: {r}")
         });
-        let now = ifindexes(&lab, &h1, &devs);
+        let now = ifindexes(&lab, 1, &devs);
         f.check(now == before, || {
             format!(
                 "restart ({how}) recreated h1's devices (data path flap): {before:?} -> {now:?}"
@@ -466,9 +464,9 @@ fn a_fresh_networks_data_path_does_not_flap_while_agents_warm_up() {
     let net = lab.network_create(1, "a", &[]).expect("network create");
     lab.wait_network(&[1, 2], "a").expect("network everywhere");
     let (h1c1, e1) = attached(&mut lab, 1, "c1", "a", &[]);
-    let first1 = ifindexes(&lab, &lab.ns(1), &endpoint_devices(net.vni, &e1));
+    let first1 = ifindexes(&lab, 1, &endpoint_devices(net.vni, &e1));
     let (_h2c1, e2) = attached(&mut lab, 2, "c1", "a", &[]);
-    let first2 = ifindexes(&lab, &lab.ns(2), &endpoint_devices(net.vni, &e2));
+    let first2 = ifindexes(&lab, 2, &endpoint_devices(net.vni, &e2));
     let attached_after = started.elapsed();
     lab.wait_dataplane(&[1, 2], net.vni, &[e1.clone(), e2.clone()])
         .expect("data plane complete");
@@ -479,8 +477,8 @@ fn a_fresh_networks_data_path_does_not_flap_while_agents_warm_up() {
     let watch_until = Duration::from_secs(7);
     sleep_until(started, watch_until, Duration::from_secs(2));
     let r = p.stop().expect("stopping ping");
-    let last1 = ifindexes(&lab, &lab.ns(1), &endpoint_devices(net.vni, &e1));
-    let last2 = ifindexes(&lab, &lab.ns(2), &endpoint_devices(net.vni, &e2));
+    let last1 = ifindexes(&lab, 1, &endpoint_devices(net.vni, &e1));
+    let last2 = ifindexes(&lab, 2, &endpoint_devices(net.vni, &e2));
     println!(
         "fresh network: both endpoints attached {:.2} s after the agents started, watched until {:.2} s",
         attached_after.as_secs_f64(),

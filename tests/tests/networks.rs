@@ -76,7 +76,7 @@ fn check_endpoint(lab: &Lab, f: &mut Findings, c: &Container, ep: &EndpointRow, 
     });
     // The host end of the veth, enslaved to the network's bridge.
     let veth = host_veth(&ep.id);
-    match lab.link_in(&lab.ns(c.host), &veth) {
+    match lab.ovl_link(c.host, &veth) {
         Ok(Some(link)) => {
             f.check(link.master.is_some(), || {
                 format!("{c}: host veth {veth} has no master")
@@ -427,10 +427,9 @@ fn detach_removes_fdb_and_neighbour_entries_everywhere_within_2s() {
         || "h1/c1 still has eth0 after detach".into(),
     );
     let veth = host_veth(&e11.id);
-    f.check(
-        lab.link_in(&lab.ns(1), &veth).ok().flatten().is_none(),
-        || format!("h1 still has {veth} after detach"),
-    );
+    f.check(lab.ovl_link(1, &veth).ok().flatten().is_none(), || {
+        format!("h1 still has {veth} after detach")
+    });
     let names: Vec<String> = rest.iter().map(|e| e.name.clone()).collect();
     match lab.wait_endpoints(&[1, 2, 3], "a", &names) {
         Ok(t) => println!("detach: endpoint ls updated everywhere after {t:.2?}"),
@@ -470,10 +469,9 @@ fn detach_removes_fdb_and_neighbour_entries_everywhere_within_2s() {
             });
         }
     }
-    let h1ns = lab.ns(1);
     match wait_each(&[1], start, LONG, |_| {
-        Ok(lab.link_in(&h1ns, &vxlan_dev(net.vni))?.is_none()
-            && lab.link_in(&h1ns, &bridge_dev(net.vni))?.is_none())
+        Ok(lab.ovl_link(1, &vxlan_dev(net.vni))?.is_none()
+            && lab.ovl_link(1, &bridge_dev(net.vni))?.is_none())
     }) {
         Ok(t) => println!(
             "h1's {} and {} removed {}",
@@ -636,13 +634,7 @@ fn bad_input_is_refused_with_one_line_errors_and_changes_nothing() {
             format!("{c} got links from a refused attach: {names:?}")
         });
     }
-    let h2_devs: Vec<String> = lab
-        .links_in(&lab.ns(2))
-        .unwrap_or_default()
-        .into_iter()
-        .map(|l| l.ifname)
-        .filter(|n| n.starts_with("ovl"))
-        .collect();
+    let h2_devs: Vec<String> = lab.ovl_traces(2).unwrap_or_default();
     f.check(h2_devs.is_empty(), || {
         format!("h2 has ovl devices after refused attaches: {h2_devs:?}")
     });
@@ -788,10 +780,9 @@ fn network_rm_is_refused_while_endpoints_exist_unless_forced() {
         }
     }
     for k in [2, 3] {
-        let ns = lab.ns(k);
         match wait_each(&[k], start, LONG, |_| {
-            Ok(lab.link_in(&ns, &vxlan_dev(net.vni))?.is_none()
-                && lab.link_in(&ns, &bridge_dev(net.vni))?.is_none())
+            Ok(lab.ovl_link(k, &vxlan_dev(net.vni))?.is_none()
+                && lab.ovl_link(k, &bridge_dev(net.vni))?.is_none())
         }) {
             Ok(t) => println!("rm --force: devices removed on {}", per_host(&t)),
             Err(e) => {
@@ -829,13 +820,10 @@ fn a_deleted_namespace_is_detected_and_its_endpoint_withdrawn() {
     let start = Instant::now();
     lab.remove_container(&h2c1).expect("ip netns del");
     let veth = host_veth(&e21.id);
-    let h2 = lab.ns(2);
     f.ok(
         "the kernel removes the veth",
-        wait_each(&[2], start, LONG, |_| {
-            Ok(lab.link_in(&h2, &veth)?.is_none())
-        })
-        .map(|t| println!("namespace deleted: kernel removed {veth} {}", per_host(&t))),
+        wait_each(&[2], start, LONG, |_| Ok(lab.ovl_link(2, &veth)?.is_none()))
+            .map(|t| println!("namespace deleted: kernel removed {veth} {}", per_host(&t))),
     );
     let rest = vec![e11.clone(), e22.clone(), e31.clone()];
     let names: Vec<String> = rest.iter().map(|e| e.name.clone()).collect();
@@ -894,12 +882,12 @@ fn ovlctl_fdb_marks_differences_with_the_kernel() {
     });
 
     // Tamper with h1's kernel: remove h2/c1's FDB entry, add a stranger.
-    let h1 = lab.ns(1);
     let dev = vxlan_dev(net.vni);
     let vtep2 = host_addr(2).to_string();
     let stranger = "02:42:c6:13:ff:fe";
+    let sb = format!("--net={}", lab.sandbox(1, net.vni));
     let b = |args: &[&str]| {
-        let mut all = vec!["bridge", "-n", &h1, "fdb"];
+        let mut all = vec!["nsenter", sb.as_str(), "bridge", "fdb"];
         all.extend_from_slice(args);
         let out = std::process::Command::new(all[0])
             .args(&all[1..])

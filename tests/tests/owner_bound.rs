@@ -148,13 +148,14 @@ fn a_member_cannot_take_over_another_endpoints_mac_ip_or_vtep() {
             .output()
             .expect("run forge");
         f.check(out.status.success(), || format!("forging {name}: {out:?}"));
-        // A host-side device of the row's name keeps h3's own reconciler
-        // from withdrawing the rows as orphans.
+        // A device of the row's name in the network's sandbox keeps h3's
+        // own reconciler from withdrawing the rows as orphans.
         let peer = format!("fgpeer{i}");
         f.ok(
             "veth for a forged row",
-            lab.exec_ok(
+            lab.exec_sandbox_ok(
                 3,
+                net.vni,
                 &[
                     "ip",
                     "link",
@@ -336,8 +337,9 @@ fn a_member_cannot_steal_a_third_hosts_address_block() {
     f.check(out.status.success(), || format!("forging the row: {out:?}"));
     f.ok(
         "veth for the forged row",
-        lab.exec_ok(
+        lab.exec_sandbox_ok(
             3,
+            net.vni,
             &[
                 "ip",
                 "link",

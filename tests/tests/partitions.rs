@@ -69,24 +69,18 @@ fn check_clash(
     Ok(())
 }
 
-/// The host-side devices of network `vni` that exist in host k's namespace.
+/// The devices of network `vni` that exist on host k (in its sandbox).
 fn devices_of(lab: &Lab, k: usize, vni: u32) -> Vec<String> {
     [bridge_dev(vni), vxlan_dev(vni)]
         .into_iter()
-        .filter(|d| lab.link_in(&lab.ns(k), d).ok().flatten().is_some())
+        .filter(|d| lab.ovl_link(k, d).ok().flatten().is_some())
         .collect()
 }
 
-/// Links of host k whose name starts with `ovl` (bridges, VXLAN devices,
-/// endpoint veths).
+/// Host k's ovl traces: sandboxes and the bridges, VXLAN devices and
+/// endpoint veths in them.
 fn ovl_links(lab: &Lab, k: usize) -> Vec<String> {
-    lab.links_in(&lab.ns(k))
-        .map(|ls| {
-            ls.into_iter()
-                .map(|l| l.ifname)
-                .filter(|n| n.starts_with("ovl"))
-                .collect()
-        })
+    lab.ovl_traces(k)
         .unwrap_or_else(|e| vec![format!("<{e:#}>")])
 }
 

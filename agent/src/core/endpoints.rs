@@ -244,6 +244,7 @@ impl Core {
                     .map_err(|e| CoreError::BadIp(ip.to_string(), e.to_string()))?,
             ),
             mtu,
+            gateway: default_route(&net),
         };
         if let Err(e) = self.program_attach(&net, &local).await {
             self.ipam.release(net.id, ip, 0).await;
@@ -411,6 +412,7 @@ impl Core {
                     .map_err(|e| CoreError::BadIp(ep.ip.to_string(), e.to_string()))?,
             ),
             mtu: self.network_mtu(&net).await,
+            gateway: default_route(&net),
         };
         Ok(self.dataplane.endpoint_problems(net.vni, &local).await?)
     }
@@ -552,4 +554,10 @@ impl Core {
         out.sort_by(|a, b| (&a.network_name, &a.view.name).cmp(&(&b.network_name, &b.view.name)));
         Ok(out)
     }
+}
+
+/// The next hop of an endpoint's default route: the network's gateway,
+/// none on an `--internal` network (DESIGN.md, "Gateway and egress").
+fn default_route(net: &crate::store::NetworkView) -> Option<std::net::IpAddr> {
+    (!net.record.internal).then_some(std::net::IpAddr::V4(net.pool.gateway))
 }

@@ -6,22 +6,28 @@
 //! handed in with [`Dataplane::set_vtep`]). DESIGN.md, "Plain data plane
 //! (kernel)" and "Encrypted data plane".
 //!
-//! File roles: this file holds the types, names, constants and the error;
-//! `vtep.rs` the VTEP interface; `shared/network.rs` the bridge and the
-//! per-network operations, dispatching to the network's VTEP by the plan's
-//! mode; `shared/endpoint.rs` the veth pairs; `shared/names.rs` the pure
-//! naming rules; `netlink.rs` (links, addresses) and `netns.rs` (sockets in
+//! File roles: this file holds the types, names, constants, the error and
+//! the registry of open sandboxes; `sandbox.rs` making, adopting and
+//! removing a sandbox; `vtep.rs` the VTEP interface; `shared/network.rs`
+//! the bridge, gateway and per-network operations, dispatching to the
+//! network's VTEP by the plan's mode; `shared/endpoint.rs` the veth pairs;
+//! `shared/egress.rs` the way out (with the pure `transit.rs` and
+//! `firewall.rs`); `shared/names.rs` the pure naming rules; `netlink.rs` (links, addresses) and `netns.rs` (sockets in
 //! other namespaces) the OS edge both parts use. `vxlan/` holds the kernel
 //! VTEP: `plan.rs` is its pure diff (desired vs kernel, unit-tested without
 //! root), `fdb.rs` its FDB and neighbour tables, `miss.rs` its
 //! l2miss/l3miss notifications, `mod.rs` the device and the wiring.
 //!
-//! Devices live in the namespace of the `Dataplane`'s netlink socket (the
-//! agent's own, or the one given to [`Dataplane::new_in`]). The bridges
-//! carry no IP address and no IPv6 link-local (address generation off), so
-//! the host has no L3 presence on an overlay, networks with overlapping
-//! subnets coexist, and two networks only meet if something routes between
-//! bridges, which nothing here does.
+//! Each network's devices live in its sandbox (`sandbox.rs`): a network
+//! namespace of its own, bind-mounted under the sandbox directory, holding
+//! the bridge with the gateway address, the VTEP device and the host ends
+//! of the veths. The `Dataplane`'s own netlink socket speaks in the host
+//! namespace (the agent's, or the one given to [`Dataplane::new_in`]): the
+//! underlay, the VXLAN devices' creation (their UDP sockets stay there)
+//! and each network's egress transit (`shared/egress.rs`). So the host's
+//! firewall never sees bridged overlay frames, networks with overlapping
+//! subnets coexist, and two networks only meet if something routes
+//! between sandboxes, which the host's filter table forbids.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -34,6 +40,7 @@ use rtnetlink::Handle;
 use crate::ids::{EndpointId, MacAddr, Vni};
 pub use crate::planner::{NetworkMode, NetworkPlan, PeerHost, RemoteEndpoint};
 pub use netns::{NsRefusal, open_container};
+pub use sandbox::Sandbox;
 pub use vtep::Vtep;
 pub use vxlan::miss::{Miss, Misses};
 pub use vxlan::{VxlanConfig, VxlanVtep};
@@ -41,6 +48,7 @@ pub use vxlan::{VxlanConfig, VxlanVtep};
 pub mod encrypted;
 mod netlink;
 mod netns;
+pub mod sandbox;
 mod shared;
 mod vtep;
 pub mod vxlan;
@@ -65,6 +73,9 @@ pub struct LocalEndpoint {
     pub mac: MacAddr,
     pub addr: ipnetwork::IpNetwork,
     pub mtu: u32,
+    /// The default route's next hop (the network's gateway); `None` for
+    /// `--internal` networks, which have no route out.
+    pub gateway: Option<IpAddr>,
 }
 
 /// What a network's VTEP holds (for `ovlctl fdb` and tests).
@@ -155,7 +166,49 @@ pub enum DataplaneError {
     KernelReply(String),
     #[error("namespace worker thread ended without an answer")]
     Worker,
+    /// A network's sandbox namespace could not be made, opened or removed.
+    #[error("network sandbox {}: {what}: {source}", path.display())]
+    Sandbox {
+        path: PathBuf,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("network with VNI {0} has no sandbox on this host: ensure_network first")]
+    SandboxMissing(Vni),
+    /// Setting up or removing a network's egress (sysctl, nft, iptables).
+    #[error("egress: {what}: {source}")]
+    Egress {
+        what: String,
+        source: std::io::Error,
+    },
 }
+
+/// Where the data plane keeps networks' sandboxes and what it needs to
+/// make them.
+#[derive(Debug, Clone)]
+pub struct DataplaneConfig {
+    pub vxlan: VxlanConfig,
+    /// Directory of the sandboxes' namespace files (`--sandbox-dir`,
+    /// default `/run/netns`).
+    pub sandbox_dir: PathBuf,
+    /// Host-local pool of the sandboxes' egress transit /31s.
+    pub transit_pool: ipnetwork::Ipv4Network,
+}
+
+impl DataplaneConfig {
+    /// The defaults, with sandboxes in `sandbox_dir`.
+    pub fn new(sandbox_dir: PathBuf) -> Self {
+        Self {
+            vxlan: VxlanConfig::default(),
+            sandbox_dir,
+            transit_pool: shared::transit::DEFAULT_POOL,
+        }
+    }
+}
+
+/// Misses of every sandbox's VXLAN device, tagged with the network.
+pub type MissReceiver = futures::channel::mpsc::UnboundedReceiver<(Vni, Miss)>;
+type MissSender = futures::channel::mpsc::UnboundedSender<(Vni, Miss)>;
 
 /// The data plane, speaking netlink in one network namespace: the shared
 /// part (bridges, veths) itself, the carriage between hosts through one
@@ -176,27 +229,48 @@ pub struct Dataplane {
     /// ([`DataplaneError::NoVtep`]).
     plain: Arc<dyn Vtep>,
     encrypted: Option<Arc<dyn Vtep>>,
+    sandbox_dir: PathBuf,
+    transit_pool: ipnetwork::Ipv4Network,
+    /// The namespace of `handle` when it is not the agent's own (tests
+    /// playing hosts): child processes (nft, iptables) enter it.
+    host_ns: Option<PathBuf>,
+    /// Open sandboxes (opened lazily: adopted after a restart).
+    sandboxes: std::sync::Mutex<std::collections::BTreeMap<Vni, Arc<Sandbox>>>,
+    misses_tx: MissSender,
+    misses_rx: std::sync::Mutex<Option<MissReceiver>>,
 }
 
 impl Dataplane {
     /// Netlink in the namespace of the calling thread (the agent's own).
-    pub async fn new(vxlan: VxlanConfig) -> Result<Self, DataplaneError> {
+    pub async fn new(cfg: DataplaneConfig) -> Result<Self, DataplaneError> {
         let (handle, conn) = netns::connect_here()?;
-        Ok(Self::with(handle, conn, vxlan))
+        Ok(Self::with(handle, conn, cfg, None))
     }
 
     /// Netlink in the namespace at `netns` (e.g. `/run/netns/h1`): the
     /// socket is opened on a short-lived thread that entered it; the caller's
     /// threads never change namespace. Used by tests that play several
     /// hosts in one process, and usable for a per-network namespace.
-    pub async fn new_in(netns: &Path, vxlan: VxlanConfig) -> Result<Self, DataplaneError> {
+    pub async fn new_in(netns: &Path, cfg: DataplaneConfig) -> Result<Self, DataplaneError> {
         let (handle, conn) = netns::connect_in(netns).await?;
-        Ok(Self::with(handle, conn, vxlan))
+        Ok(Self::with(handle, conn, cfg, Some(netns.to_owned())))
     }
 
-    fn with(handle: Handle, conn: netns::ConnTask, cfg: VxlanConfig) -> Self {
-        let vxlan = Arc::new(VxlanVtep::new(handle.clone(), cfg));
+    fn with(
+        handle: Handle,
+        conn: netns::ConnTask,
+        cfg: DataplaneConfig,
+        host_ns: Option<PathBuf>,
+    ) -> Self {
+        let vxlan = Arc::new(VxlanVtep::new(handle.clone(), cfg.vxlan));
+        let (misses_tx, rx) = futures::channel::mpsc::unbounded();
         Self {
+            sandbox_dir: cfg.sandbox_dir,
+            transit_pool: cfg.transit_pool,
+            host_ns,
+            sandboxes: Default::default(),
+            misses_tx,
+            misses_rx: std::sync::Mutex::new(Some(rx)),
             handle,
             _conn: conn,
             lock: tokio::sync::Mutex::new(()),
@@ -231,10 +305,94 @@ impl Dataplane {
             .filter_map(|m| self.vtep(m).map(|v| (m, v)))
     }
 
-    /// The netlink handle of this data plane's namespace (for a VTEP that
-    /// enslaves its own devices to the bridge).
+    /// The netlink handle of this data plane's namespace.
     pub fn netlink(&self) -> Handle {
         self.handle.clone()
+    }
+
+    /// The miss notifications of every sandbox's devices, tagged with the
+    /// network's VNI. `None` after the first call: one consumer.
+    pub fn take_misses(&self) -> Option<MissReceiver> {
+        self.misses_rx.lock().ok()?.take()
+    }
+
+    /// Where the sandbox of `vni` lives.
+    pub fn sandbox_path(&self, vni: Vni) -> PathBuf {
+        sandbox::path_of(&self.sandbox_dir, vni)
+    }
+
+    /// The open sandbox of `vni`, adopting one an earlier agent left; with
+    /// `create`, made when there is none. A cached one whose file no longer
+    /// names the same namespace (removed by hand) is reopened.
+    pub(crate) async fn sandbox(
+        &self,
+        vni: Vni,
+        create: bool,
+    ) -> Result<Option<Arc<Sandbox>>, DataplaneError> {
+        let cached = self
+            .sandboxes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&vni).cloned());
+        if let Some(sb) = cached {
+            if sb.still_mounted() {
+                return Ok(Some(sb));
+            }
+            tracing::warn!(vni = %vni, netns = %sb.path.display(), "network sandbox was removed from outside the agent: reopening");
+            self.forget_sandbox(vni);
+        }
+        let Some(mut sb) = Sandbox::open(&self.sandbox_dir, vni, create).await? else {
+            return Ok(None);
+        };
+        self.forward_misses(&mut sb).await;
+        let sb = Arc::new(sb);
+        if let Ok(mut m) = self.sandboxes.lock() {
+            m.insert(vni, sb.clone());
+        }
+        Ok(Some(sb))
+    }
+
+    /// Subscribes to the sandbox's miss notifications and forwards them,
+    /// tagged with its VNI. A refused subscription is logged: missing
+    /// entries then wait for the periodic pass.
+    async fn forward_misses(&self, sb: &mut Sandbox) {
+        let mut misses = match vxlan::miss::subscribe_in(&sb.path).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(vni = %sb.vni, error = %e, "cannot subscribe to the sandbox's miss notifications; missing entries are repaired by the periodic pass only");
+                return;
+            }
+        };
+        let (vni, tx) = (sb.vni, self.misses_tx.clone());
+        sb.hold(netns::spawn_task(async move {
+            while let Some(m) = misses.next().await {
+                if tx.unbounded_send((vni, m)).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+
+    fn forget_sandbox(&self, vni: Vni) {
+        if let Ok(mut m) = self.sandboxes.lock() {
+            m.remove(&vni);
+        }
+    }
+
+    /// Every sandbox on this host, opened (those of earlier agents
+    /// adopted).
+    pub(crate) async fn sandboxes(&self) -> Result<Vec<Arc<Sandbox>>, DataplaneError> {
+        let dir = self.sandbox_dir.clone();
+        let vnis = tokio::task::spawn_blocking(move || sandbox::list(&dir))
+            .await
+            .map_err(|_| DataplaneError::Worker)?;
+        let mut out = Vec::with_capacity(vnis.len());
+        for vni in vnis {
+            if let Some(sb) = self.sandbox(vni, false).await? {
+                out.push(sb);
+            }
+        }
+        Ok(out)
     }
 
     /// Moves whenever `ensure_network` or `remove_network` changed (or may
@@ -268,8 +426,9 @@ fn futures_are_send(dp: &Dataplane, plan: &NetworkPlan, ep: &LocalEndpoint, id: 
     fn send<T: Send>(_: T) {}
     fn shared<T: Send + Sync>() {}
     shared::<Dataplane>();
-    send(Dataplane::new(VxlanConfig::default()));
-    send(Dataplane::new_in(Path::new("/"), VxlanConfig::default()));
+    let cfg = || DataplaneConfig::new(PathBuf::from("/run/netns"));
+    send(Dataplane::new(cfg()));
+    send(Dataplane::new_in(Path::new("/"), cfg()));
     send(dp.ensure_network(plan));
     send(dp.remove_network(plan.vni));
     send(dp.networks_present());

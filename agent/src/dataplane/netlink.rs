@@ -2,7 +2,7 @@
 //! requests with errors that name what failed (FDB and neighbour tables are
 //! in `fdb.rs`). Replies are outside data: nothing here unwraps them.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
@@ -10,7 +10,11 @@ use rtnetlink::packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVxlan, LinkAttribute,
     LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// `RT_TABLE_MAIN` (linux/rtnetlink.h).
+const RT_TABLE_MAIN: u8 = 254;
 
 use super::DataplaneError;
 use super::vxlan::plan::VxlanParams;
@@ -286,4 +290,54 @@ pub(crate) async fn link_holding(h: &Handle, addr: IpAddr) -> Result<Option<u32>
             })
         })
         .map(|m| m.header.index))
+}
+
+/// The IPv4 default route of the main table: its next hop and output
+/// interface, if there is one.
+pub(crate) async fn default_route_v4(
+    h: &Handle,
+) -> Result<Option<(Option<Ipv4Addr>, Option<u32>)>, DataplaneError> {
+    let _dump = dump_guard().await;
+    let msgs: Vec<RouteMessage> = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .ctx(|| "dump IPv4 routes".into())?;
+    Ok(msgs
+        .iter()
+        .filter(|m| m.header.destination_prefix_length == 0 && m.header.table == RT_TABLE_MAIN)
+        .map(|m| {
+            let (mut gw, mut oif) = (None, None);
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            (gw, oif)
+        })
+        .next())
+}
+
+/// Sets (replaces) the IPv4 default route: via `gw` on the link `oif`.
+pub(crate) async fn set_default_route_v4(
+    h: &Handle,
+    gw: Ipv4Addr,
+    oif: u32,
+    what: &str,
+) -> Result<(), DataplaneError> {
+    h.route()
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gw)
+                .output_interface(oif)
+                .build(),
+        )
+        .replace()
+        .execute()
+        .await
+        .ctx(|| format!("set default route via {gw} on {what}"))
 }

@@ -32,6 +32,11 @@ pub(crate) fn spawn_conn(conn: Connection) -> ConnTask {
     ConnTask(tokio::spawn(conn))
 }
 
+/// A task that is aborted when the returned value is dropped.
+pub(crate) fn spawn_task(f: impl std::future::Future<Output = ()> + Send + 'static) -> ConnTask {
+    ConnTask(tokio::spawn(f))
+}
+
 /// A connection in the calling thread's namespace. Needs a tokio runtime.
 pub(crate) fn connect_here() -> Result<(Handle, ConnTask), DataplaneError> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(DataplaneError::Socket)?;
@@ -175,8 +180,14 @@ fn enter(ns: &File, path: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// A connection inside the namespace at `path`.
-pub(crate) async fn connect_in(path: &Path) -> Result<(Handle, ConnTask), DataplaneError> {
+/// Runs `f` on a short-lived thread that entered the namespace at `path`,
+/// with the caller's tokio runtime entered (sockets `f` makes are created
+/// in that namespace and registered with the caller's reactor).
+pub(crate) async fn run_in<T, F>(path: &Path, f: F) -> Result<T, DataplaneError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, DataplaneError> + Send + 'static,
+{
     let runtime = tokio::runtime::Handle::current();
     let path: PathBuf = path.to_owned();
     let (tx, rx) = oneshot::channel();
@@ -184,16 +195,45 @@ pub(crate) async fn connect_in(path: &Path) -> Result<(Handle, ConnTask), Datapl
         .name("ovl-netns".into())
         .spawn(move || {
             let made = open(&path).and_then(|ns| enter(&ns, &path)).and_then(|()| {
-                // The socket is created here, in the entered namespace, and
-                // registered with the caller's reactor.
                 let _rt = runtime.enter();
-                rtnetlink::new_connection().map_err(DataplaneError::Socket)
+                f()
             });
             // The receiver only disappears if the caller was cancelled.
             let _ = tx.send(made);
         })
         .map_err(DataplaneError::Socket)?;
-    let (conn, handle, _) = rx.await.map_err(|_| DataplaneError::Worker)??;
+    rx.await.map_err(|_| DataplaneError::Worker)?
+}
+
+/// Runs blocking `f` on a short-lived thread inside the namespace at
+/// `path` (`None`: the caller's), and waits for it. Files under
+/// `/proc/sys/net` opened there are that namespace's. Blocking.
+pub(crate) fn blocking_in<T, F>(path: Option<&Path>, f: F) -> Result<T, DataplaneError>
+where
+    T: Send,
+    F: FnOnce() -> Result<T, DataplaneError> + Send,
+{
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("ovl-netns".into())
+            .spawn_scoped(s, move || {
+                if let Some(p) = path {
+                    open(p).and_then(|ns| enter(&ns, p))?;
+                }
+                f()
+            })
+            .map_err(DataplaneError::Socket)?
+            .join()
+            .map_err(|_| DataplaneError::Worker)?
+    })
+}
+
+/// A connection inside the namespace at `path`.
+pub(crate) async fn connect_in(path: &Path) -> Result<(Handle, ConnTask), DataplaneError> {
+    let (conn, handle, _) = run_in(path, || {
+        rtnetlink::new_connection().map_err(DataplaneError::Socket)
+    })
+    .await?;
     Ok((handle, spawn_conn(conn)))
 }
 

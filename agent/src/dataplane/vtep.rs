@@ -8,29 +8,32 @@
 
 use async_trait::async_trait;
 
-use super::{DataplaneError, KernelView, NetworkPlan, ReconcileReport};
+use super::{DataplaneError, KernelView, NetworkPlan, ReconcileReport, Sandbox};
 use crate::ids::Vni;
 
 #[async_trait]
 pub trait Vtep: Send + Sync {
-    /// Creates or adopts the network's VTEP device, enslaved to the bridge
-    /// at `bridge_ifindex`, and programs exactly the plan's remotes and
-    /// peers. Idempotent; reads the kernel (or the engine) back, so an agent
-    /// restart adopts a working device without interrupting it.
+    /// Creates or adopts the network's VTEP device in its sandbox `sb`,
+    /// enslaved to the bridge at `bridge_ifindex`, and programs exactly the
+    /// plan's remotes and peers. Idempotent; reads the kernel (or the
+    /// engine) back, so an agent restart adopts a working device without
+    /// interrupting it.
     async fn ensure(
         &self,
         plan: &NetworkPlan,
+        sb: &Sandbox,
         bridge_ifindex: u32,
     ) -> Result<ReconcileReport, DataplaneError>;
 
-    /// Removes the network's VTEP device and what it holds. Idempotent.
-    async fn remove(&self, vni: Vni) -> Result<(), DataplaneError>;
+    /// Removes the network's VTEP device from its sandbox (if it has one)
+    /// and what the VTEP holds for it. Idempotent.
+    async fn remove(&self, vni: Vni, sb: Option<&Sandbox>) -> Result<(), DataplaneError>;
 
-    /// VNIs this VTEP holds a device for (adoption after a restart, and
-    /// removal of networks with no local endpoint left).
-    async fn present(&self) -> Result<Vec<Vni>, DataplaneError>;
+    /// Whether this VTEP holds a device (or state) for the sandbox's
+    /// network.
+    async fn present(&self, sb: &Sandbox) -> Result<bool, DataplaneError>;
 
     /// What the VTEP holds for the network (`bridge` is left false: the
     /// shared part fills it in).
-    async fn view(&self, vni: Vni) -> Result<KernelView, DataplaneError>;
+    async fn view(&self, vni: Vni, sb: Option<&Sandbox>) -> Result<KernelView, DataplaneError>;
 }

@@ -175,6 +175,8 @@ mod tests {
                 vtep: rows[1].vtep,
             }],
             peers: vec![],
+            gateway: None,
+            egress: false,
         };
         let t = for_network(net, "198.18.5.0/24".parse().unwrap(), &rows, me, &plan);
         assert_eq!(t.lookup("web"), Some(&[ip(2), ip(3)][..]));

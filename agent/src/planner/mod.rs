@@ -107,6 +107,12 @@ pub struct NetworkPlan {
     pub remotes: Vec<RemoteEndpoint>,
     /// Remote hosts having endpoints in the network, sorted, no duplicates.
     pub peers: Vec<PeerHost>,
+    /// The network's gateway address with the subnet's prefix, held by
+    /// every host inside the network's sandbox.
+    pub gateway: Option<ipnetwork::Ipv4Network>,
+    /// Traffic may leave the network through this host's uplink (not
+    /// `--internal`).
+    pub egress: bool,
 }
 
 /// What the planner needs to know about this host.
@@ -272,6 +278,8 @@ pub fn plan(
             local_vtep: host.local_vtep,
             remotes,
             peers,
+            gateway: ipnetwork::Ipv4Network::new(view.pool.gateway, view.pool.subnet.prefix()).ok(),
+            egress: !view.record.internal,
         },
         refused,
     }

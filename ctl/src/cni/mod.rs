@@ -110,6 +110,7 @@ async fn add(env: &Env, conf: &NetConf, channel: Channel) -> Result<Value, CniEr
         gateway: net.gateway,
         mtu: net.mtu,
         resolver: ep.resolver,
+        internal: net.internal,
     };
     match spec::add_result(&conf.cni_version, &env.netns, &attached) {
         Ok(r) => serde_json::to_value(r)

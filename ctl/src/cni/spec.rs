@@ -410,6 +410,8 @@ pub struct Attached {
     pub gateway: String,
     pub mtu: u32,
     pub resolver: String,
+    /// The network is `--internal`: no default route.
+    pub internal: bool,
 }
 
 /// Builds the ADD result in the config's version.
@@ -439,10 +441,18 @@ pub fn add_result(version: &str, netns: &str, a: &Attached) -> Result<AddResult,
             gateway: a.gateway.clone(),
             interface: 0,
         }],
-        routes: vec![Route {
+        // The subnet is on-link; everything else goes via the gateway,
+        // which every host serves in the network's sandbox (none on an
+        // `--internal` network: it has no way out).
+        routes: std::iter::once(Route {
             dst: a.subnet.clone(),
             gw: String::new(),
-        }],
+        })
+        .chain((!a.internal).then(|| Route {
+            dst: "0.0.0.0/0".into(),
+            gw: a.gateway.clone(),
+        }))
+        .collect(),
         dns: Dns {
             nameservers: if a.resolver.is_empty() {
                 Vec::new()

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -20,7 +19,7 @@ use tracing::info;
 use super::{Engine, EngineError, Forwarding};
 use crate::dataplane::netlink as nl;
 use crate::dataplane::{
-    DataplaneError, KernelView, NetworkMode, NetworkPlan, ReconcileReport, Vtep,
+    DataplaneError, KernelView, NetworkMode, NetworkPlan, ReconcileReport, Sandbox, Vtep,
 };
 use crate::ids::{NodeId, Vni};
 use crate::keying::KeySink;
@@ -33,9 +32,6 @@ pub const TAP_PREFIX: &str = "ovlen-";
 /// The encrypted VTEP of one data plane (namespace).
 pub struct EncryptedVtep {
     engine: Arc<Engine>,
-    handle: Handle,
-    /// Where the TAP devices live (`None`: the agent's own namespace).
-    netns: Option<PathBuf>,
     /// What each network's forwarding was last set to, for views and reports.
     applied: Mutex<BTreeMap<Vni, NetworkPlan>>,
     /// Peer hosts of all encrypted networks here: the key task's input.
@@ -43,11 +39,9 @@ pub struct EncryptedVtep {
 }
 
 impl EncryptedVtep {
-    pub fn new(engine: Arc<Engine>, handle: Handle, netns: Option<PathBuf>) -> Arc<Self> {
+    pub fn new(engine: Arc<Engine>) -> Arc<Self> {
         Arc::new(Self {
             engine,
-            handle,
-            netns,
             applied: Mutex::default(),
             peers: watch::channel(BTreeSet::new()).0,
         })
@@ -82,17 +76,18 @@ impl EncryptedVtep {
         });
     }
 
-    async fn enslave(&self, ifindex: u32, name: &str, bridge: u32) -> Result<(), DataplaneError> {
-        let Some(l) = nl::link_by_index(&self.handle, ifindex).await? else {
+    async fn enslave(
+        &self,
+        h: &Handle,
+        ifindex: u32,
+        name: &str,
+        bridge: u32,
+    ) -> Result<(), DataplaneError> {
+        let Some(l) = nl::link_by_index(h, ifindex).await? else {
             return Err(vtep_error(format!("TAP {name} vanished after creation")));
         };
         if l.master != Some(bridge) {
-            nl::set_link(
-                &self.handle,
-                nl::set_msg(ifindex).controller(bridge).build(),
-                name,
-            )
-            .await?;
+            nl::set_link(h, nl::set_msg(ifindex).controller(bridge).build(), name).await?;
             info!(
                 device = name,
                 bridge, "TAP enslaved to the network's bridge"
@@ -146,25 +141,29 @@ impl Vtep for EncryptedVtep {
     async fn ensure(
         &self,
         plan: &NetworkPlan,
+        sb: &Sandbox,
         bridge_ifindex: u32,
     ) -> Result<ReconcileReport, DataplaneError> {
         let name = Self::tap_name(plan.vni);
-        let existed = nl::link_by_name(&self.handle, &name).await?.is_some();
+        let existed = nl::link_by_name(&sb.handle, &name).await?.is_some();
         let (engine, vni, mtu, netns, tap) = (
             self.engine.clone(),
             plan.vni,
             plan.mtu,
-            self.netns.clone(),
+            sb.path.clone(),
             name.clone(),
         );
-        // TAP ioctls and, in a sandbox, a namespace switch: off the runtime.
+        // TAP ioctls and a switch into the sandbox: off the runtime. The
+        // TAP has no socket of its own (the engine's UDP sockets stay on
+        // the underlay), so it is simply made where it lives.
         let ifindex = tokio::task::spawn_blocking(move || {
-            engine.ensure_network_in(vni, &tap, mtu, netns.as_deref())
+            engine.ensure_network_in(vni, &tap, mtu, Some(&netns))
         })
         .await
         .map_err(|e| vtep_error(format!("TAP {name}: {e}")))?
         .map_err(engine_error)?;
-        self.enslave(ifindex, &name, bridge_ifindex).await?;
+        self.enslave(&sb.handle, ifindex, &name, bridge_ifindex)
+            .await?;
         self.engine.set_forwarding(plan.vni, forwarding(plan));
         let mut applied = self.lock();
         let (added, removed) = diff(applied.get(&plan.vni), plan);
@@ -177,7 +176,7 @@ impl Vtep for EncryptedVtep {
         })
     }
 
-    async fn remove(&self, vni: Vni) -> Result<(), DataplaneError> {
+    async fn remove(&self, vni: Vni, sb: Option<&Sandbox>) -> Result<(), DataplaneError> {
         self.engine.remove_network(vni);
         {
             let mut applied = self.lock();
@@ -186,27 +185,30 @@ impl Vtep for EncryptedVtep {
         }
         // A TAP from before a restart that no engine holds: delete it here.
         let name = Self::tap_name(vni);
-        if let Some(l) = nl::link_by_name(&self.handle, &name).await? {
-            nl::delete_link(&self.handle, l.index, &name).await?;
+        if let Some(sb) = sb
+            && let Some(l) = nl::link_by_name(&sb.handle, &name).await?
+        {
+            nl::delete_link(&sb.handle, l.index, &name).await?;
         }
         Ok(())
     }
 
-    async fn present(&self) -> Result<Vec<Vni>, DataplaneError> {
-        let mut vnis: BTreeSet<Vni> = nl::links(&self.handle)
+    async fn present(&self, sb: &Sandbox) -> Result<bool, DataplaneError> {
+        if self.lock().contains_key(&sb.vni) {
+            return Ok(true);
+        }
+        Ok(nl::link_by_name(&sb.handle, &Self::tap_name(sb.vni))
             .await?
-            .iter()
-            .filter_map(|l| l.name.strip_prefix(TAP_PREFIX)?.parse::<u64>().ok())
-            .filter_map(|v| Vni::new(v).ok())
-            .collect();
-        vnis.extend(self.lock().keys().copied());
-        Ok(vnis.into_iter().collect())
+            .is_some())
     }
 
-    async fn view(&self, vni: Vni) -> Result<KernelView, DataplaneError> {
-        let vtep = nl::link_by_name(&self.handle, &Self::tap_name(vni))
-            .await?
-            .is_some();
+    async fn view(&self, vni: Vni, sb: Option<&Sandbox>) -> Result<KernelView, DataplaneError> {
+        let vtep = match sb {
+            Some(sb) => nl::link_by_name(&sb.handle, &Self::tap_name(vni))
+                .await?
+                .is_some(),
+            None => false,
+        };
         let applied = self.lock();
         let Some(plan) = applied.get(&vni) else {
             return Ok(KernelView {

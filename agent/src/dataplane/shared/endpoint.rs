@@ -1,7 +1,10 @@
 //! Local endpoints: a veth pair per endpoint, host end on the network's
-//! bridge, far end created directly inside the container's namespace.
+//! bridge in the network's sandbox, far end created directly inside the
+//! container's namespace, with a default route via the gateway.
 
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
@@ -9,7 +12,7 @@ use tracing::{info, warn};
 
 use super::names;
 use crate::dataplane::netlink::{self as nl, Ctx, Link};
-use crate::dataplane::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, netns};
+use crate::dataplane::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, Sandbox, netns};
 use crate::ids::{EndpointId, Vni};
 
 impl Dataplane {
@@ -22,17 +25,22 @@ impl Dataplane {
         }
         let _g = self.lock.lock().await;
         let host = Self::host_ifname(ep.id);
-        let bridge = nl::link_by_name(&self.handle, &Self::bridge_name(vni))
+        let sb = self
+            .sandbox(vni, false)
+            .await?
+            .ok_or(DataplaneError::NetworkMissing(vni))?;
+        let sbh = &sb.handle;
+        let bridge = nl::link_by_name(sbh, &Self::bridge_name(vni))
             .await?
             .filter(|l| l.kind == Some(InfoKind::Bridge))
             .ok_or(DataplaneError::NetworkMissing(vni))?;
         let ns_file = netns::open(&ep.netns)?;
         let (ns, _conn) = netns::connect_in(&ep.netns).await?;
 
-        if let Some(h) = nl::link_by_name(&self.handle, &host).await? {
+        if let Some(h) = nl::link_by_name(sbh, &host).await? {
             match nl::link_by_name(&ns, &ep.ifname).await? {
                 Some(c) if h.peer == Some(c.index) && c.peer == Some(h.index) => {
-                    self.converge_host(vni, ep, &h, bridge.index).await?;
+                    converge_host(sbh, vni, ep, &h, bridge.index).await?;
                     return converge_inside(&ns, vni, ep, &c).await;
                 }
                 _ => {
@@ -40,7 +48,7 @@ impl Dataplane {
                     // namespace: a leftover of an earlier attach.
                     warn!(vni = %vni, endpoint = %ep.id, device = %host, netns = %ep.netns.display(),
                           "host end exists without the expected peer: recreating the pair");
-                    if nl::delete_link(&self.handle, h.index, &host).await? {
+                    if nl::delete_link(sbh, h.index, &host).await? {
                         info!(vni = %vni, endpoint = %ep.id, device = %host, "stale veth pair removed");
                     }
                 }
@@ -64,7 +72,7 @@ impl Dataplane {
             .controller(bridge.index)
             .build();
         nl::add_link(
-            &self.handle,
+            sbh,
             msg,
             &format!("veth {host} (peer {} in {})", ep.ifname, ep.netns.display()),
         )
@@ -73,8 +81,8 @@ impl Dataplane {
         info!(vni = %vni, endpoint = %ep.id, device = %host, peer = %ep.ifname, netns = %ep.netns.display(), "veth pair created");
 
         let configured = async {
-            let h = nl::must_find(&self.handle, &host).await?;
-            self.converge_host(vni, ep, &h, bridge.index).await?;
+            let h = nl::must_find(sbh, &host).await?;
+            converge_host(sbh, vni, ep, &h, bridge.index).await?;
             let c = nl::link_by_name(&ns, &ep.ifname).await?.ok_or_else(|| {
                 DataplaneError::KernelReply(format!(
                     "{} missing in {}",
@@ -87,8 +95,8 @@ impl Dataplane {
         .await;
         if let Err(e) = configured {
             warn!(vni = %vni, endpoint = %ep.id, device = %host, error = %e, "attach failed: removing the veth pair");
-            if let Some(h) = nl::link_by_name(&self.handle, &host).await.ok().flatten()
-                && let Err(del) = nl::delete_link(&self.handle, h.index, &host).await
+            if let Some(h) = nl::link_by_name(sbh, &host).await.ok().flatten()
+                && let Err(del) = nl::delete_link(sbh, h.index, &host).await
             {
                 warn!(endpoint = %ep.id, device = %host, error = %del, "cleanup failed");
             }
@@ -97,51 +105,28 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Host end: on the bridge, MTU, up, alias naming the network.
-    async fn converge_host(
+    /// The sandbox holding the endpoint's host end, and that end.
+    async fn host_end(
         &self,
-        vni: Vni,
-        ep: &LocalEndpoint,
-        h: &Link,
-        bridge: u32,
-    ) -> Result<(), DataplaneError> {
-        let alias = names::host_alias(vni, ep.id);
-        let mut fix = nl::set_msg(h.index);
-        let mut changed = Vec::new();
-        if h.master != Some(bridge) {
-            fix = fix.controller(bridge);
-            changed.push("master");
+        id: EndpointId,
+    ) -> Result<Option<(Arc<Sandbox>, Link)>, DataplaneError> {
+        let host = Self::host_ifname(id);
+        for sb in self.sandboxes().await? {
+            if let Some(h) = nl::link_by_name(&sb.handle, &host).await? {
+                return Ok(Some((sb, h)));
+            }
         }
-        if h.mtu != Some(ep.mtu) {
-            fix = fix.mtu(ep.mtu);
-            changed.push("mtu");
-        }
-        if h.alias.as_deref() != Some(alias.as_str()) {
-            fix = fix.alias(alias);
-            changed.push("alias");
-        }
-        if !changed.is_empty() {
-            nl::set_link(&self.handle, fix.build(), &h.name).await?;
-        }
-        if !h.up {
-            nl::quiet_up(&self.handle, h.index, &h.name).await?;
-            changed.push("up");
-        }
-        if !changed.is_empty() {
-            info!(vni = %vni, endpoint = %ep.id, device = %h.name, ?changed, "host end configured");
-        }
-        Ok(())
+        Ok(None)
     }
 
     /// Removes the endpoint's veth pair (deleting the host end removes
     /// both). Idempotent.
     pub async fn detach(&self, id: EndpointId) -> Result<(), DataplaneError> {
         let _g = self.lock.lock().await;
-        let host = Self::host_ifname(id);
-        if let Some(h) = nl::link_by_name(&self.handle, &host).await?
-            && nl::delete_link(&self.handle, h.index, &host).await?
+        if let Some((sb, h)) = self.host_end(id).await?
+            && nl::delete_link(&sb.handle, h.index, &h.name).await?
         {
-            info!(endpoint = %id, device = %host, "veth pair removed");
+            info!(vni = %sb.vni, endpoint = %id, device = %h.name, "veth pair removed");
         }
         Ok(())
     }
@@ -149,9 +134,7 @@ impl Dataplane {
     /// Whether the host end exists (a destroyed namespace takes the pair
     /// with it).
     pub async fn endpoint_present(&self, id: EndpointId) -> Result<bool, DataplaneError> {
-        Ok(nl::link_by_name(&self.handle, &Self::host_ifname(id))
-            .await?
-            .is_some())
+        Ok(self.host_end(id).await?.is_some())
     }
 
     /// What differs from `ep` as attached: its host end on the network's
@@ -165,8 +148,15 @@ impl Dataplane {
     ) -> Result<Vec<String>, DataplaneError> {
         let mut problems = Vec::new();
         let host = Self::host_ifname(ep.id);
-        let bridge = nl::link_by_name(&self.handle, &Self::bridge_name(vni)).await?;
-        let Some(h) = nl::link_by_name(&self.handle, &host).await? else {
+        let Some(sb) = self.sandbox(vni, false).await? else {
+            problems.push(format!(
+                "the network's sandbox {} is missing",
+                self.sandbox_path(vni).display()
+            ));
+            return Ok(problems);
+        };
+        let bridge = nl::link_by_name(&sb.handle, &Self::bridge_name(vni)).await?;
+        let Some(h) = nl::link_by_name(&sb.handle, &host).await? else {
             problems.push(format!("host end {host} is missing"));
             return Ok(problems);
         };
@@ -176,15 +166,15 @@ impl Dataplane {
         if !h.up {
             problems.push(format!("host end {host} is down"));
         }
-        let ns = match netns::connect_in(&ep.netns).await {
-            Ok((ns, conn)) => (ns, conn),
+        let (ns, _conn) = match netns::connect_in(&ep.netns).await {
+            Ok(c) => c,
             Err(e) => {
                 problems.push(format!("namespace {}: {e}", ep.netns.display()));
                 return Ok(problems);
             }
         };
         let where_ = format!("{} in {}", ep.ifname, ep.netns.display());
-        let Some(c) = nl::link_by_name(&ns.0, &ep.ifname).await? else {
+        let Some(c) = nl::link_by_name(&ns, &ep.ifname).await? else {
             problems.push(format!("{where_} is missing"));
             return Ok(problems);
         };
@@ -206,20 +196,33 @@ impl Dataplane {
             problems.push(format!("{where_} is down"));
         }
         let want = (ep.addr.ip(), ep.addr.prefix());
-        if !nl::addresses(&ns.0, c.index).await?.contains(&want) {
+        if !nl::addresses(&ns, c.index).await?.contains(&want) {
             problems.push(format!("{where_} lacks its address {}", ep.addr));
+        }
+        if let Some(IpAddr::V4(gw)) = ep.gateway
+            && nl::default_route_v4(&ns).await? != Some((Some(gw), Some(c.index)))
+        {
+            problems.push(format!(
+                "{} lacks its default route via {gw}",
+                ep.netns.display()
+            ));
         }
         Ok(problems)
     }
 
     /// The MTU of every endpoint's host end, from one link dump.
     pub async fn host_end_mtus(&self) -> Result<Vec<(String, Option<u32>)>, DataplaneError> {
-        Ok(nl::links(&self.handle)
-            .await?
-            .into_iter()
-            .filter(|l| names::is_host_ifname(&l.name))
-            .map(|l| (l.name, l.mtu))
-            .collect())
+        let mut out = Vec::new();
+        for sb in self.sandboxes().await? {
+            out.extend(
+                nl::links(&sb.handle)
+                    .await?
+                    .into_iter()
+                    .filter(|l| names::is_host_ifname(&l.name))
+                    .map(|l| (l.name, l.mtu)),
+            );
+        }
+        Ok(out)
     }
 
     /// Moves a live endpoint to `mtu` (a network's MTU follows its member
@@ -237,7 +240,10 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let _g = self.lock.lock().await;
         let host = Self::host_ifname(id);
-        let Some(h) = nl::link_by_name(&self.handle, &host).await? else {
+        let Some(sb) = self.sandbox(vni, false).await? else {
+            return Ok(());
+        };
+        let Some(h) = nl::link_by_name(&sb.handle, &host).await? else {
             return Ok(());
         };
         if !netns.exists() {
@@ -261,7 +267,7 @@ impl Dataplane {
         };
         let set_host = async {
             if h.mtu != Some(mtu) {
-                nl::set_link(&self.handle, nl::set_msg(h.index).mtu(mtu).build(), &host).await?;
+                nl::set_link(&sb.handle, nl::set_msg(h.index).mtu(mtu).build(), &host).await?;
             }
             Ok::<(), DataplaneError>(())
         };
@@ -281,16 +287,21 @@ impl Dataplane {
     /// Host ends (`ovl` + 8 hex veths) and the network whose bridge each is
     /// enslaved to.
     pub async fn local_endpoints(&self) -> Result<Vec<(String, Option<Vni>)>, DataplaneError> {
-        let links = nl::links(&self.handle).await?;
-        let vni_of_master = |m: u32| {
-            let master = links.iter().find(|l| l.index == m)?;
-            names::vni_of_device(&master.name, BRIDGE_PREFIX)
-        };
-        Ok(links
-            .iter()
-            .filter(|l| names::is_host_ifname(&l.name) && l.kind == Some(InfoKind::Veth))
-            .map(|l| (l.name.clone(), l.master.and_then(vni_of_master)))
-            .collect())
+        let mut out = Vec::new();
+        for sb in self.sandboxes().await? {
+            let links = nl::links(&sb.handle).await?;
+            let vni_of_master = |m: u32| {
+                let master = links.iter().find(|l| l.index == m)?;
+                names::vni_of_device(&master.name, BRIDGE_PREFIX)
+            };
+            out.extend(
+                links
+                    .iter()
+                    .filter(|l| names::is_host_ifname(&l.name) && l.kind == Some(InfoKind::Veth))
+                    .map(|l| (l.name.clone(), l.master.and_then(vni_of_master))),
+            );
+        }
+        Ok(out)
     }
 }
 
@@ -328,6 +339,12 @@ async fn converge_inside(
         nl::set_link(ns, nl::set_msg(c.index).up().build(), &where_()).await?;
         changed.push("up");
     }
+    if let Some(IpAddr::V4(gw)) = ep.gateway
+        && nl::default_route_v4(ns).await? != Some((Some(gw), Some(c.index)))
+    {
+        nl::set_default_route_v4(ns, gw, c.index, &where_()).await?;
+        changed.push("default route");
+    }
     match nl::link_by_name(ns, "lo").await? {
         Some(lo) if !lo.up => {
             nl::set_link(
@@ -343,6 +360,42 @@ async fn converge_inside(
     if !changed.is_empty() {
         info!(vni = %vni, endpoint = %ep.id, device = %ep.ifname, netns = %ep.netns.display(), addr = %ep.addr,
               mac = %ep.mac, ?changed, "container end configured");
+    }
+    Ok(())
+}
+
+/// Host end: on the bridge, MTU, up, alias naming the network.
+async fn converge_host(
+    sbh: &Handle,
+    vni: Vni,
+    ep: &LocalEndpoint,
+    h: &Link,
+    bridge: u32,
+) -> Result<(), DataplaneError> {
+    let alias = names::host_alias(vni, ep.id);
+    let mut fix = nl::set_msg(h.index);
+    let mut changed = Vec::new();
+    if h.master != Some(bridge) {
+        fix = fix.controller(bridge);
+        changed.push("master");
+    }
+    if h.mtu != Some(ep.mtu) {
+        fix = fix.mtu(ep.mtu);
+        changed.push("mtu");
+    }
+    if h.alias.as_deref() != Some(alias.as_str()) {
+        fix = fix.alias(alias);
+        changed.push("alias");
+    }
+    if !changed.is_empty() {
+        nl::set_link(sbh, fix.build(), &h.name).await?;
+    }
+    if !h.up {
+        nl::quiet_up(sbh, h.index, &h.name).await?;
+        changed.push("up");
+    }
+    if !changed.is_empty() {
+        info!(vni = %vni, endpoint = %ep.id, device = %h.name, ?changed, "host end configured");
     }
     Ok(())
 }

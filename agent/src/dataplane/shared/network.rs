@@ -1,20 +1,25 @@
-//! Per-network operations: the bridge (shared by both modes) and, on it,
-//! the network's VTEP, chosen by the plan's mode. Reconciled against a
-//! dump of the kernel.
+//! Per-network operations: the network's sandbox namespace, in it the
+//! bridge (shared by both modes) holding the network's gateway address and,
+//! on the bridge, the network's VTEP, chosen by the plan's mode. Reconciled
+//! against a dump of the sandbox.
 
 use std::net::IpAddr;
 
-use rtnetlink::LinkBridge;
 use rtnetlink::packet_route::link::InfoKind;
+use rtnetlink::{Handle, LinkBridge};
 use tracing::{info, warn};
 
 use super::names;
-use crate::dataplane::netlink::{self as nl, Link};
+use crate::dataplane::netlink::{self as nl, Ctx, Link};
+use crate::dataplane::sandbox::{self, Sandbox};
 use crate::dataplane::{
-    BRIDGE_PREFIX, Dataplane, DataplaneError, Inventory, KernelView, NetworkMode, NetworkPlan,
-    ReconcileReport, Vtep,
+    Dataplane, DataplaneError, Inventory, KernelView, NetworkMode, NetworkPlan, ReconcileReport,
+    Vtep,
 };
 use crate::ids::Vni;
+use crate::metrics::RateLimit;
+
+static EGRESS_LOG: RateLimit = RateLimit::new(std::time::Duration::from_secs(30));
 
 impl Dataplane {
     /// Makes the kernel match `plan`: the bridge (fixed MAC, MTU, up), the
@@ -36,7 +41,14 @@ impl Dataplane {
             mode: plan.mode,
         })?;
         let _g = self.lock.lock().await;
-        let r = self.ensure_locked(plan, vtep.as_ref()).await;
+        let r = async {
+            let sb = self
+                .sandbox(plan.vni, true)
+                .await?
+                .ok_or(DataplaneError::SandboxMissing(plan.vni))?;
+            self.ensure_locked(plan, &sb, vtep.as_ref()).await
+        }
+        .await;
         if !matches!(r, Ok(report) if report.is_empty()) {
             self.changed();
         }
@@ -46,150 +58,105 @@ impl Dataplane {
     async fn ensure_locked(
         &self,
         plan: &NetworkPlan,
+        sb: &Sandbox,
         vtep: &dyn Vtep,
     ) -> Result<ReconcileReport, DataplaneError> {
         let mut report = ReconcileReport::default();
-        let links = nl::links(&self.handle).await?;
-        let bridge = self.ensure_bridge(plan, &links, &mut report).await?;
-        for (mode, other) in self.vteps() {
-            if mode != plan.mode {
-                other.remove(plan.vni).await?;
+        let h = &sb.handle;
+        let links = nl::links(h).await?;
+        let bridge = ensure_bridge(h, plan, &links, &mut report).await?;
+        report.added += ensure_gateway(h, plan, bridge).await?;
+        // A failing way out (no nft binary, a full transit pool) must not
+        // take the overlay down with it: logged, retried next pass.
+        match self.ensure_egress(sb, plan).await {
+            Ok(n) => report.added += n,
+            Err(e) => {
+                if let Some(suppressed) = EGRESS_LOG.check(std::time::Instant::now()) {
+                    warn!(vni = %plan.vni, error = %e, suppressed, "egress not set up; retrying next pass");
+                }
             }
         }
-        let r = vtep.ensure(plan, bridge).await?;
+        for (mode, other) in self.vteps() {
+            if mode != plan.mode {
+                other.remove(plan.vni, Some(sb)).await?;
+            }
+        }
+        let r = vtep.ensure(plan, sb, bridge).await?;
         report.added += r.added;
         report.removed += r.removed;
         report.created_devices += r.created_devices;
-        report.added += self.reattach_ports(plan.vni, &links, bridge).await?;
+        report.added += reattach_ports(h, plan.vni, &links, bridge).await?;
         Ok(report)
     }
 
-    async fn ensure_bridge(
-        &self,
-        plan: &NetworkPlan,
-        links: &[Link],
-        report: &mut ReconcileReport,
-    ) -> Result<u32, DataplaneError> {
-        let name = Self::bridge_name(plan.vni);
-        let mac = names::bridge_mac(plan.vni);
-        let existing = links.iter().find(|l| l.name == name);
-        if let Some(l) = existing {
-            if l.kind == Some(InfoKind::Bridge) {
-                let mut fix = nl::set_msg(l.index);
-                let mut changed = Vec::new();
-                if l.mtu != Some(plan.mtu) {
-                    fix = fix.mtu(plan.mtu);
-                    changed.push("mtu");
-                }
-                if l.mac != Some(mac) {
-                    fix = fix.address(mac.0.to_vec());
-                    changed.push("mac");
-                }
-                if !changed.is_empty() {
-                    nl::set_link(&self.handle, fix.build(), &name).await?;
-                }
-                if !l.up {
-                    nl::quiet_up(&self.handle, l.index, &name).await?;
-                    changed.push("up");
-                }
-                if !changed.is_empty() {
-                    info!(vni = %plan.vni, device = %name, ?changed, mtu = plan.mtu, "bridge settings corrected");
-                }
-                return Ok(l.index);
-            }
-            warn!(vni = %plan.vni, device = %name, kind = ?l.kind, "device with a bridge's name is not a bridge: replacing");
-            nl::delete_link(&self.handle, l.index, &name).await?;
-        }
-        let msg = LinkBridge::new(&name)
-            .mtu(plan.mtu)
-            .address(mac.0.to_vec())
-            .down()
-            .build();
-        nl::add_link(&self.handle, msg, &format!("bridge {name}")).await?;
-        report.created_devices += 1;
-        let l = nl::must_find(&self.handle, &name).await?;
-        nl::quiet_up(&self.handle, l.index, &name).await?;
-        info!(vni = %plan.vni, device = %name, ifindex = l.index, mtu = plan.mtu, mac = %mac, mode = %plan.mode, "bridge created");
-        Ok(l.index)
-    }
-
-    /// Puts host veth ends labelled with this VNI back on the bridge (after
-    /// a bridge was deleted underneath us and recreated).
-    async fn reattach_ports(
-        &self,
-        vni: Vni,
-        links: &[Link],
-        bridge: u32,
-    ) -> Result<usize, DataplaneError> {
-        let mut n = 0;
-        for l in links {
-            let ours = names::is_host_ifname(&l.name)
-                && l.alias.as_deref().and_then(names::vni_of_alias) == Some(vni);
-            if ours && l.master != Some(bridge) {
-                nl::set_link(
-                    &self.handle,
-                    nl::set_msg(l.index).controller(bridge).build(),
-                    &l.name,
-                )
-                .await?;
-                if !l.up {
-                    nl::quiet_up(&self.handle, l.index, &l.name).await?;
-                }
-                info!(vni = %vni, device = %l.name, "endpoint port put back on its bridge");
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    /// Deletes the network's VTEP devices (of every mode) and its bridge
-    /// (entries go with them). Idempotent.
+    /// Deletes the network's VTEP devices (of every mode), its bridge and
+    /// its sandbox (with whatever is still in it). Idempotent.
     pub async fn remove_network(&self, vni: Vni) -> Result<(), DataplaneError> {
         let _g = self.lock.lock().await;
         // Counted before: a failure midway may have removed one device.
         self.changed();
+        let sb = self.sandbox(vni, false).await?;
         for (_, vtep) in self.vteps() {
-            vtep.remove(vni).await?;
+            vtep.remove(vni, sb.as_deref()).await?;
         }
-        let name = Self::bridge_name(vni);
-        if let Some(l) = nl::link_by_name(&self.handle, &name).await?
-            && nl::delete_link(&self.handle, l.index, &name).await?
-        {
-            info!(vni = %vni, device = %name, "bridge removed");
+        // Logged inside; the sandbox still goes (a leftover NAT table of a
+        // removed network matches nothing).
+        let _ = self.remove_egress(vni).await;
+        let Some(sb) = sb else {
+            return Ok(());
+        };
+        // Endpoints' veths first and explicitly: the namespace itself goes
+        // only once the last socket in it closed, and a container must not
+        // keep its interface until then.
+        let bridge = Self::bridge_name(vni);
+        for l in nl::links(&sb.handle).await? {
+            if (names::is_host_ifname(&l.name) || l.name == bridge)
+                && nl::delete_link(&sb.handle, l.index, &l.name).await?
+            {
+                info!(vni = %vni, device = %l.name, "removed with the network");
+            }
         }
+        self.forget_sandbox(vni);
+        let path = sb.path.clone();
+        drop(sb);
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || sandbox::destroy(&p))
+            .await
+            .map_err(|_| DataplaneError::Worker)??;
+        info!(vni = %vni, netns = %path.display(), "network sandbox removed");
         Ok(())
     }
 
-    /// VNIs that have a bridge or a VTEP device on this host.
+    /// VNIs that have a sandbox on this host.
     pub async fn networks_present(&self) -> Result<Vec<Vni>, DataplaneError> {
         Ok(self.inventory().await?.networks)
     }
 
-    /// Endpoints' host ends and networks' bridges from one link dump, and
-    /// each VTEP's devices from the VTEP itself.
+    /// Per sandbox, from one link dump each: the endpoints' host ends and
+    /// which VTEPs hold a device.
     pub async fn inventory(&self) -> Result<Inventory, DataplaneError> {
-        let links = nl::links(&self.handle).await?;
-        let mut networks: Vec<Vni> = links
-            .iter()
-            .filter_map(|l| names::vni_of_device(&l.name, BRIDGE_PREFIX))
-            .collect();
-        let mut vteps = Vec::new();
-        for (mode, vtep) in self.vteps() {
-            let present = vtep.present().await?;
-            networks.extend(present.iter().copied());
-            vteps.push((mode, present));
+        let mut inv = Inventory::default();
+        let mut by_mode: Vec<(NetworkMode, Vec<Vni>)> =
+            self.vteps().map(|(m, _)| (m, Vec::new())).collect();
+        for sb in self.sandboxes().await? {
+            let links = nl::links(&sb.handle).await?;
+            inv.host_ends.extend(
+                links
+                    .iter()
+                    .filter(|l| names::is_host_ifname(&l.name))
+                    .map(|l| l.name.clone()),
+            );
+            inv.networks.push(sb.vni);
+            for ((_, vtep), (_, vnis)) in self.vteps().zip(by_mode.iter_mut()) {
+                if vtep.present(&sb).await? {
+                    vnis.push(sb.vni);
+                }
+            }
         }
-        networks.sort();
-        networks.dedup();
-        Ok(Inventory {
-            host_ends: links
-                .iter()
-                .filter(|l| names::is_host_ifname(&l.name))
-                .map(|l| l.name.clone())
-                .collect(),
-            networks,
-            vteps,
-        })
+        inv.networks.sort();
+        inv.networks.dedup();
+        inv.vteps = by_mode;
+        Ok(inv)
     }
 
     /// What the data plane holds for the network of `mode` at `vni`.
@@ -198,12 +165,15 @@ impl Dataplane {
         mode: NetworkMode,
         vni: Vni,
     ) -> Result<KernelView, DataplaneError> {
-        let bridge = nl::link_by_name(&self.handle, &Self::bridge_name(vni)).await?;
+        let sb = self.sandbox(vni, false).await?;
         let mut view = match self.vtep(mode) {
-            Some(v) => v.view(vni).await?,
+            Some(v) => v.view(vni, sb.as_deref()).await?,
             None => KernelView::default(),
         };
-        view.bridge = bridge.is_some_and(|l| l.kind == Some(InfoKind::Bridge));
+        if let Some(sb) = sb {
+            let bridge = nl::link_by_name(&sb.handle, &Self::bridge_name(vni)).await?;
+            view.bridge = bridge.is_some_and(|l| l.kind == Some(InfoKind::Bridge));
+        }
         Ok(view)
     }
 
@@ -223,4 +193,103 @@ impl Dataplane {
         self.vxlan.set_underlay(index, mtu);
         Ok(mtu)
     }
+}
+
+/// The network's bridge in its sandbox: fixed MAC, MTU, up.
+async fn ensure_bridge(
+    h: &Handle,
+    plan: &NetworkPlan,
+    links: &[Link],
+    report: &mut ReconcileReport,
+) -> Result<u32, DataplaneError> {
+    let name = Dataplane::bridge_name(plan.vni);
+    let mac = names::bridge_mac(plan.vni);
+    let existing = links.iter().find(|l| l.name == name);
+    if let Some(l) = existing {
+        if l.kind == Some(InfoKind::Bridge) {
+            let mut fix = nl::set_msg(l.index);
+            let mut changed = Vec::new();
+            if l.mtu != Some(plan.mtu) {
+                fix = fix.mtu(plan.mtu);
+                changed.push("mtu");
+            }
+            if l.mac != Some(mac) {
+                fix = fix.address(mac.0.to_vec());
+                changed.push("mac");
+            }
+            if !changed.is_empty() {
+                nl::set_link(h, fix.build(), &name).await?;
+            }
+            if !l.up {
+                nl::quiet_up(h, l.index, &name).await?;
+                changed.push("up");
+            }
+            if !changed.is_empty() {
+                info!(vni = %plan.vni, device = %name, ?changed, mtu = plan.mtu, "bridge settings corrected");
+            }
+            return Ok(l.index);
+        }
+        warn!(vni = %plan.vni, device = %name, kind = ?l.kind, "device with a bridge's name is not a bridge: replacing");
+        nl::delete_link(h, l.index, &name).await?;
+    }
+    let msg = LinkBridge::new(&name)
+        .mtu(plan.mtu)
+        .address(mac.0.to_vec())
+        .down()
+        .build();
+    nl::add_link(h, msg, &format!("bridge {name}")).await?;
+    report.created_devices += 1;
+    let l = nl::must_find(h, &name).await?;
+    nl::quiet_up(h, l.index, &name).await?;
+    info!(vni = %plan.vni, device = %name, ifindex = l.index, mtu = plan.mtu, mac = %mac, mode = %plan.mode, "bridge created");
+    Ok(l.index)
+}
+
+/// The network's gateway address on its bridge: every host answers for
+/// it inside its own sandbox (a distributed gateway, DESIGN.md "Gateway
+/// and egress"); the VTEPs' ARP proxies never carry a request for it to
+/// another host, as it is in no table. Returns 1 when it was added.
+async fn ensure_gateway(
+    h: &Handle,
+    plan: &NetworkPlan,
+    bridge: u32,
+) -> Result<usize, DataplaneError> {
+    let Some(gw) = plan.gateway else {
+        return Ok(0);
+    };
+    let want = (IpAddr::V4(gw.ip()), gw.prefix());
+    if nl::addresses(h, bridge).await?.contains(&want) {
+        return Ok(0);
+    }
+    h.address()
+        .add(bridge, want.0, want.1)
+        .execute()
+        .await
+        .ctx(|| format!("add gateway {gw} to {}", Dataplane::bridge_name(plan.vni)))?;
+    info!(vni = %plan.vni, gateway = %gw, "gateway address set on the network's bridge");
+    Ok(1)
+}
+
+/// Puts host veth ends labelled with this VNI back on the bridge (after
+/// a bridge was deleted underneath us and recreated).
+async fn reattach_ports(
+    h: &Handle,
+    vni: Vni,
+    links: &[Link],
+    bridge: u32,
+) -> Result<usize, DataplaneError> {
+    let mut n = 0;
+    for l in links {
+        let ours = names::is_host_ifname(&l.name)
+            && l.alias.as_deref().and_then(names::vni_of_alias) == Some(vni);
+        if ours && l.master != Some(bridge) {
+            nl::set_link(h, nl::set_msg(l.index).controller(bridge).build(), &l.name).await?;
+            if !l.up {
+                nl::quiet_up(h, l.index, &l.name).await?;
+            }
+            info!(vni = %vni, device = %l.name, "endpoint port put back on its bridge");
+            n += 1;
+        }
+    }
+    Ok(n)
 }

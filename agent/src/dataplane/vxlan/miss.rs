@@ -7,6 +7,7 @@
 //! driver does the same), instead of leaving the entry to the next pass.
 
 use std::net::IpAddr;
+use std::path::Path;
 
 use futures::StreamExt;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
@@ -14,9 +15,9 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::neighbour::{NeighbourAttribute, NeighbourMessage};
 
 use super::fdb::dst_of;
+use crate::dataplane::DataplaneError;
 use crate::dataplane::netlink::mac_of;
 use crate::dataplane::netns::{self, ConnTask};
-use crate::dataplane::{Dataplane, DataplaneError};
 use crate::ids::MacAddr;
 
 /// `RTNLGRP_NEIGH` (linux/rtnetlink.h).
@@ -75,33 +76,28 @@ pub(crate) fn parse(n: &NeighbourMessage) -> Option<Miss> {
     }
 }
 
-impl Dataplane {
-    /// Subscribes to miss notifications in the agent's namespace (where
-    /// the VXLAN devices live). Needs a tokio runtime.
-    pub fn misses() -> Result<Misses, DataplaneError> {
-        let (mut conn, _handle, rx) =
-            rtnetlink::new_connection().map_err(DataplaneError::Socket)?;
-        use rtnetlink::sys::AsyncSocket;
-        let socket = conn.socket_mut().socket_mut();
-        // Bound first: an unbound socket has port id 0, the kernel's own,
-        // and the kernel skips the sender when it delivers a multicast.
-        socket.bind_auto().map_err(DataplaneError::Socket)?;
-        socket
-            .add_membership(RTNLGRP_NEIGH)
-            .map_err(DataplaneError::Socket)?;
-        Ok(Misses {
-            rx,
-            _conn: netns::spawn_conn(conn),
-        })
-    }
+/// Subscribes to miss notifications in the calling thread's namespace.
+/// Needs a tokio runtime.
+fn subscribe_here() -> Result<Misses, DataplaneError> {
+    let (mut conn, _handle, rx) = rtnetlink::new_connection().map_err(DataplaneError::Socket)?;
+    use rtnetlink::sys::AsyncSocket;
+    let socket = conn.socket_mut().socket_mut();
+    // Bound first: an unbound socket has port id 0, the kernel's own,
+    // and the kernel skips the sender when it delivers a multicast.
+    socket.bind_auto().map_err(DataplaneError::Socket)?;
+    socket
+        .add_membership(RTNLGRP_NEIGH)
+        .map_err(DataplaneError::Socket)?;
+    Ok(Misses {
+        rx,
+        _conn: netns::spawn_conn(conn),
+    })
+}
 
-    /// The VNI of the VXLAN device at `ifindex`, if it is one of ours.
-    pub async fn vni_of_index(
-        &self,
-        ifindex: u32,
-    ) -> Result<Option<crate::ids::Vni>, DataplaneError> {
-        self.vxlan.vni_of_index(ifindex).await
-    }
+/// Miss notifications of the devices in the namespace at `path` (a
+/// network's sandbox, where its VXLAN device lives).
+pub(crate) async fn subscribe_in(path: &Path) -> Result<Misses, DataplaneError> {
+    netns::run_in(path, subscribe_here).await
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! own settings, not the plan's.
 
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use async_trait::async_trait;
@@ -15,8 +16,7 @@ use rtnetlink::{Handle, LinkVxlan};
 use tracing::{info, warn};
 
 use super::netlink::{self as nl, Ctx, Link};
-use super::shared::names;
-use super::{DataplaneError, KernelView, NetworkPlan, ReconcileReport, Vtep};
+use super::{DataplaneError, KernelView, NetworkPlan, ReconcileReport, Sandbox, Vtep};
 use crate::ids::{MacAddr, Vni};
 use plan::{Settings, VxlanAction};
 
@@ -103,22 +103,17 @@ impl VxlanVtep {
         }
     }
 
-    /// The VNI of the VXLAN device at `ifindex`, if it is one of ours.
-    pub async fn vni_of_index(&self, ifindex: u32) -> Result<Option<Vni>, DataplaneError> {
-        Ok(nl::link_by_index(&self.handle, ifindex)
-            .await?
-            .and_then(|l| names::vni_of_device(&l.name, DEVICE_PREFIX)))
-    }
-
     async fn ensure_device(
         &self,
         plan: &NetworkPlan,
         s: &Settings,
+        sb: &Sandbox,
         bridge: u32,
         report: &mut ReconcileReport,
     ) -> Result<u32, DataplaneError> {
         let name = Self::device_name(plan.vni);
-        if let Some(l) = nl::link_by_name(&self.handle, &name).await? {
+        let h = &sb.handle;
+        if let Some(l) = nl::link_by_name(h, &name).await? {
             let action = match (&l.kind, &l.vxlan) {
                 (Some(InfoKind::Vxlan), Some(params)) => plan::vxlan_action(plan, s, params),
                 _ => VxlanAction::Recreate,
@@ -127,20 +122,20 @@ impl VxlanVtep {
                 VxlanAction::Recreate => {
                     warn!(vni = %plan.vni, device = %name, have = ?l.vxlan, local = %plan.local_vtep,
                           port = s.port, dev = ?s.dev, "VXLAN device settings differ: recreating");
-                    nl::delete_link(&self.handle, l.index, &name).await?;
+                    nl::delete_link(h, l.index, &name).await?;
                 }
                 VxlanAction::Change => {
                     let msg = rtnetlink::LinkMessageBuilder::<LinkVxlan>::new(&name)
                         .index(l.index)
                         .learning(false)
                         .build();
-                    nl::change_link(&self.handle, msg, &name).await?;
+                    nl::change_link(h, msg, &name).await?;
                     info!(vni = %plan.vni, device = %name, "VXLAN device learning turned off");
-                    self.fix_port(plan, &l, bridge, &name).await?;
+                    self.fix_port(plan, h, &l, bridge, &name).await?;
                     return Ok(l.index);
                 }
                 VxlanAction::Keep => {
-                    self.fix_port(plan, &l, bridge, &name).await?;
+                    self.fix_port(plan, h, &l, bridge, &name).await?;
                     return Ok(l.index);
                 }
             }
@@ -164,13 +159,18 @@ impl VxlanVtep {
             b = b.dev(dev);
         }
         let mtu = self.device_mtu(plan);
-        let msg = b.mtu(mtu).controller(bridge).build();
+        // Created from the host namespace straight into the sandbox: the
+        // kernel looks the lower device up, and opens the UDP socket, in
+        // the namespace of the request (the underlay), while the device
+        // itself lives in the sandbox (IFLA_NET_NS_FD).
+        let msg = b.mtu(mtu).setns_by_fd(sb.ns.as_raw_fd()).build();
         nl::add_link(&self.handle, msg, &format!("VXLAN device {name}")).await?;
         report.created_devices += 1;
-        let l = nl::must_find(&self.handle, &name).await?;
-        nl::quiet_up(&self.handle, l.index, &name).await?;
+        let l = nl::must_find(h, &name).await?;
+        nl::set_link(h, nl::set_msg(l.index).controller(bridge).build(), &name).await?;
+        nl::quiet_up(h, l.index, &name).await?;
         info!(vni = %plan.vni, device = %name, ifindex = l.index, local = %plan.local_vtep, port = s.port,
-              dev = ?s.dev, mtu, "VXLAN device created");
+              dev = ?s.dev, mtu, netns = %sb.path.display(), "VXLAN device created");
         Ok(l.index)
     }
 
@@ -178,6 +178,7 @@ impl VxlanVtep {
     async fn fix_port(
         &self,
         plan: &NetworkPlan,
+        h: &Handle,
         l: &Link,
         bridge: u32,
         name: &str,
@@ -194,10 +195,10 @@ impl VxlanVtep {
             changed.push("mtu");
         }
         if !changed.is_empty() {
-            nl::set_link(&self.handle, fix.build(), name).await?;
+            nl::set_link(h, fix.build(), name).await?;
         }
         if !l.up {
-            nl::quiet_up(&self.handle, l.index, name).await?;
+            nl::quiet_up(h, l.index, name).await?;
             changed.push("up");
         }
         if !changed.is_empty() {
@@ -206,8 +207,13 @@ impl VxlanVtep {
         Ok(())
     }
 
-    async fn apply(&self, vni: Vni, vx: u32, d: &plan::EntryDiff) -> Result<(), DataplaneError> {
-        let h = &self.handle;
+    async fn apply(
+        &self,
+        h: &Handle,
+        vni: Vni,
+        vx: u32,
+        d: &plan::EntryDiff,
+    ) -> Result<(), DataplaneError> {
         let dev = Self::device_name(vni);
         let zero = MacAddr([0; 6]);
         for (mac, dst) in &d.fdb_remove {
@@ -263,44 +269,46 @@ impl Vtep for VxlanVtep {
     async fn ensure(
         &self,
         plan: &NetworkPlan,
+        sb: &Sandbox,
         bridge_ifindex: u32,
     ) -> Result<ReconcileReport, DataplaneError> {
         let mut report = ReconcileReport::default();
         let s = self.settings();
         let vx = self
-            .ensure_device(plan, &s, bridge_ifindex, &mut report)
+            .ensure_device(plan, &s, sb, bridge_ifindex, &mut report)
             .await?;
-        let seen = fdb::observe(&self.handle, vx).await?;
+        let seen = fdb::observe(&sb.handle, vx).await?;
         let d = plan::diff(plan, &seen);
-        self.apply(plan.vni, vx, &d).await?;
+        self.apply(&sb.handle, plan.vni, vx, &d).await?;
         report.added += d.added();
         report.removed += d.removed();
         Ok(report)
     }
 
-    async fn remove(&self, vni: Vni) -> Result<(), DataplaneError> {
+    async fn remove(&self, vni: Vni, sb: Option<&Sandbox>) -> Result<(), DataplaneError> {
+        let Some(sb) = sb else {
+            return Ok(());
+        };
         let name = Self::device_name(vni);
-        if let Some(l) = nl::link_by_name(&self.handle, &name).await?
-            && nl::delete_link(&self.handle, l.index, &name).await?
+        if let Some(l) = nl::link_by_name(&sb.handle, &name).await?
+            && nl::delete_link(&sb.handle, l.index, &name).await?
         {
             info!(vni = %vni, device = %name, "VXLAN device removed");
         }
         Ok(())
     }
 
-    async fn present(&self) -> Result<Vec<Vni>, DataplaneError> {
-        let mut vnis: Vec<Vni> = nl::links(&self.handle)
+    async fn present(&self, sb: &Sandbox) -> Result<bool, DataplaneError> {
+        Ok(nl::link_by_name(&sb.handle, &Self::device_name(sb.vni))
             .await?
-            .iter()
-            .filter_map(|l| names::vni_of_device(&l.name, DEVICE_PREFIX))
-            .collect();
-        vnis.sort();
-        vnis.dedup();
-        Ok(vnis)
+            .is_some())
     }
 
-    async fn view(&self, vni: Vni) -> Result<KernelView, DataplaneError> {
-        let dev = nl::link_by_name(&self.handle, &Self::device_name(vni))
+    async fn view(&self, vni: Vni, sb: Option<&Sandbox>) -> Result<KernelView, DataplaneError> {
+        let Some(sb) = sb else {
+            return Ok(KernelView::default());
+        };
+        let dev = nl::link_by_name(&sb.handle, &Self::device_name(vni))
             .await?
             .filter(|l| l.kind == Some(InfoKind::Vxlan));
         let mut view = KernelView {
@@ -308,7 +316,7 @@ impl Vtep for VxlanVtep {
             ..KernelView::default()
         };
         if let Some(vx) = dev {
-            let seen = fdb::observe(&self.handle, vx.index).await?;
+            let seen = fdb::observe(&sb.handle, vx.index).await?;
             for e in seen.fdb {
                 if e.mac.is_zero() {
                     view.flood.push(e.dst);

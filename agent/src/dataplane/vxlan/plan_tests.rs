@@ -43,6 +43,8 @@ fn plan(remotes: Vec<RemoteEndpoint>) -> NetworkPlan {
         local_vtep: ip("198.18.0.1"),
         remotes,
         peers,
+        gateway: None,
+        egress: false,
     }
 }
 

@@ -157,6 +157,7 @@ fn the_add_result_carries_interface_ip_gateway_route_and_dns() {
         gateway: "198.19.0.1".into(),
         mtu: 1450,
         resolver: "198.19.0.1".into(),
+        internal: false,
     };
     let r = serde_json::to_value(add_result("1.0.0", "/run/netns/x", &a).unwrap()).unwrap();
     assert_eq!(
@@ -165,12 +166,18 @@ fn the_add_result_carries_interface_ip_gateway_route_and_dns() {
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "mac": "02:42:c6:13:00:05", "sandbox": "/run/netns/x"}],
             "ips": [{"address": "198.19.0.5/24", "gateway": "198.19.0.1", "interface": 0}],
-            "routes": [{"dst": "198.19.0.0/24"}],
+            "routes": [{"dst": "198.19.0.0/24"}, {"dst": "0.0.0.0/0", "gw": "198.19.0.1"}],
             "dns": {"nameservers": ["198.19.0.1"]},
         })
     );
     let r = serde_json::to_value(add_result("1.1.0", "/run/netns/x", &a).unwrap()).unwrap();
     assert_eq!(r["interfaces"][0]["mtu"], 1450, "a 1.1 field");
+    let internal = Attached {
+        internal: true,
+        ..a.clone()
+    };
+    let r = serde_json::to_value(add_result("1.0.0", "/x", &internal).unwrap()).unwrap();
+    assert_eq!(r["routes"], json!([{"dst": "198.19.0.0/24"}]), "no way out");
     let bad = Attached {
         subnet: "nonsense".into(),
         ..a

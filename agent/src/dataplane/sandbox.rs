@@ -1,0 +1,258 @@
+//! A network's sandbox: a network namespace of its own on each host, where
+//! the network's bridge, its VTEP device and the host ends of its veths
+//! live (DESIGN.md, "Plain data plane (kernel)"). The host's firewall then
+//! never sees bridged overlay frames, and two networks with the same
+//! subnet never meet.
+//!
+//! A sandbox is held by a bind mount of its nsfs file at
+//! `<dir>/ovl-<vni>`, so it outlives the agent: a restarted agent adopts it
+//! (and the devices in it) without touching traffic. With the default
+//! directory, `/run/netns`, `ip netns exec ovl-<vni> ...` reaches it. The
+//! agent must run in the host's mount namespace for that (the systemd unit
+//! says why it has no mount-namespace options).
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rtnetlink::Handle;
+use tracing::info;
+
+use super::DataplaneError;
+use super::netns::{self, ConnTask};
+use crate::ids::Vni;
+
+/// Prefix of a sandbox's file in the sandbox directory: `ovl-<vni>`.
+pub const FILE_PREFIX: &str = "ovl-";
+
+/// An open sandbox: its namespace file, a netlink connection inside it and
+/// a descriptor for moving devices in (`IFLA_NET_NS_FD`).
+pub struct Sandbox {
+    pub vni: Vni,
+    pub path: PathBuf,
+    pub(crate) handle: Handle,
+    pub(crate) ns: File,
+    _conn: ConnTask,
+    /// Forwards the VXLAN device's miss notifications to the data plane.
+    _misses: Option<ConnTask>,
+    /// This agent applied the network's egress firewall and sysctls.
+    firewall: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("vni", &self.vni)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `<dir>/ovl-<vni>`.
+pub fn path_of(dir: &Path, vni: Vni) -> PathBuf {
+    dir.join(format!("{FILE_PREFIX}{vni}"))
+}
+
+/// The VNI of a sandbox file name, if it is one of ours (the same
+/// decimal rule as device names).
+pub(crate) fn vni_of_file(name: &str) -> Option<Vni> {
+    super::shared::names::vni_of_device(name, FILE_PREFIX)
+}
+
+/// VNIs with a live sandbox in `dir` (files that are network namespaces;
+/// a leftover plain file after a reboot is not one). Blocking.
+pub(crate) fn list(dir: &Path) -> Vec<Vni> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut vnis: Vec<Vni> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let vni = vni_of_file(e.file_name().to_str()?)?;
+            netns::open_checked(&e.path()).ok().map(|_| vni)
+        })
+        .collect();
+    vnis.sort();
+    vnis
+}
+
+fn sandbox_err(path: &Path, what: &str, source: io::Error) -> DataplaneError {
+    DataplaneError::Sandbox {
+        path: path.to_owned(),
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// Makes a new network namespace and bind-mounts it at `path` (replacing a
+/// leftover file that is not a namespace). Blocking: runs on a thread of
+/// its own, which `unshare`s and exits, so no other thread changes
+/// namespace.
+fn make(path: &Path) -> Result<(), DataplaneError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| sandbox_err(path, "create directory", e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sandbox_err(path, "remove leftover file", e)),
+    }
+    std::fs::File::create(path).map_err(|e| sandbox_err(path, "create mount point", e))?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| sandbox_err(path, "path", io::Error::other("NUL in path")))?;
+    let made = std::thread::Builder::new()
+        .name("ovl-sandbox".into())
+        .spawn(move || -> io::Result<()> {
+            // SAFETY: unshare only changes this thread's network namespace;
+            // the thread exits right after, so no code of the agent ever
+            // runs in the new namespace by accident.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let src = c"/proc/thread-self/ns/net";
+            // SAFETY: both paths are valid NUL-terminated strings that
+            // outlive the call; a bind mount takes no filesystem type or
+            // data.
+            let rc = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .map_err(|e| sandbox_err(path, "spawn thread", e))?
+        .join()
+        .map_err(|_| DataplaneError::Worker)?;
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(path);
+        return Err(sandbox_err(path, "unshare and bind-mount", e));
+    }
+    Ok(())
+}
+
+/// Unmounts and removes the sandbox file: the namespace, and every device
+/// still in it, goes once nothing holds it any more. Idempotent. Blocking.
+pub(crate) fn destroy(path: &Path) -> Result<(), DataplaneError> {
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| sandbox_err(path, "path", io::Error::other("NUL in path")))?;
+    // SAFETY: a valid NUL-terminated path; MNT_DETACH only detaches the
+    // mount, it touches no memory of ours.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = io::Error::last_os_error();
+        // EINVAL: not a mount point (a leftover file); ENOENT: gone.
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) {
+            return Err(sandbox_err(path, "unmount", e));
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(sandbox_err(path, "remove", e)),
+    }
+}
+
+impl Sandbox {
+    /// Opens the sandbox of `vni` in `dir`; creates it first when `create`
+    /// is set and there is none. `Ok(None)`: none, and not asked to make
+    /// one.
+    pub(crate) async fn open(
+        dir: &Path,
+        vni: Vni,
+        create: bool,
+    ) -> Result<Option<Self>, DataplaneError> {
+        let path = path_of(dir, vni);
+        let p = path.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            if netns::open_checked(&p).is_ok() {
+                return Ok(Some(false));
+            }
+            if !create {
+                return Ok(None);
+            }
+            make(&p).map(|()| Some(true))
+        })
+        .await
+        .map_err(|_| DataplaneError::Worker)??;
+        let Some(created) = made else {
+            return Ok(None);
+        };
+        let ns = netns::open(&path)?;
+        let (handle, conn) = netns::connect_in(&path).await?;
+        if created {
+            info!(vni = %vni, netns = %path.display(), "network sandbox created");
+        }
+        let sb = Self {
+            vni,
+            path,
+            handle,
+            ns,
+            _conn: conn,
+            _misses: None,
+            firewall: std::sync::atomic::AtomicBool::new(false),
+        };
+        sb.loopback_up().await?;
+        Ok(Some(sb))
+    }
+
+    pub(crate) fn firewall_applied(&self) -> bool {
+        self.firewall.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(crate) fn set_firewall_applied(&self, done: bool) {
+        self.firewall
+            .store(done, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the file still names this namespace (`ip netns del` by hand
+    /// unmounts it while we hold it open).
+    pub(crate) fn still_mounted(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.path), self.ns.metadata()) {
+            (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+            _ => false,
+        }
+    }
+
+    /// Keeps `task` (the forwarder of this namespace's miss
+    /// notifications) for as long as the sandbox is open.
+    pub(crate) fn hold(&mut self, task: ConnTask) {
+        self._misses = Some(task);
+    }
+
+    /// `lo` up: the namespace's own services (the network's DNS server)
+    /// answer on it too.
+    async fn loopback_up(&self) -> Result<(), DataplaneError> {
+        use super::netlink as nl;
+        if let Some(lo) = nl::link_by_name(&self.handle, "lo").await?
+            && !lo.up
+        {
+            nl::quiet_up(&self.handle, lo.index, "lo").await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_files_are_named_by_vni() {
+        let vni = Vni::new(4097).unwrap();
+        assert_eq!(
+            path_of(Path::new("/run/netns"), vni),
+            PathBuf::from("/run/netns/ovl-4097")
+        );
+        assert_eq!(vni_of_file("ovl-4097"), Some(vni));
+        assert_eq!(vni_of_file("ovl-04097"), None);
+        assert_eq!(vni_of_file("ovl-"), None);
+        assert_eq!(vni_of_file("h1"), None);
+    }
+}

@@ -1,0 +1,300 @@
+//! A network's way out (DESIGN.md, "Gateway and egress"): a transit veth
+//! pair from its sandbox to the host namespace (addresses from
+//! `transit.rs`), the sandbox's default route through it, IPv4 forwarding
+//! in both namespaces, the NAT and filter tables of `firewall.rs` applied
+//! with `nft -j` (the `nftables` crate), and, where an iptables FORWARD
+//! chain exists (Docker sets its policy to DROP), accept rules for the
+//! transit. `--internal` networks get none of it: their sandbox has no
+//! route out at all.
+//!
+//! The transit and routes are read back every pass; the firewall and the
+//! sysctls, which need a process or a file write, are applied when a
+//! sandbox is first opened by this agent (adoption after a restart
+//! included) and whenever the transit had to be made.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use tracing::{info, warn};
+
+use super::firewall;
+use super::transit::{self, HOST_PREFIX, Pair, SANDBOX_END};
+use crate::dataplane::netlink::{self as nl, Ctx};
+use crate::dataplane::netns;
+use crate::dataplane::{Dataplane, DataplaneError, NetworkPlan, Sandbox};
+use crate::ids::Vni;
+
+fn egress_err(what: String, source: io::Error) -> DataplaneError {
+    DataplaneError::Egress { what, source }
+}
+
+/// `prog args...`, inside the namespace at `ns` when given (through
+/// nsenter: a child inherits the namespace of the thread that forks it,
+/// and no agent thread changes namespace for long). Blocking.
+fn command_in(ns: Option<&Path>, prog: &str) -> Command {
+    match ns {
+        Some(p) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", p.display())).arg(prog);
+            c
+        }
+        None => Command::new(prog),
+    }
+}
+
+fn run(mut cmd: Command, what: &str) -> Result<std::process::Output, DataplaneError> {
+    cmd.output().map_err(|e| egress_err(what.to_owned(), e))
+}
+
+/// Applies an nftables ruleset in `ns` (`None`: the agent's namespace).
+/// Blocking.
+fn apply_nft(ns: Option<&Path>, rules: &nftables::schema::Nftables) -> Result<(), DataplaneError> {
+    let r = match ns {
+        Some(p) => {
+            let net = format!("--net={}", p.display());
+            nftables::helper::apply_ruleset_with_args(rules, Some("nsenter"), [&net, "nft"])
+        }
+        None => nftables::helper::apply_ruleset(rules),
+    };
+    r.map_err(|e| egress_err("nft".into(), io::Error::other(e.to_string())))
+}
+
+/// `net.ipv4.ip_forward` = 1 in the namespace at `ns` (`None`: the
+/// agent's), written from a thread inside it: /proc/sys/net is the
+/// namespace of whoever opens it. Returns whether it was off. Blocking.
+fn enable_forwarding(ns: Option<&Path>) -> Result<bool, DataplaneError> {
+    const KEY: &str = "/proc/sys/net/ipv4/ip_forward";
+    netns::blocking_in(ns, || {
+        let was = std::fs::read_to_string(KEY).map_err(|e| egress_err(format!("read {KEY}"), e))?;
+        if was.trim() == "1" {
+            return Ok(false);
+        }
+        std::fs::write(KEY, "1").map_err(|e| egress_err(format!("write 1 to {KEY}"), e))?;
+        Ok(true)
+    })
+}
+
+/// Whether an `iptables` binary is here and its filter table has a
+/// FORWARD chain it can read. Blocking.
+fn iptables_forward(ns: Option<&Path>) -> bool {
+    let mut cmd = command_in(ns, "iptables");
+    cmd.args(["-w", "-S", "FORWARD"]);
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+/// Inserts network `vni`'s FORWARD accepts that are missing. Blocking.
+fn open_forward(ns: Option<&Path>, vni: Vni) -> Result<usize, DataplaneError> {
+    if !iptables_forward(ns) {
+        return Ok(0);
+    }
+    let mut added = 0;
+    for rule in firewall::forward_accepts(vni) {
+        let mut check = command_in(ns, "iptables");
+        check.args(["-w", "-C", "FORWARD"]).args(&rule);
+        if run(check, "iptables -C FORWARD")?.status.success() {
+            continue;
+        }
+        let mut insert = command_in(ns, "iptables");
+        insert.args(["-w", "-I", "FORWARD", "1"]).args(&rule);
+        let out = run(insert, "iptables -I FORWARD")?;
+        if !out.status.success() {
+            return Err(egress_err(
+                format!("iptables -I FORWARD {}", rule.join(" ")),
+                io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        added += 1;
+    }
+    Ok(added)
+}
+
+/// Deletes network `vni`'s FORWARD accepts (every copy). Blocking.
+fn close_forward(ns: Option<&Path>, vni: Vni) -> Result<(), DataplaneError> {
+    if !iptables_forward(ns) {
+        return Ok(());
+    }
+    for rule in firewall::forward_accepts(vni) {
+        // Bounded: a rule inserted twice by hand goes too, a chain that
+        // keeps refusing the delete does not loop forever.
+        for _ in 0..8 {
+            let mut del = command_in(ns, "iptables");
+            del.args(["-w", "-D", "FORWARD"]).args(&rule);
+            if !run(del, "iptables -D FORWARD")?.status.success() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DataplaneError> + Send + 'static,
+) -> Result<T, DataplaneError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| DataplaneError::Worker)?
+}
+
+/// The IPv4 addresses of a link, as (address, prefix).
+async fn v4_addrs(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, DataplaneError> {
+    Ok(nl::addresses(h, index)
+        .await?
+        .into_iter()
+        .filter_map(|(ip, p)| match ip {
+            IpAddr::V4(a) => Some((a, p)),
+            IpAddr::V6(_) => None,
+        })
+        .collect())
+}
+
+async fn ensure_addr(
+    h: &Handle,
+    index: u32,
+    addr: Ipv4Addr,
+    what: &str,
+) -> Result<bool, DataplaneError> {
+    if v4_addrs(h, index).await?.contains(&(addr, 31)) {
+        return Ok(false);
+    }
+    h.address()
+        .add(index, IpAddr::V4(addr), 31)
+        .execute()
+        .await
+        .ctx(|| format!("add {addr}/31 to {what}"))?;
+    Ok(true)
+}
+
+impl Dataplane {
+    /// The transit pairs the host's `ovltr-*` links hold now.
+    async fn transit_pairs(&self) -> Result<Vec<(String, u32, Pair)>, DataplaneError> {
+        let mut out = Vec::new();
+        for l in nl::links(&self.handle).await? {
+            if !l.name.starts_with(HOST_PREFIX) {
+                continue;
+            }
+            for (a, _) in v4_addrs(&self.handle, l.index).await? {
+                if let Some(p) = transit::pair_of_host(self.transit_pool, a) {
+                    out.push((l.name.clone(), l.index, p));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes network `plan.vni`'s egress match the plan: present unless the
+    /// network is `--internal`. Returns how many things it changed.
+    pub(crate) async fn ensure_egress(
+        &self,
+        sb: &Sandbox,
+        plan: &NetworkPlan,
+    ) -> Result<usize, DataplaneError> {
+        if !plan.egress {
+            return Ok(0);
+        }
+        let name = firewall::host_end(plan.vni);
+        let pairs = self.transit_pairs().await?;
+        let mut changed = 0;
+        let (host_index, pair) = match pairs.iter().find(|(n, _, _)| *n == name) {
+            Some((_, index, pair)) => (*index, *pair),
+            None => {
+                let used: BTreeSet<u32> = pairs.iter().map(|(_, _, p)| p.index).collect();
+                let pair = transit::pick(self.transit_pool, &used).ok_or_else(|| {
+                    egress_err(
+                        format!("transit pool {} is full", self.transit_pool),
+                        io::Error::other("no free /31"),
+                    )
+                })?;
+                let index = self.make_transit(sb, &name, pair).await?;
+                changed += 1;
+                sb.set_firewall_applied(false);
+                (index, pair)
+            }
+        };
+        if ensure_addr(&self.handle, host_index, pair.host, &name).await? {
+            changed += 1;
+        }
+        let sbh = &sb.handle;
+        let inner = nl::link_by_name(sbh, SANDBOX_END).await?.ok_or_else(|| {
+            DataplaneError::KernelReply(format!("{SANDBOX_END} missing in {}", sb.path.display()))
+        })?;
+        if ensure_addr(sbh, inner.index, pair.sandbox, SANDBOX_END).await? {
+            changed += 1;
+        }
+        if !inner.up {
+            nl::quiet_up(sbh, inner.index, SANDBOX_END).await?;
+            changed += 1;
+        }
+        if nl::default_route_v4(sbh).await? != Some((Some(pair.host), Some(inner.index))) {
+            nl::set_default_route_v4(sbh, pair.host, inner.index, SANDBOX_END).await?;
+            changed += 1;
+        }
+        if !sb.firewall_applied() {
+            let (sb_path, host_ns, vni) = (sb.path.clone(), self.host_ns.clone(), plan.vni);
+            let (host_forwarding, opened) = blocking(move || {
+                enable_forwarding(Some(&sb_path))?;
+                let host = enable_forwarding(host_ns.as_deref())?;
+                apply_nft(Some(&sb_path), &firewall::sandbox_ruleset())?;
+                apply_nft(host_ns.as_deref(), &firewall::host_ruleset(vni))?;
+                Ok((host, open_forward(host_ns.as_deref(), vni)?))
+            })
+            .await?;
+            sb.set_firewall_applied(true);
+            if host_forwarding {
+                info!(vni = %plan.vni, "IPv4 forwarding turned on in the host namespace (net.ipv4.ip_forward=1), for egress");
+            }
+            info!(vni = %plan.vni, transit = %name, host = %pair.host, sandbox = %pair.sandbox,
+                  forward_accepts_added = opened, "egress set up: NAT and filter tables applied");
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Creates the transit pair: `name` in the host namespace, its peer
+    /// `ovltr0` straight inside the sandbox.
+    async fn make_transit(
+        &self,
+        sb: &Sandbox,
+        name: &str,
+        pair: Pair,
+    ) -> Result<u32, DataplaneError> {
+        let peer = LinkUnspec::new_with_name(SANDBOX_END)
+            .setns_by_fd(sb.ns.as_raw_fd())
+            .build();
+        let msg = LinkVeth::new(name, SANDBOX_END)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        nl::add_link(&self.handle, msg, &format!("transit veth {name}")).await?;
+        let l = nl::must_find(&self.handle, name).await?;
+        nl::quiet_up(&self.handle, l.index, name).await?;
+        info!(vni = %sb.vni, device = %name, host = %pair.host, sandbox = %pair.sandbox, "egress transit created");
+        Ok(l.index)
+    }
+
+    /// Removes network `vni`'s egress from the host namespace: its transit
+    /// (the sandbox end goes with it), its NAT table and its FORWARD
+    /// accepts. Idempotent.
+    pub(crate) async fn remove_egress(&self, vni: Vni) -> Result<(), DataplaneError> {
+        let name = firewall::host_end(vni);
+        if let Some(l) = nl::link_by_name(&self.handle, &name).await?
+            && nl::delete_link(&self.handle, l.index, &name).await?
+        {
+            info!(vni = %vni, device = %name, "egress transit removed");
+        }
+        let host_ns = self.host_ns.clone();
+        let r = blocking(move || {
+            apply_nft(host_ns.as_deref(), &firewall::host_removal(vni))?;
+            close_forward(host_ns.as_deref(), vni)
+        })
+        .await;
+        if let Err(e) = &r {
+            warn!(vni = %vni, error = %e, "egress firewall removal failed");
+        }
+        r
+    }
+}
