@@ -732,6 +732,13 @@ async fn each_host_serves_the_gateway_in_its_sandbox_and_containers_route_throug
         ],
     );
     assert!(addrs.contains("198.19.9.1/24"), "{addrs}");
+    // Bridged frames skip the sandbox's netfilter (its egress NAT would
+    // otherwise put every overlay frame through conntrack).
+    let nf = h1.in_sb(
+        net,
+        &["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"],
+    );
+    assert_eq!(nf.trim(), "0");
     for c in [&c1, &c2] {
         let route = run(&["ip", "-n", c, "route", "show", "default"]);
         assert!(route.contains("via 198.19.9.1 dev eth0"), "{c}: {route}");

@@ -158,6 +158,26 @@ pub(crate) fn destroy(path: &Path) -> Result<(), DataplaneError> {
     }
 }
 
+/// Bridge netfilter is on by default in a new namespace
+/// (`bridge-nf-call-*` = 1): every bridged overlay frame would then cross
+/// the sandbox's netfilter hooks and conntrack, which the egress NAT
+/// registers. Only routed traffic (to and from the transit) needs them.
+/// Run inside the sandbox; a kernel without bridge netfilter has no such
+/// files, which is fine.
+fn bridged_frames_bypass_netfilter() -> Result<(), DataplaneError> {
+    for key in ["iptables", "ip6tables", "arptables"] {
+        let path = format!("/proc/sys/net/bridge/bridge-nf-call-{key}");
+        match std::fs::read_to_string(&path) {
+            Ok(v) if v.trim() == "0" => {}
+            Ok(_) => std::fs::write(&path, "0")
+                .map_err(|e| sandbox_err(Path::new(&path), "write 0", e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(sandbox_err(Path::new(&path), "read", e)),
+        }
+    }
+    Ok(())
+}
+
 impl Sandbox {
     /// Opens the sandbox of `vni` in `dir`; creates it first when `create`
     /// is set and there is none. `Ok(None)`: none, and not asked to make
@@ -198,6 +218,12 @@ impl Sandbox {
             firewall: std::sync::atomic::AtomicBool::new(false),
         };
         sb.loopback_up().await?;
+        let p = sb.path.clone();
+        tokio::task::spawn_blocking(move || {
+            netns::blocking_in(Some(&p), bridged_frames_bypass_netfilter)
+        })
+        .await
+        .map_err(|_| DataplaneError::Worker)??;
         Ok(Some(sb))
     }
 
