@@ -54,6 +54,14 @@ pub async fn run(core: Arc<Core>) {
         },
         core.counters.clone(),
     ));
+    // Before the warm-up: queries sent while this agent restarted wait in
+    // the sockets, answered once the names are complete.
+    match core.dataplane.served_gateways().await {
+        Ok(at) => resolvers.hold(at).await,
+        Err(e) => {
+            warn!(error = %e, "cannot read the sandboxes' gateways; dns starts after the warm-up")
+        }
+    }
     loop {
         if members.is_none()
             && let Some(m) = core.cluster.membership().await

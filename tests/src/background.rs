@@ -1,5 +1,5 @@
-//! Processes that run in the background of a test: continuous pings and
-//! iperf3 servers inside container namespaces.
+//! Processes that run in the background of a test: continuous pings, DNS
+//! queries and iperf3 servers inside container namespaces.
 //!
 //! Every one is registered with its lab; dropping the handle kills and
 //! reaps it, and a lab that is dropped first kills what is still
@@ -623,5 +623,142 @@ rtt min/avg/max/mdev = 0.070/0.072/0.080/0.004 ms
         assert_eq!(r.summary, None);
         assert_eq!(r.transmitted, 3);
         assert_eq!(r.lost, Vec::<u64>::new());
+    }
+}
+
+/// A continuous stream of DNS queries from a container: `dig` for one
+/// name, one query at a time, every [`QUERY_INTERVAL`]. Each query is
+/// allowed `dig +time=1 +tries=3`, a client that retries like glibc's
+/// resolver does (it waits 5 s, twice, by default).
+#[derive(Debug)]
+pub struct DnsQueries {
+    bg: Background,
+    what: String,
+    expect: String,
+}
+
+pub const QUERY_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What a stream of DNS queries observed.
+#[derive(Debug, Clone, Default)]
+pub struct DnsReport {
+    pub what: String,
+    /// Queries that completed (answered or failed).
+    pub queries: usize,
+    /// Queries whose answer was the expected address, and the longest of
+    /// them in seconds.
+    pub answered: usize,
+    pub slowest: f64,
+    /// Answered queries that dig had to send again (timeouts).
+    pub retried: usize,
+    /// The others: unix time the query started, and what dig printed.
+    pub failed: Vec<(f64, String)>,
+}
+
+impl fmt::Display for DnsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} of {} queries answered ({} after a retry, slowest {:.0} ms), {} failed",
+            self.what,
+            self.answered,
+            self.queries,
+            self.retried,
+            self.slowest * 1000.0,
+            self.failed.len()
+        )?;
+        for (t, out) in self.failed.iter().take(10) {
+            write!(f, "\n  at {t:.3}: {out}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Lab {
+    /// Starts querying `server` for `name`'s A record from `from`, until
+    /// stopped; every answer must be `expect`.
+    pub fn start_dns_queries(
+        &self,
+        from: &Container,
+        server: &str,
+        name: &str,
+        expect: &str,
+    ) -> Result<DnsQueries> {
+        let script = format!(
+            "set -f; while :; do t0=$(date +%s.%N); out=$(dig @{server} +short +time=1 +tries=3 {name} A 2>&1); \
+             rc=$?; retries=$(printf '%s\\n' \"$out\" | grep -c '^;;'); \
+             echo \"$t0 $(date +%s.%N) $rc $retries\" $(printf '%s\\n' \"$out\" | grep -v '^;;'); \
+             sleep {}; done",
+            QUERY_INTERVAL.as_secs_f64()
+        );
+        let mut cmd = self.exec_in_command(from, &["sh", "-c", &script]);
+        let bg = Background::spawn(self, &mut cmd)?;
+        Ok(DnsQueries {
+            bg,
+            what: format!("{from} -> {name} @{server}"),
+            expect: expect.to_string(),
+        })
+    }
+}
+
+impl DnsQueries {
+    pub fn progress(&self) -> DnsReport {
+        DnsReport::parse(&self.what, &self.expect, &self.bg.lines())
+    }
+
+    /// Waits until `n` queries were answered.
+    pub fn wait_answers(&mut self, n: usize, timeout: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let r = self.progress();
+            if r.answered >= n {
+                return Ok(());
+            }
+            if !self.bg.running() || start.elapsed() >= timeout {
+                bail!("{n} answers not reached within {timeout:?}: {r}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the loop (a query cut short by the stop is not counted).
+    pub fn stop(self) -> Result<DnsReport> {
+        let out = self.bg.stop(libc::SIGKILL, Duration::from_secs(3))?;
+        let lines: Vec<String> = out.stdout.lines().map(str::to_string).collect();
+        Ok(DnsReport::parse(&self.what, &self.expect, &lines))
+    }
+}
+
+impl DnsReport {
+    /// Parses the loop's lines: `start end rc answer...`.
+    pub fn parse(what: &str, expect: &str, lines: &[String]) -> Self {
+        let mut r = DnsReport {
+            what: what.to_string(),
+            ..Default::default()
+        };
+        for line in lines {
+            let mut f = line.splitn(5, ' ');
+            let (Some(t0), Some(t1), Some(rc), Some(retries)) =
+                (f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            let (Ok(t0), Ok(t1)) = (t0.parse::<f64>(), t1.parse::<f64>()) else {
+                continue;
+            };
+            let answer = f.next().unwrap_or("").trim();
+            r.queries += 1;
+            if rc == "0" && answer == expect {
+                r.answered += 1;
+                r.slowest = r.slowest.max(t1 - t0);
+                if retries != "0" {
+                    r.retried += 1;
+                }
+            } else {
+                r.failed
+                    .push((t0, format!("rc={rc} after {retries} errors: {answer}")));
+            }
+        }
+        r
     }
 }

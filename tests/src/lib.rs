@@ -67,7 +67,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 pub use agent::{bin_dir, binary};
-pub use background::{Background, IperfResult, LostWindow, Ping, PingReport};
+pub use background::{
+    Background, DnsQueries, DnsReport, IperfResult, LostWindow, Ping, PingReport,
+};
 pub use cmd::{CmdOutput, CtlOutput};
 pub use container::Container;
 pub use kernel::{FdbEntry, LinkRow, NeighEntry, bridge_dev, host_veth, mac_for_ip, vxlan_dev};

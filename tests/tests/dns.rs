@@ -161,6 +161,26 @@ fn dig(lab: &Lab, c: &ovl_e2e::Container, server: &str, args: &[&str]) -> (Vec<S
 /// The fake upstream resolver: dnsmasq on an "outside" host.
 const UPSTREAM: &str = "198.18.0.250";
 
+/// `dig` again every 50 ms until `done` holds or `within` passed: the last
+/// answer, and how long it took.
+fn dig_until(
+    lab: &Lab,
+    c: &ovl_e2e::Container,
+    server: &str,
+    args: &[&str],
+    within: Duration,
+    done: impl Fn(&(Vec<String>, String)) -> bool,
+) -> ((Vec<String>, String), Duration) {
+    let t = Instant::now();
+    loop {
+        let got = dig(lab, c, server, args);
+        if done(&got) || t.elapsed() >= within {
+            return (got, t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn containers_resolve_names_and_aliases_cluster_wide_at_their_own_gateway() {
     let _serial = shared();
@@ -229,21 +249,17 @@ fn containers_resolve_names_and_aliases_cluster_wide_at_their_own_gateway() {
     let ip_of = |i: usize| eps[i].ip.clone();
 
     // c1 (h1) resolves w2 (h2) at its own gateway.
-    let t = Instant::now();
-    let mut got = (Vec::new(), String::new());
-    while t.elapsed() < Duration::from_secs(5) {
-        got = dig(&lab, c1, &gw, &[&names[1], "A"]);
-        if got.0 == vec![ip_of(1)] {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (got, took) = dig_until(
+        &lab,
+        c1,
+        &gw,
+        &[&names[1], "A"],
+        Duration::from_secs(5),
+        |g| g.0 == vec![ip_of(1)],
+    );
     println!(
-        "c1 resolved {} -> {:?} ({}) after {:.2?}",
-        names[1],
-        got.0,
-        got.1,
-        t.elapsed()
+        "c1 resolved {} -> {:?} ({}) after {took:.2?}",
+        names[1], got.0, got.1
     );
     f.check(got.0 == vec![ip_of(1)], || {
         format!("{} from c1: {got:?}, want {}", names[1], ip_of(1))
@@ -289,22 +305,62 @@ fn containers_resolve_names_and_aliases_cluster_wide_at_their_own_gateway() {
 
     // A detach: the name is gone within 2 s.
     lab.detach(2, "names", &names[1]).expect("detach w2");
-    let t = Instant::now();
-    let mut status = String::new();
-    while t.elapsed() < Duration::from_secs(2) {
-        status = dig(&lab, c1, &gw, &[&names[1], "A"]).1;
-        if status == "NXDOMAIN" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let ((_, status), took) = dig_until(
+        &lab,
+        c1,
+        &gw,
+        &[&names[1], "A"],
+        Duration::from_secs(2),
+        |g| g.1 == "NXDOMAIN",
+    );
     println!(
-        "{} gone from c1's resolver {:.2?} after the detach ({status})",
-        names[1],
-        t.elapsed()
+        "{} gone from c1's resolver {took:.2?} after the detach ({status})",
+        names[1]
     );
     f.check(status == "NXDOMAIN", || {
         format!("{} after detach: {status}", names[1])
+    });
+
+    // A host that fails: its names go while it is hidden, and come back
+    // with it. `web` then answers only what is left (w1; w2 detached).
+    lab.kill_agent(3).expect("kill -9 h3's agent");
+    let (seen, took) = dig_until(
+        &lab,
+        c1,
+        &gw,
+        &[&names[2], "A"],
+        Duration::from_secs(30),
+        |g| g.1 == "NXDOMAIN",
+    );
+    println!(
+        "{} (h3, agent killed) gone from c1's resolver after {took:.2?} ({})",
+        names[2], seen.1
+    );
+    f.check(seen.1 == "NXDOMAIN", || {
+        format!("{} while h3 is down: {seen:?}", names[2])
+    });
+    let (web, status) = dig(&lab, c1, &gw, &["web", "A"]);
+    f.check(web == vec![ip_of(0)], || {
+        format!(
+            "web while h3 is down: {web:?} ({status}), want only {}",
+            ip_of(0)
+        )
+    });
+    lab.restart_agent(3).expect("h3's agent again");
+    let (seen, took) = dig_until(
+        &lab,
+        c1,
+        &gw,
+        &[&names[2], "A"],
+        Duration::from_secs(30),
+        |g| g.0 == vec![ip_of(2)],
+    );
+    println!(
+        "{} back in c1's resolver {took:.2?} after h3's agent restarted",
+        names[2]
+    );
+    f.check(seen.0 == vec![ip_of(2)], || {
+        format!("{} after h3 returned: {seen:?}", names[2])
     });
     let _ = dnsmasq.stop(libc::SIGTERM, Duration::from_secs(2));
     f.finish();

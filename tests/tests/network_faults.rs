@@ -374,12 +374,12 @@ fn kill_9_of_an_agent_leaves_other_traffic_alone_and_recovers() {
 // ---- restart under traffic ------------------------------------------------------
 
 #[test]
-fn restarting_an_agent_under_a_continuous_ping_loses_nothing() {
+fn restarting_an_agent_under_continuous_ping_and_dns_queries_loses_nothing() {
     let _serial = exclusive();
     let (mut lab, net) = cluster_with_network(3, "a", &[]);
     let (h1c1, e1) = attached(&mut lab, 1, "c1", "a", &[]);
     let (_h2c1, e2) = attached(&mut lab, 2, "c1", "a", &[]);
-    let (_h3c1, e3) = attached(&mut lab, 3, "c1", "a", &[]);
+    let (_h3c1, e3) = attached(&mut lab, 3, "c1", "a", &["--name", "far"]);
     let all = vec![e1.clone(), e2.clone(), e3.clone()];
     lab.wait_dataplane(&[1, 2, 3], net.vni, &all)
         .expect("data plane complete");
@@ -391,6 +391,12 @@ fn restarting_an_agent_under_a_continuous_ping_loses_nothing() {
         let mut p = lab.start_ping(&h1c1, &e3.ip).expect("ping h1 -> h3");
         p.wait_replies(20, Duration::from_secs(10))
             .expect("pings flow");
+        // h1's own resolver, in h1's sandbox, answers for a name on h3.
+        let mut q = lab
+            .start_dns_queries(&h1c1, &net.gateway, "far", &e3.ip)
+            .expect("dig loop on h1");
+        q.wait_answers(5, Duration::from_secs(10))
+            .expect("names resolve");
         let t0 = p.started();
         let down_at = SystemTime::now();
         let t = Instant::now();
@@ -428,6 +434,11 @@ fn restarting_an_agent_under_a_continuous_ping_loses_nothing() {
         let settled_after = t.elapsed();
         sleep_until(t, AFTER_RESTART, Duration::from_secs(2));
         let r = p.stop().expect("stopping ping");
+        let d = q.stop().expect("stopping the dig loop");
+        println!("restart ({how}): {d}");
+        f.check(d.failed.is_empty() && d.answered > 0, || {
+            format!("restart ({how}) failed DNS queries: {d}")
+        });
         println!(
             "restart h1 ({how}): stopped in {:.2} s, socket answered after {:.2} s, settled after {:.2} s (at {:.2} s of the ping)",
             down.as_secs_f64(),

@@ -45,6 +45,7 @@ pub use vtep::Vtep;
 pub use vxlan::miss::{Miss, Misses};
 pub use vxlan::{VxlanConfig, VxlanVtep};
 
+mod commands;
 pub mod encrypted;
 mod netlink;
 mod netns;
@@ -173,11 +174,22 @@ pub enum DataplaneError {
         what: String,
         source: std::io::Error,
     },
-    #[error("network with VNI {0} has no sandbox on this host: ensure_network first")]
-    SandboxMissing(Vni),
     /// Setting up or removing a network's egress (sysctl, nft, iptables).
     #[error("egress: {what}: {source}")]
     Egress {
+        what: String,
+        source: std::io::Error,
+    },
+    /// nft or iptables could not run, or refused what it was given.
+    #[error("firewall: {what}: {source}")]
+    Firewall {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A sysctl could not be read or set.
+    #[error("sysctl {key}: {what}: {source}")]
+    Sysctl {
+        key: String,
         what: String,
         source: std::io::Error,
     },
@@ -321,35 +333,44 @@ impl Dataplane {
         sandbox::path_of(&self.sandbox_dir, vni)
     }
 
-    /// The open sandbox of `vni`, adopting one an earlier agent left; with
-    /// `create`, made when there is none. A cached one whose file no longer
-    /// names the same namespace (removed by hand) is reopened.
-    pub(crate) async fn sandbox(
-        &self,
-        vni: Vni,
-        create: bool,
-    ) -> Result<Option<Arc<Sandbox>>, DataplaneError> {
-        let cached = self
-            .sandboxes
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&vni).cloned());
-        if let Some(sb) = cached {
-            if sb.still_mounted() {
-                return Ok(Some(sb));
-            }
-            tracing::warn!(vni = %vni, netns = %sb.path.display(), "network sandbox was removed from outside the agent: reopening");
-            self.forget_sandbox(vni);
+    /// Network `vni`'s open sandbox, if it has one on this host.
+    pub(crate) async fn sandbox(&self, vni: Vni) -> Result<Option<Arc<Sandbox>>, DataplaneError> {
+        if let Some(sb) = self.cached_sandbox(vni) {
+            return Ok(Some(sb));
         }
-        let Some(mut sb) = Sandbox::open(&self.sandbox_dir, vni, create).await? else {
-            return Ok(None);
-        };
+        match Sandbox::open(&self.sandbox_dir, vni).await? {
+            Some(sb) => Ok(Some(self.register(sb).await)),
+            None => Ok(None),
+        }
+    }
+
+    /// Network `vni`'s open sandbox, made first if it has none.
+    pub(crate) async fn sandbox_or_make(&self, vni: Vni) -> Result<Arc<Sandbox>, DataplaneError> {
+        if let Some(sb) = self.cached_sandbox(vni) {
+            return Ok(sb);
+        }
+        let sb = Sandbox::open_or_make(&self.sandbox_dir, vni).await?;
+        Ok(self.register(sb).await)
+    }
+
+    /// The registry's sandbox of `vni`, unless someone unmounted it.
+    fn cached_sandbox(&self, vni: Vni) -> Option<Arc<Sandbox>> {
+        let sb = self.sandboxes.lock().ok()?.get(&vni).cloned()?;
+        if sb.still_mounted() {
+            return Some(sb);
+        }
+        tracing::warn!(vni = %vni, netns = %sb.path.display(), "network sandbox was removed from outside the agent: reopening");
+        self.forget_sandbox(vni);
+        None
+    }
+
+    async fn register(&self, mut sb: Sandbox) -> Arc<Sandbox> {
         self.forward_misses(&mut sb).await;
         let sb = Arc::new(sb);
         if let Ok(mut m) = self.sandboxes.lock() {
-            m.insert(vni, sb.clone());
+            m.insert(sb.vni, sb.clone());
         }
-        Ok(Some(sb))
+        sb
     }
 
     /// Subscribes to the sandbox's miss notifications and forwards them,
@@ -383,12 +404,10 @@ impl Dataplane {
     /// adopted).
     pub(crate) async fn sandboxes(&self) -> Result<Vec<Arc<Sandbox>>, DataplaneError> {
         let dir = self.sandbox_dir.clone();
-        let vnis = tokio::task::spawn_blocking(move || sandbox::list(&dir))
-            .await
-            .map_err(|_| DataplaneError::Worker)?;
+        let vnis = netns::blocking(move || Ok(sandbox::list(&dir))).await?;
         let mut out = Vec::with_capacity(vnis.len());
         for vni in vnis {
-            if let Some(sb) = self.sandbox(vni, false).await? {
+            if let Some(sb) = self.sandbox(vni).await? {
                 out.push(sb);
             }
         }

@@ -271,6 +271,26 @@ pub(crate) async fn addresses(h: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)
     Ok(out)
 }
 
+/// Adds `ip/prefix` to link `index` unless it holds it already; `what`
+/// names the link in errors. Returns whether it was added.
+pub(crate) async fn ensure_address(
+    h: &Handle,
+    index: u32,
+    ip: IpAddr,
+    prefix: u8,
+    what: &str,
+) -> Result<bool, DataplaneError> {
+    if addresses(h, index).await?.contains(&(ip, prefix)) {
+        return Ok(false);
+    }
+    h.address()
+        .add(index, ip, prefix)
+        .execute()
+        .await
+        .ctx(|| format!("add {ip}/{prefix} to {what}"))?;
+    Ok(true)
+}
+
 /// The index of the link holding `addr` (as address or local address).
 pub(crate) async fn link_holding(h: &Handle, addr: IpAddr) -> Result<Option<u32>, DataplaneError> {
     let _dump = dump_guard().await;

@@ -228,6 +228,35 @@ where
     })
 }
 
+/// Runs blocking `f` on tokio's blocking pool and waits for it.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DataplaneError> + Send + 'static,
+) -> Result<T, DataplaneError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| DataplaneError::Worker)?
+}
+
+/// Writes `value` to the sysctl file `key` (a path under `/proc/sys`) of
+/// the namespace the calling thread is in, unless it already holds it.
+/// `Ok(None)`: this kernel has no such key. `Ok(Some(changed))` otherwise.
+/// Blocking.
+pub(crate) fn set_sysctl(key: &str, value: &str) -> Result<Option<bool>, DataplaneError> {
+    let failed = |what: &str, e| DataplaneError::Sysctl {
+        key: key.to_owned(),
+        what: what.to_owned(),
+        source: e,
+    };
+    match std::fs::read_to_string(key) {
+        Ok(v) if v.trim() == value => Ok(Some(false)),
+        Ok(_) => std::fs::write(key, value)
+            .map(|()| Some(true))
+            .map_err(|e| failed("write", e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed("read", e)),
+    }
+}
+
 /// A connection inside the namespace at `path`.
 pub(crate) async fn connect_in(path: &Path) -> Result<(Handle, ConnTask), DataplaneError> {
     let (conn, handle, _) = run_in(path, || {

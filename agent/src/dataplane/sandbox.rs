@@ -16,10 +16,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use rtnetlink::Handle;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::DataplaneError;
+use super::commands::apply_nft;
 use super::netns::{self, ConnTask};
+use super::shared::firewall;
 use crate::ids::Vni;
 
 /// Prefix of a sandbox's file in the sandbox directory: `ovl-<vni>`.
@@ -166,43 +168,39 @@ pub(crate) fn destroy(path: &Path) -> Result<(), DataplaneError> {
 /// files, which is fine.
 fn bridged_frames_bypass_netfilter() -> Result<(), DataplaneError> {
     for key in ["iptables", "ip6tables", "arptables"] {
-        let path = format!("/proc/sys/net/bridge/bridge-nf-call-{key}");
-        match std::fs::read_to_string(&path) {
-            Ok(v) if v.trim() == "0" => {}
-            Ok(_) => std::fs::write(&path, "0")
-                .map_err(|e| sandbox_err(Path::new(&path), "write 0", e))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(sandbox_err(Path::new(&path), "read", e)),
-        }
+        netns::set_sysctl(&format!("/proc/sys/net/bridge/bridge-nf-call-{key}"), "0")?;
     }
     Ok(())
 }
 
 impl Sandbox {
-    /// Opens the sandbox of `vni` in `dir`; creates it first when `create`
-    /// is set and there is none. `Ok(None)`: none, and not asked to make
-    /// one.
-    pub(crate) async fn open(
-        dir: &Path,
-        vni: Vni,
-        create: bool,
-    ) -> Result<Option<Self>, DataplaneError> {
+    /// Opens the sandbox of `vni` in `dir`, if there is one.
+    pub(crate) async fn open(dir: &Path, vni: Vni) -> Result<Option<Self>, DataplaneError> {
         let path = path_of(dir, vni);
         let p = path.clone();
-        let made = tokio::task::spawn_blocking(move || {
-            if netns::open_checked(&p).is_ok() {
-                return Ok(Some(false));
-            }
-            if !create {
-                return Ok(None);
-            }
-            make(&p).map(|()| Some(true))
-        })
-        .await
-        .map_err(|_| DataplaneError::Worker)??;
-        let Some(created) = made else {
+        if !netns::blocking(move || Ok(netns::open_checked(&p).is_ok())).await? {
             return Ok(None);
-        };
+        }
+        Self::attach(vni, path, false).await.map(Some)
+    }
+
+    /// Opens the sandbox of `vni` in `dir`, making it first if there is none.
+    pub(crate) async fn open_or_make(dir: &Path, vni: Vni) -> Result<Self, DataplaneError> {
+        let path = path_of(dir, vni);
+        let p = path.clone();
+        let created = netns::blocking(move || {
+            if netns::open_checked(&p).is_ok() {
+                return Ok(false);
+            }
+            make(&p).map(|()| true)
+        })
+        .await?;
+        Self::attach(vni, path, created).await
+    }
+
+    /// Connects to the namespace at `path` and makes it ready: `lo` up,
+    /// bridge netfilter off, the DNS restart hold in place.
+    async fn attach(vni: Vni, path: PathBuf, created: bool) -> Result<Self, DataplaneError> {
         let ns = netns::open(&path)?;
         let (handle, conn) = netns::connect_in(&path).await?;
         if created {
@@ -218,13 +216,22 @@ impl Sandbox {
             firewall: std::sync::atomic::AtomicBool::new(false),
         };
         sb.loopback_up().await?;
+        netns::run_in(&sb.path, bridged_frames_bypass_netfilter).await?;
         let p = sb.path.clone();
-        tokio::task::spawn_blocking(move || {
-            netns::blocking_in(Some(&p), bridged_frames_bypass_netfilter)
+        let held = netns::blocking(move || {
+            apply_nft(
+                Some(&p),
+                &firewall::restart_hold_ruleset(),
+                "sandbox DNS restart hold",
+            )
         })
-        .await
-        .map_err(|_| DataplaneError::Worker)??;
-        Ok(Some(sb))
+        .await;
+        if let Err(e) = held {
+            // Names still resolve; only queries sent while the agent
+            // restarts fail at once instead of being retried.
+            warn!(vni = %vni, error = %e, "cannot hold DNS queries across agent restarts in the sandbox");
+        }
+        Ok(sb)
     }
 
     pub(crate) fn firewall_applied(&self) -> bool {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::server::{self, Server, Shared};
+use super::server::{self, Server, Shared, Sockets};
 use super::table::NameTable;
 use crate::ids::NetworkId;
 use crate::metrics::RateLimit;
@@ -30,6 +30,9 @@ pub struct Wanted {
 pub struct Resolvers {
     shared: Arc<Shared>,
     running: HashMap<NetworkId, Server>,
+    /// Bound at start, not yet served, by namespace and address: the
+    /// kernel queues queries in them until the first `sync` serves them.
+    held: HashMap<(Option<PathBuf>, SocketAddr), Sockets>,
 }
 
 impl Resolvers {
@@ -37,6 +40,28 @@ impl Resolvers {
         Resolvers {
             shared,
             running: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    /// Binds the resolvers' addresses a restarted agent finds in its
+    /// sandboxes, and serves nothing yet: until the replicas caught up the
+    /// names are incomplete, and an answer from them could be a wrong
+    /// NXDOMAIN. A query sent meanwhile waits in the socket (and the
+    /// client's retry with it) instead of being refused, and is answered
+    /// by the first `sync`.
+    pub async fn hold(&mut self, at: Vec<(PathBuf, IpAddr)>) {
+        for (netns, ip) in at {
+            let addr = SocketAddr::new(ip, PORT);
+            match server::bind_in(Some(netns.clone()), addr).await {
+                Ok(sockets) => {
+                    info!(netns = %netns.display(), %addr, "dns queries held until the replicas catch up");
+                    self.held.insert((Some(netns), addr), sockets);
+                }
+                Err(e) => {
+                    warn!(netns = %netns.display(), %addr, error = %e, "cannot hold dns queries during the warm-up")
+                }
+            }
         }
     }
 
@@ -63,10 +88,11 @@ impl Resolvers {
                 }
                 self.running.remove(&w.network);
             }
-            let started = match server::bind_in(w.netns.clone(), addr).await {
-                Ok(sockets) => Server::spawn(sockets, w.names, self.shared.clone()),
-                Err(e) => Err(e),
+            let bound = match self.held.remove(&(w.netns.clone(), addr)) {
+                Some(sockets) => Ok(sockets),
+                None => server::bind_in(w.netns.clone(), addr).await,
             };
+            let started = bound.and_then(|s| Server::spawn(s, w.names, self.shared.clone()));
             match started {
                 Ok(s) => {
                     info!(network = %w.network, %addr, "dns resolver started");
@@ -78,6 +104,11 @@ impl Resolvers {
                     }
                 }
             }
+        }
+        // Held for a network no longer carried (removed while the agent
+        // was down): closed.
+        for ((netns, addr), _) in self.held.drain() {
+            info!(netns = ?netns, %addr, "held dns address released: no network wants it");
         }
     }
 

@@ -17,7 +17,6 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
 
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth};
@@ -25,8 +24,9 @@ use tracing::{info, warn};
 
 use super::firewall;
 use super::transit::{self, HOST_PREFIX, Pair, SANDBOX_END};
-use crate::dataplane::netlink::{self as nl, Ctx};
-use crate::dataplane::netns;
+use crate::dataplane::commands::{apply_nft, command_in, output, succeed};
+use crate::dataplane::netlink as nl;
+use crate::dataplane::netns::{self, blocking};
 use crate::dataplane::{Dataplane, DataplaneError, NetworkPlan, Sandbox};
 use crate::ids::Vni;
 
@@ -34,49 +34,18 @@ fn egress_err(what: String, source: io::Error) -> DataplaneError {
     DataplaneError::Egress { what, source }
 }
 
-/// `prog args...`, inside the namespace at `ns` when given (through
-/// nsenter: a child inherits the namespace of the thread that forks it,
-/// and no agent thread changes namespace for long). Blocking.
-fn command_in(ns: Option<&Path>, prog: &str) -> Command {
-    match ns {
-        Some(p) => {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net={}", p.display())).arg(prog);
-            c
-        }
-        None => Command::new(prog),
-    }
-}
-
-fn run(mut cmd: Command, what: &str) -> Result<std::process::Output, DataplaneError> {
-    cmd.output().map_err(|e| egress_err(what.to_owned(), e))
-}
-
-/// Applies an nftables ruleset in `ns` (`None`: the agent's namespace).
-/// Blocking.
-fn apply_nft(ns: Option<&Path>, rules: &nftables::schema::Nftables) -> Result<(), DataplaneError> {
-    let r = match ns {
-        Some(p) => {
-            let net = format!("--net={}", p.display());
-            nftables::helper::apply_ruleset_with_args(rules, Some("nsenter"), [&net, "nft"])
-        }
-        None => nftables::helper::apply_ruleset(rules),
-    };
-    r.map_err(|e| egress_err("nft".into(), io::Error::other(e.to_string())))
-}
-
 /// `net.ipv4.ip_forward` = 1 in the namespace at `ns` (`None`: the
 /// agent's), written from a thread inside it: /proc/sys/net is the
 /// namespace of whoever opens it. Returns whether it was off. Blocking.
 fn enable_forwarding(ns: Option<&Path>) -> Result<bool, DataplaneError> {
     const KEY: &str = "/proc/sys/net/ipv4/ip_forward";
-    netns::blocking_in(ns, || {
-        let was = std::fs::read_to_string(KEY).map_err(|e| egress_err(format!("read {KEY}"), e))?;
-        if was.trim() == "1" {
-            return Ok(false);
-        }
-        std::fs::write(KEY, "1").map_err(|e| egress_err(format!("write 1 to {KEY}"), e))?;
-        Ok(true)
+    netns::blocking_in(ns, || match netns::set_sysctl(KEY, "1")? {
+        Some(changed) => Ok(changed),
+        None => Err(DataplaneError::Sysctl {
+            key: KEY.into(),
+            what: "read".into(),
+            source: io::ErrorKind::NotFound.into(),
+        }),
     })
 }
 
@@ -97,18 +66,12 @@ fn open_forward(ns: Option<&Path>, vni: Vni) -> Result<usize, DataplaneError> {
     for rule in firewall::forward_accepts(vni) {
         let mut check = command_in(ns, "iptables");
         check.args(["-w", "-C", "FORWARD"]).args(&rule);
-        if run(check, "iptables -C FORWARD")?.status.success() {
+        if output(check, "iptables -C FORWARD")?.status.success() {
             continue;
         }
         let mut insert = command_in(ns, "iptables");
         insert.args(["-w", "-I", "FORWARD", "1"]).args(&rule);
-        let out = run(insert, "iptables -I FORWARD")?;
-        if !out.status.success() {
-            return Err(egress_err(
-                format!("iptables -I FORWARD {}", rule.join(" ")),
-                io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            ));
-        }
+        succeed(insert, &format!("iptables -I FORWARD {}", rule.join(" ")))?;
         added += 1;
     }
     Ok(added)
@@ -125,32 +88,12 @@ fn close_forward(ns: Option<&Path>, vni: Vni) -> Result<(), DataplaneError> {
         for _ in 0..8 {
             let mut del = command_in(ns, "iptables");
             del.args(["-w", "-D", "FORWARD"]).args(&rule);
-            if !run(del, "iptables -D FORWARD")?.status.success() {
+            if !output(del, "iptables -D FORWARD")?.status.success() {
                 break;
             }
         }
     }
     Ok(())
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DataplaneError> + Send + 'static,
-) -> Result<T, DataplaneError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| DataplaneError::Worker)?
-}
-
-/// The IPv4 addresses of a link, as (address, prefix).
-async fn v4_addrs(h: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, DataplaneError> {
-    Ok(nl::addresses(h, index)
-        .await?
-        .into_iter()
-        .filter_map(|(ip, p)| match ip {
-            IpAddr::V4(a) => Some((a, p)),
-            IpAddr::V6(_) => None,
-        })
-        .collect())
 }
 
 async fn ensure_addr(
@@ -159,32 +102,47 @@ async fn ensure_addr(
     addr: Ipv4Addr,
     what: &str,
 ) -> Result<bool, DataplaneError> {
-    if v4_addrs(h, index).await?.contains(&(addr, 31)) {
-        return Ok(false);
-    }
-    h.address()
-        .add(index, IpAddr::V4(addr), 31)
-        .execute()
-        .await
-        .ctx(|| format!("add {addr}/31 to {what}"))?;
-    Ok(true)
+    nl::ensure_address(h, index, IpAddr::V4(addr), 31, what).await
 }
 
 impl Dataplane {
-    /// The transit pairs the host's `ovltr-*` links hold now.
-    async fn transit_pairs(&self) -> Result<Vec<(String, u32, Pair)>, DataplaneError> {
-        let mut out = Vec::new();
+    /// The transit pair host end `index` holds (its pool address).
+    async fn pair_held(&self, index: u32) -> Result<Option<Pair>, DataplaneError> {
+        Ok(nl::addresses(&self.handle, index)
+            .await?
+            .into_iter()
+            .find_map(|(ip, _)| match ip {
+                IpAddr::V4(a) => transit::pair_of_host(self.transit_pool, a),
+                IpAddr::V6(_) => None,
+            }))
+    }
+
+    /// The pool indexes the host's `ovltr-*` links hold now.
+    async fn transit_pairs(&self) -> Result<BTreeSet<u32>, DataplaneError> {
+        let mut used = BTreeSet::new();
         for l in nl::links(&self.handle).await? {
-            if !l.name.starts_with(HOST_PREFIX) {
-                continue;
-            }
-            for (a, _) in v4_addrs(&self.handle, l.index).await? {
-                if let Some(p) = transit::pair_of_host(self.transit_pool, a) {
-                    out.push((l.name.clone(), l.index, p));
-                }
+            if l.name.starts_with(HOST_PREFIX)
+                && let Some(p) = self.pair_held(l.index).await?
+            {
+                used.insert(p.index);
             }
         }
-        Ok(out)
+        Ok(used)
+    }
+
+    /// Network `vni`'s transit host end `name` and its pair, if it exists
+    /// with an address of the pool. One that lost its address (by hand) is
+    /// deleted, to be made again.
+    async fn transit_of(&self, name: &str) -> Result<Option<(u32, Pair)>, DataplaneError> {
+        let Some(l) = nl::link_by_name(&self.handle, name).await? else {
+            return Ok(None);
+        };
+        if let Some(p) = self.pair_held(l.index).await? {
+            return Ok(Some((l.index, p)));
+        }
+        warn!(device = %name, pool = %self.transit_pool, "egress transit holds no address of the pool; making it again");
+        nl::delete_link(&self.handle, l.index, name).await?;
+        Ok(None)
     }
 
     /// Makes network `plan.vni`'s egress match the plan: present unless the
@@ -198,12 +156,12 @@ impl Dataplane {
             return Ok(0);
         }
         let name = firewall::host_end(plan.vni);
-        let pairs = self.transit_pairs().await?;
         let mut changed = 0;
-        let (host_index, pair) = match pairs.iter().find(|(n, _, _)| *n == name) {
-            Some((_, index, pair)) => (*index, *pair),
+        // The full scan of every transit only when one must be made.
+        let (host_index, pair) = match self.transit_of(&name).await? {
+            Some(held) => held,
             None => {
-                let used: BTreeSet<u32> = pairs.iter().map(|(_, _, p)| p.index).collect();
+                let used = self.transit_pairs().await?;
                 let pair = transit::pick(self.transit_pool, &used).ok_or_else(|| {
                     egress_err(
                         format!("transit pool {} is full", self.transit_pool),
@@ -239,8 +197,16 @@ impl Dataplane {
             let (host_forwarding, opened) = blocking(move || {
                 enable_forwarding(Some(&sb_path))?;
                 let host = enable_forwarding(host_ns.as_deref())?;
-                apply_nft(Some(&sb_path), &firewall::sandbox_ruleset())?;
-                apply_nft(host_ns.as_deref(), &firewall::host_ruleset(vni))?;
+                apply_nft(
+                    Some(&sb_path),
+                    &firewall::sandbox_ruleset(),
+                    "sandbox egress table",
+                )?;
+                apply_nft(
+                    host_ns.as_deref(),
+                    &firewall::host_ruleset(vni),
+                    "host egress table",
+                )?;
                 Ok((host, open_forward(host_ns.as_deref(), vni)?))
             })
             .await?;
@@ -288,7 +254,11 @@ impl Dataplane {
         }
         let host_ns = self.host_ns.clone();
         let r = blocking(move || {
-            apply_nft(host_ns.as_deref(), &firewall::host_removal(vni))?;
+            apply_nft(
+                host_ns.as_deref(),
+                &firewall::host_removal(vni),
+                "remove host egress table",
+            )?;
             close_forward(host_ns.as_deref(), vni)
         })
         .await;

@@ -11,7 +11,7 @@ use rtnetlink::{Handle, LinkUnspec, LinkVeth};
 use tracing::{info, warn};
 
 use super::names;
-use crate::dataplane::netlink::{self as nl, Ctx, Link};
+use crate::dataplane::netlink::{self as nl, Link};
 use crate::dataplane::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, Sandbox, netns};
 use crate::ids::{EndpointId, Vni};
 
@@ -26,7 +26,7 @@ impl Dataplane {
         let _g = self.lock.lock().await;
         let host = Self::host_ifname(ep.id);
         let sb = self
-            .sandbox(vni, false)
+            .sandbox(vni)
             .await?
             .ok_or(DataplaneError::NetworkMissing(vni))?;
         let sbh = &sb.handle;
@@ -148,7 +148,7 @@ impl Dataplane {
     ) -> Result<Vec<String>, DataplaneError> {
         let mut problems = Vec::new();
         let host = Self::host_ifname(ep.id);
-        let Some(sb) = self.sandbox(vni, false).await? else {
+        let Some(sb) = self.sandbox(vni).await? else {
             problems.push(format!(
                 "the network's sandbox {} is missing",
                 self.sandbox_path(vni).display()
@@ -240,7 +240,7 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let _g = self.lock.lock().await;
         let host = Self::host_ifname(id);
-        let Some(sb) = self.sandbox(vni, false).await? else {
+        let Some(sb) = self.sandbox(vni).await? else {
             return Ok(());
         };
         let Some(h) = nl::link_by_name(&sb.handle, &host).await? else {
@@ -326,13 +326,7 @@ async fn converge_inside(
     if !changed.is_empty() {
         nl::set_link(ns, fix.build(), &where_()).await?;
     }
-    let (ip, prefix) = (ep.addr.ip(), ep.addr.prefix());
-    if !nl::addresses(ns, c.index).await?.contains(&(ip, prefix)) {
-        ns.address()
-            .add(c.index, ip, prefix)
-            .execute()
-            .await
-            .ctx(|| format!("add address {} to {}", ep.addr, where_()))?;
+    if nl::ensure_address(ns, c.index, ep.addr.ip(), ep.addr.prefix(), &where_()).await? {
         changed.push("address");
     }
     if !c.up {

@@ -11,9 +11,9 @@
 
 use std::borrow::Cow;
 
-use nftables::expr::{CT, Expression, Meta, MetaKey, NamedExpression};
+use nftables::expr::{CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField};
 use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
-use nftables::stmt::{Match, Operator, Statement};
+use nftables::stmt::{Counter, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::transit::{HOST_PREFIX, SANDBOX_END};
@@ -162,6 +162,54 @@ pub fn sandbox_ruleset() -> Nftables<'static> {
     }
 }
 
+/// The sandbox's table that holds DNS queries while the agent restarts.
+pub const RESTART_HOLD_TABLE: &str = "ovl-dns";
+
+/// Drops the ICMP port-unreachable errors the sandbox itself sends. Only
+/// the network's resolver listens on UDP in a sandbox, and while the agent
+/// restarts nothing does: the kernel would refuse each query at once and
+/// the client would give up (glibc and dig fail on the first refusal). A
+/// dropped error makes the client retry after its timeout instead (5 s by
+/// default in glibc), and by then the new agent answers. Forwarded
+/// traffic's ICMP errors pass through `forward`, not `output`, and are
+/// untouched. On every network, `--internal` ones too.
+pub fn restart_hold_ruleset() -> Nftables<'static> {
+    let t = RESTART_HOLD_TABLE;
+    let mut objects = replace_table(t);
+    objects.push(base_chain(
+        t,
+        "output",
+        NfChainType::Filter,
+        NfHook::Output,
+        FILTER,
+    ));
+    let icmp = |field: &'static str, value: &'static str| {
+        Statement::Match(Match {
+            left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+                PayloadField {
+                    protocol: Cow::Borrowed("icmp"),
+                    field: Cow::Borrowed(field),
+                },
+            ))),
+            right: Expression::String(Cow::Borrowed(value)),
+            op: Operator::EQ,
+        })
+    };
+    objects.push(rule(
+        t,
+        "output",
+        vec![
+            icmp("type", "destination-unreachable"),
+            icmp("code", "port-unreachable"),
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(None),
+        ],
+    ));
+    Nftables {
+        objects: Cow::Owned(objects),
+    }
+}
+
 /// The host's table of network `vni`: masquerade what arrives from its
 /// transit and leaves elsewhere, and drop what it sends towards another
 /// network's transit (nothing routes between two ovl networks).
@@ -267,6 +315,23 @@ mod tests {
         assert!(text.contains(r#""right":"ovltr0""#), "{text}");
         assert!(text.contains(r#""established""#), "{text}");
         assert!(text.contains(r#""hook":"postrouting""#), "{text}");
+    }
+
+    #[test]
+    fn the_restart_hold_drops_only_the_sandboxs_own_port_unreachables() {
+        let v = json(&restart_hold_ruleset());
+        let cmds = v["nftables"].as_array().unwrap();
+        assert!(cmds[0]["add"]["table"]["name"] == "ovl-dns");
+        assert!(cmds[1]["delete"]["table"]["name"] == "ovl-dns");
+        let text = v.to_string();
+        assert!(text.contains(r#""hook":"output""#), "{text}");
+        assert!(!text.contains(r#""hook":"forward""#), "{text}");
+        assert!(text.contains(r#""right":"port-unreachable""#), "{text}");
+        assert!(
+            text.contains(r#""right":"destination-unreachable""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""drop":null"#), "{text}");
     }
 
     #[test]

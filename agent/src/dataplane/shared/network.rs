@@ -10,7 +10,8 @@ use rtnetlink::{Handle, LinkBridge};
 use tracing::{info, warn};
 
 use super::names;
-use crate::dataplane::netlink::{self as nl, Ctx, Link};
+use crate::dataplane::netlink::{self as nl, Link};
+use crate::dataplane::netns;
 use crate::dataplane::sandbox::{self, Sandbox};
 use crate::dataplane::{
     Dataplane, DataplaneError, Inventory, KernelView, NetworkMode, NetworkPlan, ReconcileReport,
@@ -42,10 +43,7 @@ impl Dataplane {
         })?;
         let _g = self.lock.lock().await;
         let r = async {
-            let sb = self
-                .sandbox(plan.vni, true)
-                .await?
-                .ok_or(DataplaneError::SandboxMissing(plan.vni))?;
+            let sb = self.sandbox_or_make(plan.vni).await?;
             self.ensure_locked(plan, &sb, vtep.as_ref()).await
         }
         .await;
@@ -95,7 +93,7 @@ impl Dataplane {
         let _g = self.lock.lock().await;
         // Counted before: a failure midway may have removed one device.
         self.changed();
-        let sb = self.sandbox(vni, false).await?;
+        let sb = self.sandbox(vni).await?;
         for (_, vtep) in self.vteps() {
             vtep.remove(vni, sb.as_deref()).await?;
         }
@@ -120,9 +118,7 @@ impl Dataplane {
         let path = sb.path.clone();
         drop(sb);
         let p = path.clone();
-        tokio::task::spawn_blocking(move || sandbox::destroy(&p))
-            .await
-            .map_err(|_| DataplaneError::Worker)??;
+        netns::blocking(move || sandbox::destroy(&p)).await?;
         info!(vni = %vni, netns = %path.display(), "network sandbox removed");
         Ok(())
     }
@@ -130,6 +126,27 @@ impl Dataplane {
     /// VNIs that have a sandbox on this host.
     pub async fn networks_present(&self) -> Result<Vec<Vni>, DataplaneError> {
         Ok(self.inventory().await?.networks)
+    }
+
+    /// Per sandbox, the IPv4 addresses its bridge holds (the gateway),
+    /// read from the kernel: a restarted agent binds its resolvers there
+    /// before its store has caught up.
+    pub async fn served_gateways(
+        &self,
+    ) -> Result<Vec<(std::path::PathBuf, IpAddr)>, DataplaneError> {
+        let mut out = Vec::new();
+        for sb in self.sandboxes().await? {
+            let Some(br) = nl::link_by_name(&sb.handle, &Dataplane::bridge_name(sb.vni)).await?
+            else {
+                continue;
+            };
+            for (ip, _) in nl::addresses(&sb.handle, br.index).await? {
+                if ip.is_ipv4() {
+                    out.push((sb.path.clone(), ip));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Per sandbox, from one link dump each: the endpoints' host ends and
@@ -165,7 +182,7 @@ impl Dataplane {
         mode: NetworkMode,
         vni: Vni,
     ) -> Result<KernelView, DataplaneError> {
-        let sb = self.sandbox(vni, false).await?;
+        let sb = self.sandbox(vni).await?;
         let mut view = match self.vtep(mode) {
             Some(v) => v.view(vni, sb.as_deref()).await?,
             None => KernelView::default(),
@@ -257,15 +274,10 @@ async fn ensure_gateway(
     let Some(gw) = plan.gateway else {
         return Ok(0);
     };
-    let want = (IpAddr::V4(gw.ip()), gw.prefix());
-    if nl::addresses(h, bridge).await?.contains(&want) {
+    let what = format!("bridge {}", Dataplane::bridge_name(plan.vni));
+    if !nl::ensure_address(h, bridge, IpAddr::V4(gw.ip()), gw.prefix(), &what).await? {
         return Ok(0);
     }
-    h.address()
-        .add(bridge, want.0, want.1)
-        .execute()
-        .await
-        .ctx(|| format!("add gateway {gw} to {}", Dataplane::bridge_name(plan.vni)))?;
     info!(vni = %plan.vni, gateway = %gw, "gateway address set on the network's bridge");
     Ok(1)
 }
