@@ -69,6 +69,10 @@ pub struct Options {
     /// Data key rotation interval, e.g. 12h, 30m, 10s [default: 12h].
     #[arg(long, value_name = "DURATION")]
     pub key_rotation: Option<String>,
+    /// How often egress firewall rules are checked and put back when
+    /// something removed them (a firewall reload, `iptables -F`) [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub firewall_recheck: Option<String>,
     /// Name shown in node lists [default: the host name].
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
@@ -154,6 +158,7 @@ pub struct Config {
     pub seeds: Vec<SocketAddr>,
     pub join_token: Option<JoinToken>,
     pub key_rotation: Duration,
+    pub firewall_recheck: Duration,
     pub node_name: String,
     pub log_level: String,
     pub gossip_interval: Duration,
@@ -229,6 +234,12 @@ impl Config {
                 "12h",
                 Duration::from_secs(1),
             )?,
+            firewall_recheck: duration(
+                "firewall-recheck",
+                o.firewall_recheck,
+                "30s",
+                Duration::from_secs(1),
+            )?,
             node_name,
             log_level: o.log_level.unwrap_or_else(|| "info".into()),
             default_address_pool: parse_pool(
@@ -280,6 +291,7 @@ impl Options {
             join_token: self.join_token.or(file.join_token),
             join_token_file: self.join_token_file.or(file.join_token_file),
             key_rotation: self.key_rotation.or(file.key_rotation),
+            firewall_recheck: self.firewall_recheck.or(file.firewall_recheck),
             node_name: self.node_name.or(file.node_name),
             log_level: self.log_level.or(file.log_level),
             gossip_interval: self.gossip_interval.or(file.gossip_interval),

@@ -142,6 +142,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         vxlan: VxlanConfig {
             port: config.data_path_port,
         },
+        firewall_recheck: config.firewall_recheck,
         ..DataplaneConfig::new(config.sandbox_dir.clone())
     })
     .await

@@ -213,8 +213,13 @@ impl Lab {
     /// `cluster join` via it on the others, and waits until every one lists
     /// all of them alive. Returns the init output.
     pub fn start_cluster(&mut self, hosts: &[usize]) -> Result<InitOutput> {
+        self.start_cluster_with(hosts, &[])
+    }
+
+    /// [`Lab::start_cluster`], every agent started with `extra` flags.
+    pub fn start_cluster_with(&mut self, hosts: &[usize], extra: &[&str]) -> Result<InitOutput> {
         for &k in hosts {
-            self.start_agent(k, &[])?;
+            self.start_agent(k, extra)?;
         }
         let init = self.cluster_init(hosts[0])?;
         let seed = self.addr(hosts[0]).to_string();

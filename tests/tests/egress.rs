@@ -92,7 +92,8 @@ fn containers_leave_through_their_hosts_uplink_and_internal_networks_stay_in() {
     let mut lab = Lab::new(3).expect("lab");
     // h2 has Docker's firewall before any network exists.
     docker_firewall(&lab, 2);
-    lab.start_cluster(&[1, 2, 3]).expect("cluster");
+    lab.start_cluster_with(&[1, 2, 3], &["--firewall-recheck", "2s"])
+        .expect("cluster");
     let net = lab.network_create(1, "out", &[]).expect("network out");
     // Same subnet, another network: egress must keep them apart.
     let twin = lab
@@ -164,6 +165,38 @@ fn containers_leave_through_their_hosts_uplink_and_internal_networks_stay_in() {
             format!("{} -> {}: {out}", cs[from], eps[to].ip)
         });
     }
+
+    // A firewall reload on h3 (Docker's FORWARD DROP stays, every rule
+    // and table goes): the agent finds it and puts its rules back.
+    lab.exec_ok(3, &["iptables", "-w", "-F", "FORWARD"])
+        .expect("iptables -F FORWARD");
+    lab.exec_ok(
+        3,
+        &["nft", "delete", "table", "ip", &format!("ovl-{}", net.vni)],
+    )
+    .expect("nft delete table");
+    let flushed = lab
+        .exec_ok(3, &["iptables", "-w", "-S", "FORWARD"])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    f.check(!flushed.contains("ovl network"), || {
+        format!("h3's FORWARD rules survived the flush: {flushed}")
+    });
+    let t = Instant::now();
+    let back = reaches_outside(&lab, &cs[2], 30);
+    println!(
+        "egress from h3 after its firewall was flushed: {back} after {:.2?}",
+        t.elapsed()
+    );
+    f.check(back, || {
+        "h3's egress did not come back after a firewall flush".into()
+    });
+    let logged = lab
+        .log_tail(3, 400)
+        .contains("egress firewall changed from outside");
+    f.check(logged, || {
+        "h3's agent did not log the firewall repair".into()
+    });
 
     // The twin network (same subnet, same address as c1 on h1) leaves too,
     // and cannot reach the first network's containers.

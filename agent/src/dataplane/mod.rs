@@ -205,7 +205,13 @@ pub struct DataplaneConfig {
     pub sandbox_dir: PathBuf,
     /// Host-local pool of the sandboxes' egress transit /31s.
     pub transit_pool: ipnetwork::Ipv4Network,
+    /// How often the egress firewall is checked for rules removed from
+    /// outside (a firewall reload, `iptables -F`, `nft flush ruleset`).
+    pub firewall_recheck: std::time::Duration,
 }
+
+/// `--firewall-recheck`'s default.
+pub const DEFAULT_FIREWALL_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl DataplaneConfig {
     /// The defaults, with sandboxes in `sandbox_dir`.
@@ -214,6 +220,7 @@ impl DataplaneConfig {
             vxlan: VxlanConfig::default(),
             sandbox_dir,
             transit_pool: shared::transit::DEFAULT_POOL,
+            firewall_recheck: DEFAULT_FIREWALL_RECHECK,
         }
     }
 }
@@ -243,6 +250,7 @@ pub struct Dataplane {
     encrypted: Option<Arc<dyn Vtep>>,
     sandbox_dir: PathBuf,
     transit_pool: ipnetwork::Ipv4Network,
+    firewall_recheck: std::time::Duration,
     /// The namespace of `handle` when it is not the agent's own (tests
     /// playing hosts): child processes (nft, iptables) enter it.
     host_ns: Option<PathBuf>,
@@ -279,6 +287,7 @@ impl Dataplane {
         Self {
             sandbox_dir: cfg.sandbox_dir,
             transit_pool: cfg.transit_pool,
+            firewall_recheck: cfg.firewall_recheck,
             host_ns,
             sandboxes: Default::default(),
             misses_tx,

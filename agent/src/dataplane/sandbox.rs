@@ -37,8 +37,9 @@ pub struct Sandbox {
     _conn: ConnTask,
     /// Forwards the VXLAN device's miss notifications to the data plane.
     _misses: Option<ConnTask>,
-    /// This agent applied the network's egress firewall and sysctls.
-    firewall: std::sync::atomic::AtomicBool,
+    /// When this agent last applied or found complete the network's egress
+    /// firewall and sysctls (`None`: not since the sandbox was opened).
+    firewall: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -213,7 +214,7 @@ impl Sandbox {
             ns,
             _conn: conn,
             _misses: None,
-            firewall: std::sync::atomic::AtomicBool::new(false),
+            firewall: std::sync::Mutex::new(None),
         };
         sb.loopback_up().await?;
         netns::run_in(&sb.path, bridged_frames_bypass_netfilter).await?;
@@ -234,13 +235,22 @@ impl Sandbox {
         Ok(sb)
     }
 
-    pub(crate) fn firewall_applied(&self) -> bool {
-        self.firewall.load(std::sync::atomic::Ordering::Acquire)
+    fn firewall_at(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.firewall.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn firewall_applied(&self) -> bool {
+        self.firewall_at().is_some()
+    }
+
+    /// Applied or verified now (`true`), or to be applied again (`false`).
     pub(crate) fn set_firewall_applied(&self, done: bool) {
-        self.firewall
-            .store(done, std::sync::atomic::Ordering::Release);
+        *self.firewall_at() = done.then(std::time::Instant::now);
+    }
+
+    /// Applied, and last applied or verified at least `every` ago.
+    pub(crate) fn firewall_check_due(&self, every: std::time::Duration) -> bool {
+        self.firewall_at().is_some_and(|t| t.elapsed() >= every)
     }
 
     /// Whether the file still names this namespace (`ip netns del` by hand

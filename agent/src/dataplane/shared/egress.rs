@@ -10,7 +10,8 @@
 //! The transit and routes are read back every pass; the firewall and the
 //! sysctls, which need a process or a file write, are applied when a
 //! sandbox is first opened by this agent (adoption after a restart
-//! included) and whenever the transit had to be made.
+//! included) and whenever the transit had to be made, and checked every
+//! `--firewall-recheck` (a firewall reload or flush removes them).
 
 use std::collections::BTreeSet;
 use std::io;
@@ -75,6 +76,53 @@ fn open_forward(ns: Option<&Path>, vni: Vni) -> Result<usize, DataplaneError> {
         added += 1;
     }
     Ok(added)
+}
+
+/// What of network `vni`'s egress firewall is gone (removed from outside:
+/// a firewall reload, `iptables -F`, `nft flush ruleset`), if anything: the
+/// first missing piece found. Blocking.
+fn firewall_missing(
+    sandbox: &Path,
+    host_ns: Option<&Path>,
+    vni: Vni,
+) -> Result<Option<String>, DataplaneError> {
+    let forwarding = |ns: Option<&Path>| {
+        netns::blocking_in(ns, || {
+            Ok(std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .is_ok_and(|v| v.trim() == "1"))
+        })
+    };
+    let has_table = |ns: Option<&Path>, table: &str| -> Result<bool, DataplaneError> {
+        let mut list = command_in(ns, "nft");
+        list.args(["list", "table", "ip", table]);
+        Ok(output(list, "nft list table")?.status.success())
+    };
+    if !forwarding(Some(sandbox))? {
+        return Ok(Some("ip_forward in the sandbox".into()));
+    }
+    if !forwarding(host_ns)? {
+        return Ok(Some("ip_forward in the host namespace".into()));
+    }
+    if !has_table(Some(sandbox), firewall::SANDBOX_TABLE)? {
+        return Ok(Some(format!(
+            "nft table ip {} in the sandbox",
+            firewall::SANDBOX_TABLE
+        )));
+    }
+    let host_table = firewall::host_table(vni);
+    if !has_table(host_ns, &host_table)? {
+        return Ok(Some(format!("nft table ip {host_table}")));
+    }
+    if iptables_forward(host_ns) {
+        for rule in firewall::forward_accepts(vni) {
+            let mut check = command_in(host_ns, "iptables");
+            check.args(["-w", "-C", "FORWARD"]).args(&rule);
+            if !output(check, "iptables -C FORWARD")?.status.success() {
+                return Ok(Some(format!("iptables FORWARD {}", rule.join(" "))));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Deletes network `vni`'s FORWARD accepts (every copy). Blocking.
@@ -191,6 +239,18 @@ impl Dataplane {
         if nl::default_route_v4(sbh).await? != Some((Some(pair.host), Some(inner.index))) {
             nl::set_default_route_v4(sbh, pair.host, inner.index, SANDBOX_END).await?;
             changed += 1;
+        }
+        if sb.firewall_check_due(self.firewall_recheck) {
+            let (sb_path, host_ns, vni) = (sb.path.clone(), self.host_ns.clone(), plan.vni);
+            let missing =
+                blocking(move || firewall_missing(&sb_path, host_ns.as_deref(), vni)).await?;
+            match missing {
+                Some(what) => {
+                    warn!(vni = %plan.vni, missing = %what, "egress firewall changed from outside (a firewall reload or flush?): applying it again");
+                    sb.set_firewall_applied(false);
+                }
+                None => sb.set_firewall_applied(true),
+            }
         }
         if !sb.firewall_applied() {
             let (sb_path, host_ns, vni) = (sb.path.clone(), self.host_ns.clone(), plan.vni);
