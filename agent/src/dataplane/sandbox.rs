@@ -174,6 +174,24 @@ fn bridged_frames_bypass_netfilter() -> Result<(), DataplaneError> {
     Ok(())
 }
 
+/// No IPv6 of the sandbox's own: the gateway is IPv4, and with IPv6 on,
+/// the bridge sends router solicitations, MLD reports and DAD probes from
+/// the gateway MAC, which every host shares. Flooded to the peers, those
+/// arrive from a MAC the sending host does not hold (the encrypted VTEP
+/// counts them as `spoofed_source`; a kernel bridge sees its own address
+/// come back). Containers' IPv6 frames are bridged as before. Run inside
+/// the sandbox, before its devices exist (`default`), and for devices an
+/// older agent made (`all`).
+fn no_ipv6_of_its_own() -> Result<(), DataplaneError> {
+    for scope in ["default", "all"] {
+        netns::set_sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{scope}/disable_ipv6"),
+            "1",
+        )?;
+    }
+    Ok(())
+}
+
 impl Sandbox {
     /// Opens the sandbox of `vni` in `dir`, if there is one.
     pub(crate) async fn open(dir: &Path, vni: Vni) -> Result<Option<Self>, DataplaneError> {
@@ -200,7 +218,8 @@ impl Sandbox {
     }
 
     /// Connects to the namespace at `path` and makes it ready: `lo` up,
-    /// bridge netfilter off, the DNS restart hold in place.
+    /// bridge netfilter and the sandbox's own IPv6 off, the DNS restart
+    /// hold in place.
     async fn attach(vni: Vni, path: PathBuf, created: bool) -> Result<Self, DataplaneError> {
         let ns = netns::open(&path)?;
         let (handle, conn) = netns::connect_in(&path).await?;
@@ -217,7 +236,11 @@ impl Sandbox {
             firewall: std::sync::Mutex::new(None),
         };
         sb.loopback_up().await?;
-        netns::run_in(&sb.path, bridged_frames_bypass_netfilter).await?;
+        netns::run_in(&sb.path, || {
+            bridged_frames_bypass_netfilter()?;
+            no_ipv6_of_its_own()
+        })
+        .await?;
         let p = sb.path.clone();
         let held = netns::blocking(move || {
             apply_nft(
