@@ -556,6 +556,7 @@ impl EndpointsApi for Api {
                 mac: r.mac,
                 aliases: r.aliases,
                 ifname: r.ifname,
+                reserved: None,
             })
             .await
             .map_err(core_status)?;

@@ -91,6 +91,10 @@ pub struct Options {
     /// e.g. 127.0.0.1:9946 [default: off].
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve the Docker network and IPAM plugin "ovl" on this unix
+    /// socket, e.g. /run/docker/plugins/ovl.sock (docs/docker.md) [default: off].
+    #[arg(long, value_name = "PATH")]
+    pub docker_plugin: Option<PathBuf>,
     /// Gossip round interval; death is detected after ~10-15 rounds [default: 200ms].
     #[arg(long, value_name = "DURATION", hide = true)]
     pub gossip_interval: Option<String>,
@@ -166,6 +170,8 @@ pub struct Config {
     pub default_address_pool: ipnetwork::Ipv4Network,
     /// `None`: no metrics endpoint.
     pub metrics_addr: Option<SocketAddr>,
+    /// `None`: no Docker plugin socket.
+    pub docker_plugin: Option<PathBuf>,
     /// Where the embedded DNS forwards names it does not hold.
     pub dns_upstreams: Vec<SocketAddr>,
     /// MTU of the data-path interface as read at start (0: not read), so
@@ -253,6 +259,7 @@ impl Config {
             )?,
             attach_wait: duration("attach-wait", o.attach_wait, "1s", Duration::ZERO)?,
             metrics_addr: o.metrics_addr,
+            docker_plugin: o.docker_plugin,
             dns_upstreams: if o.dns_upstream.is_empty() {
                 // Read once at start, in the host namespace (the agent's).
                 std::fs::read_to_string("/etc/resolv.conf")
@@ -298,6 +305,7 @@ impl Options {
             attach_wait: self.attach_wait.or(file.attach_wait),
             default_address_pool: self.default_address_pool.or(file.default_address_pool),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
+            docker_plugin: self.docker_plugin.or(file.docker_plugin),
             dns_upstream: if self.dns_upstream.is_empty() {
                 file.dns_upstream
             } else {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod core;
 pub mod dataplane;
 pub mod dns;
+pub mod docker;
 pub mod exporter;
 pub mod ids;
 pub mod ipam;

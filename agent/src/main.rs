@@ -94,6 +94,15 @@ fn task_end<T: std::fmt::Debug, E: std::fmt::Display>(
     }
 }
 
+/// A socket file left behind would make dockerd (or ovlctl) wait on a
+/// dead path instead of failing at once.
+fn remove_sockets(api: &std::path::Path, docker: Option<&std::path::Path>) {
+    let _ = std::fs::remove_file(api);
+    if let Some(p) = docker {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn init_tracing(level: &str) {
     let filter = std::env::var("OVL_LOG")
         .ok()
@@ -130,7 +139,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(addr) => Some(ovl_agent::exporter::bind(addr).await?),
         None => None,
     };
+    let docker_listener = match &config.docker_plugin {
+        Some(path) => Some(
+            ovl_agent::docker::server::bind(path)
+                .with_context(|| format!("bind the Docker plugin socket {}", path.display()))?,
+        ),
+        None => None,
+    };
     let socket_path = config.socket.clone();
+    let docker_socket = config.docker_plugin.clone();
 
     let counters = Arc::new(Counters::default());
     let state_dir = config.state_dir.clone();
@@ -231,6 +248,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
             }
         }
     });
+    let docker_plugin = match docker_listener {
+        Some(l) => Some((
+            l,
+            Arc::new(
+                ovl_agent::docker::Plugin::load(core.clone(), &state_dir)
+                    .context("load the Docker plugin's state")?,
+            ),
+        )),
+        None => None,
+    };
+    let mut docker_task = tokio::spawn(async move {
+        match docker_plugin {
+            Some((l, plugin)) => ovl_agent::docker::server::serve(l, plugin).await,
+            None => std::future::pending().await,
+        }
+    });
     let mut peer_task = tokio::spawn(peer_server);
     let mut api_task = tokio::spawn(api_server);
     info!(socket = %socket_path.display(), peer = %peer_addr, "agent ready");
@@ -249,6 +282,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         r = &mut keying_task => Some(task_end("key schedule", r.map(Ok::<(), String>))),
         r = &mut engine_task => Some(task_end("encrypted data plane (a worker thread died)", r.map(Ok::<(), String>))),
         r = &mut metrics_task => Some(task_end("metrics endpoint", r.map(Ok::<(), String>))),
+        r = &mut docker_task => Some(task_end("Docker plugin", r.map(Ok::<(), String>))),
         r = &mut peer_task => Some(task_end("peer server", r.map(|r| r.map_err(|e| e.to_string())))),
         r = &mut api_task => Some(task_end("API server", r.map(|r| r.map_err(|e| e.to_string())))),
         r = gossip_fatal.wait_for(Option::is_some) => Some(match r {
@@ -258,7 +292,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     if let Some(why) = died {
         error!(reason = %why, "a supervised task ended; exiting so the service manager restarts the agent");
-        let _ = std::fs::remove_file(&socket_path);
+        remove_sockets(&socket_path, docker_socket.as_deref());
         anyhow::bail!("{why}");
     }
     let _ = stop_tx.send(true);
@@ -270,7 +304,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Ok(Err(e)) = a {
         error!(error = %e, "API server stopped with an error");
     }
-    let _ = std::fs::remove_file(&socket_path);
+    remove_sockets(&socket_path, docker_socket.as_deref());
     info!("agent stopped");
     Ok(())
 }

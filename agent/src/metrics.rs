@@ -121,6 +121,9 @@ counters! {
     // An attach whose --netns/--pid is not a container's network
     // namespace (missing, unreadable, a FIFO or file, the agent's own).
     NetnsRefused => "netns_refused",
+    // A Docker plugin request refused (bad JSON, unknown network or
+    // address, an option ovl does not take); Docker shows the reason.
+    DockerRefused => "docker_refused",
 }
 
 pub struct Counters {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ipnetwork::IpNetwork;
 use ovl_agent::dataplane::{
-    Dataplane, DataplaneConfig, DataplaneError, KernelView, LocalEndpoint, NetworkMode,
+    Dataplane, DataplaneConfig, DataplaneError, FarEnd, KernelView, LocalEndpoint, NetworkMode,
     NetworkPlan, PeerHost, ReconcileReport, RemoteEndpoint, VxlanConfig, VxlanVtep,
 };
 use ovl_agent::ids::{EndpointId, MacAddr, NodeId, Vni};
@@ -207,6 +207,7 @@ fn local(id: u8, netns: &str, cidr: &str) -> LocalEndpoint {
         addr,
         mtu: 1450,
         gateway: None,
+        far_end: FarEnd::Configured,
     }
 }
 

@@ -10,7 +10,7 @@ use ovl_proto::records::{EndpointRecord, table_entry::Value};
 use tracing::{info, warn};
 
 use super::{Core, CoreError, now_ms};
-use crate::dataplane::{Dataplane, LocalEndpoint};
+use crate::dataplane::{Dataplane, FarEnd, LocalEndpoint};
 use crate::ids::{EndpointId, MacAddr, NetworkId};
 use crate::membership::NodeStatus;
 use crate::store::{EndpointView, key};
@@ -18,6 +18,12 @@ use crate::store::{EndpointView, key};
 pub enum NetnsRef {
     Path(String),
     Pid(u32),
+    /// The far end is left in the agent's own namespace for a runtime to
+    /// move into `sandbox` (the container's namespace file, which does not
+    /// exist yet when Docker asks: recorded, never opened here).
+    HandOff {
+        sandbox: String,
+    },
 }
 
 pub struct AttachSpec {
@@ -28,6 +34,10 @@ pub struct AttachSpec {
     pub mac: String,
     pub aliases: Vec<String>,
     pub ifname: String,
+    /// An address reserved earlier by [`Core::reserve_address`] for this
+    /// endpoint id (Docker's IPAM asks before the endpoint exists): used
+    /// as is, and still reserved if the attach fails.
+    pub reserved: Option<(EndpointId, Ipv4Addr)>,
 }
 
 /// Proof that the endpoint lock is held.
@@ -62,8 +72,12 @@ fn netns_path(r: &NetnsRef) -> Result<PathBuf, CoreError> {
         NetnsRef::Path(p) => Ok(PathBuf::from(p)),
         NetnsRef::Pid(0) => Err(CoreError::NetnsArgs),
         NetnsRef::Pid(pid) => Ok(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+        NetnsRef::HandOff { .. } => Ok(PathBuf::from(OWN_NETNS)),
     }
 }
+
+/// The agent's own network namespace, where a handed-off far end is made.
+const OWN_NETNS: &str = "/proc/self/ns/net";
 
 /// Resolves and checks the namespace an attach names, off the runtime
 /// and before any lock is taken: a path that would block (a FIFO) or is
@@ -71,9 +85,15 @@ fn netns_path(r: &NetnsRef) -> Result<PathBuf, CoreError> {
 /// and never delays other attaches and detaches (issue 8).
 async fn checked_netns(r: &NetnsRef) -> Result<PathBuf, CoreError> {
     let path = netns_path(r)?;
+    if let NetnsRef::HandOff { sandbox } = r {
+        if sandbox.is_empty() {
+            return Err(CoreError::NetnsArgs);
+        }
+        return Ok(path);
+    }
     let pid = match r {
         NetnsRef::Pid(pid) => Some(*pid),
-        NetnsRef::Path(_) => None,
+        NetnsRef::Path(_) | NetnsRef::HandOff { .. } => None,
     };
     let p = path.clone();
     let checked = tokio::task::spawn_blocking(move || {
@@ -194,12 +214,19 @@ impl Core {
             "" => None,
             m => Some(m.parse()?),
         };
-        let exact: Option<Ipv4Addr> = match spec.ip.as_str() {
-            "" => None,
-            ip => Some(self.check_exact_ip(&net, ip)?),
+        let exact: Option<Ipv4Addr> = match (spec.reserved, spec.ip.as_str()) {
+            (Some((_, ip)), _) => Some(ip),
+            (None, "") => None,
+            (None, ip) => Some(self.check_exact_ip(&net, ip)?),
         };
 
-        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?;
+        let id = match spec.reserved {
+            Some((id, _)) => id,
+            None => EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?,
+        };
+        // A reserved address stays with its reservation when the attach
+        // fails: its holder releases it.
+        let own_address = spec.reserved.is_none();
         let name = if spec.name.is_empty() {
             id.short()
         } else {
@@ -213,7 +240,10 @@ impl Core {
         // endpoint lock: finding space may ask a peer for a donation
         // (RequestSpace), and no lock is held across a peer call (issue 8);
         // the IPAM's own lock keeps concurrent allocations apart.
-        let ip = self.allocate(&net, id, exact).await?;
+        let ip = match spec.reserved {
+            Some((_, ip)) => ip,
+            None => self.allocate(&net, id, exact).await?,
+        };
         let guard = self.endpoint_lock.lock().await;
         let mac = match self
             .attach_checks(&net, &name, exact, mac_given, Some(ip))
@@ -222,7 +252,9 @@ impl Core {
             Ok(mac) => mac.unwrap_or_else(|| MacAddr::from_ipv4(ip)),
             Err(e) => {
                 drop(guard);
-                self.ipam.release(net.id, ip, 0).await;
+                if own_address {
+                    self.ipam.release(net.id, ip, 0).await;
+                }
                 return Err(e);
             }
         };
@@ -230,7 +262,9 @@ impl Core {
         // The underlay as it is now: this host's own path bounds the MTU.
         if let Err(e) = self.refresh_underlay().await {
             drop(guard);
-            self.ipam.release(net.id, ip, 0).await;
+            if own_address {
+                self.ipam.release(net.id, ip, 0).await;
+            }
             return Err(e);
         }
         let mtu = self.network_mtu(&net).await;
@@ -245,9 +279,15 @@ impl Core {
             ),
             mtu,
             gateway: default_route(&net),
+            far_end: match spec.netns {
+                NetnsRef::HandOff { .. } => FarEnd::HandedOff,
+                _ => FarEnd::Configured,
+            },
         };
         if let Err(e) = self.program_attach(&net, &local).await {
-            self.ipam.release(net.id, ip, 0).await;
+            if own_address {
+                self.ipam.release(net.id, ip, 0).await;
+            }
             return Err(e);
         }
         let record = EndpointRecord {
@@ -260,7 +300,10 @@ impl Core {
             mac: mac.to_string(),
             vtep: self.cluster.config().data_path_addr.to_string(),
             ifname,
-            netns: netns.display().to_string(),
+            netns: match &spec.netns {
+                NetnsRef::HandOff { sandbox } => sandbox.clone(),
+                _ => netns.display().to_string(),
+            },
             created_at_ms: now_ms(),
         };
         let written = std::time::Instant::now();
@@ -280,7 +323,9 @@ impl Core {
             Ok(v) => v,
             Err(e) => {
                 let _ = self.dataplane.detach(id).await;
-                self.ipam.release(net.id, ip, 0).await;
+                if own_address {
+                    self.ipam.release(net.id, ip, 0).await;
+                }
                 return Err(e);
             }
         };
@@ -302,6 +347,43 @@ impl Core {
             lagging,
             resolver: Some(net.pool.gateway),
         })
+    }
+
+    /// Takes an address of `network` for an endpoint that does not exist
+    /// yet (Docker's IPAM `RequestAddress` comes before `CreateEndpoint`
+    /// and `Join`). Persisted like any allocation, under a fresh endpoint
+    /// id that the later attach uses ([`AttachSpec::reserved`]). Returns
+    /// the id, the address and the subnet's prefix length.
+    pub async fn reserve_address(
+        &self,
+        network: &str,
+        exact: Option<Ipv4Addr>,
+    ) -> Result<(EndpointId, Ipv4Addr, u8), CoreError> {
+        self.require_cluster().await?;
+        let net = self.find_network_synced(network).await?;
+        if let Some(reason) = &net.conflict {
+            return Err(CoreError::Conflict(network.to_string(), reason.clone()));
+        }
+        let exact = match exact {
+            Some(ip) => Some(self.check_exact_ip(&net, &ip.to_string())?),
+            None => None,
+        };
+        if let Some(ip) = exact {
+            self.attach_checks(&net, "", Some(ip), None, None).await?;
+        }
+        let id = EndpointId::random(&self.rng).map_err(|_| CoreError::Random)?;
+        let ip = self.allocate(&net, id, exact).await?;
+        info!(network = %net.id, endpoint = %id, ip = %ip, "address reserved");
+        Ok((id, ip, net.pool.subnet.prefix()))
+    }
+
+    /// Gives back an address taken by [`Core::reserve_address`] that no
+    /// endpoint used (an attached endpoint's address is freed by detach).
+    pub async fn release_reserved(&self, network: &str, ip: Ipv4Addr) -> Result<(), CoreError> {
+        let net = self.find_network(network)?;
+        self.ipam.release(net.id, ip, 0).await;
+        info!(network = %net.id, ip = %ip, "reserved address released");
+        Ok(())
     }
 
     async fn program_attach(
@@ -413,6 +495,7 @@ impl Core {
             ),
             mtu: self.network_mtu(&net).await,
             gateway: default_route(&net),
+            far_end: FarEnd::Configured,
         };
         Ok(self.dataplane.endpoint_problems(net.vni, &local).await?)
     }

@@ -77,6 +77,19 @@ pub struct LocalEndpoint {
     /// The default route's next hop (the network's gateway); `None` for
     /// `--internal` networks, which have no route out.
     pub gateway: Option<IpAddr>,
+    pub far_end: FarEnd,
+}
+
+/// Who configures the container end of an endpoint's veth pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FarEnd {
+    /// ovl: address, MTU, MAC, default route and `lo`, inside `netns`.
+    Configured,
+    /// The container runtime: the far end is created in `netns` (the
+    /// agent's own namespace) with only its MAC and MTU set, and the
+    /// runtime moves it into the container and configures it there
+    /// (Docker's remote driver `Join`, RUNTIMES.md).
+    HandedOff,
 }
 
 /// What a network's VTEP holds (for `ovlctl fdb` and tests).

@@ -12,7 +12,9 @@ use tracing::{info, warn};
 
 use super::names;
 use crate::dataplane::netlink::{self as nl, Link};
-use crate::dataplane::{BRIDGE_PREFIX, Dataplane, DataplaneError, LocalEndpoint, Sandbox, netns};
+use crate::dataplane::{
+    BRIDGE_PREFIX, Dataplane, DataplaneError, FarEnd, LocalEndpoint, Sandbox, netns,
+};
 use crate::ids::{EndpointId, Vni};
 
 impl Dataplane {
@@ -41,6 +43,9 @@ impl Dataplane {
             match nl::link_by_name(&ns, &ep.ifname).await? {
                 Some(c) if h.peer == Some(c.index) && c.peer == Some(h.index) => {
                     converge_host(sbh, vni, ep, &h, bridge.index).await?;
+                    if ep.far_end == FarEnd::HandedOff {
+                        return Ok(());
+                    }
                     return converge_inside(&ns, vni, ep, &c).await;
                 }
                 _ => {
@@ -83,6 +88,9 @@ impl Dataplane {
         let configured = async {
             let h = nl::must_find(sbh, &host).await?;
             converge_host(sbh, vni, ep, &h, bridge.index).await?;
+            if ep.far_end == FarEnd::HandedOff {
+                return Ok(());
+            }
             let c = nl::link_by_name(&ns, &ep.ifname).await?.ok_or_else(|| {
                 DataplaneError::KernelReply(format!(
                     "{} missing in {}",
@@ -251,13 +259,19 @@ impl Dataplane {
         }
         let (ns, _conn) = netns::connect_in(netns).await?;
         let where_ = format!("{ifname} in {}", netns.display());
+        let is_peer = |c: &Link| c.peer == Some(h.index) && h.peer == Some(c.index);
         let c = match nl::link_by_name(&ns, ifname).await? {
-            Some(c) if c.peer == Some(h.index) && h.peer == Some(c.index) => c,
-            _ => {
-                return Err(DataplaneError::KernelReply(format!(
-                    "{where_} is not the peer of {host}"
-                )));
-            }
+            Some(c) if is_peer(&c) => c,
+            // A runtime that configures the far end itself (Docker) renamed
+            // it when it moved it in: find it as the host end's peer.
+            _ => match nl::links(&ns).await?.into_iter().find(is_peer) {
+                Some(c) => c,
+                None => {
+                    return Err(DataplaneError::KernelReply(format!(
+                        "{where_} is not the peer of {host}"
+                    )));
+                }
+            },
         };
         let set_inside = async {
             if c.mtu != Some(mtu) {
